@@ -1,0 +1,5 @@
+import sys
+
+from pyvmm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,185 @@
+"""The embedding API: everything ``pyvmm boot`` does, as Python.
+
+    from pyvmm import VM
+
+    with VM.from_config("guest.toml") as vm:      # or VM.from_dict({...})
+        vm.start()
+        vm.console.wait_for("login:", timeout=60)
+        vm.console.write(b"root\\n")
+        status = vm.wait(timeout=120)
+    print(status.code, status.reason)
+
+The CLI (pyvmm/cli.py) is a thin layer over this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from typing import BinaryIO
+
+from pyvmm.config import VmConfig, config_from_dict, load_config, parse_accel
+from pyvmm.errors import PyvmmError
+from pyvmm.vmm.vcpu import ExitStatus
+
+log = logging.getLogger("pyvmm")
+
+_CONSOLE_KEEP = 4 << 20  # bytes of console output kept for wait_for()/output
+
+
+class Console:
+    """The guest's serial console (COM1): everything it printed, and a way to type."""
+
+    def __init__(self, echo: BinaryIO | None = None):
+        self._echo = echo
+        self._buffer = bytearray()
+        self._dropped = 0  # bytes discarded from the front when the buffer is full
+        self._cond = threading.Condition()
+        self._serial = None
+
+    # called by the UART on the vCPU thread
+    def _output(self, data: bytes) -> None:
+        if self._echo is not None:
+            self._echo.write(data)
+            self._echo.flush()
+        with self._cond:
+            self._buffer += data
+            if len(self._buffer) > _CONSOLE_KEEP:
+                cut = len(self._buffer) - _CONSOLE_KEEP
+                del self._buffer[:cut]
+                self._dropped += cut
+            self._cond.notify_all()
+
+    @property
+    def output(self) -> bytes:
+        """All console output so far (the last 4 MiB)."""
+        with self._cond:
+            return bytes(self._buffer)
+
+    @property
+    def text(self) -> str:
+        return self.output.decode("utf-8", "replace")
+
+    def write(self, data: bytes | str) -> None:
+        """Type into the guest's console."""
+        if isinstance(data, str):
+            data = data.encode()
+        if self._serial is None:
+            raise PyvmmError("the VM has no console yet (build it first)")
+        self._serial.enqueue_input(data)
+
+    def wait_for(self, pattern: str | bytes | re.Pattern, timeout: float | None = None, *, start: int = 0) -> re.Match:
+        """Wait until console output (from byte offset ``start``) matches ``pattern``; return the match.
+
+        Raises ``TimeoutError`` naming the pattern, with the output's tail, when it does not appear.
+        """
+        if isinstance(pattern, str):
+            pattern = re.compile(re.escape(pattern.encode()))
+        elif isinstance(pattern, bytes):
+            pattern = re.compile(re.escape(pattern))
+        elif isinstance(pattern.pattern, str):
+            pattern = re.compile(pattern.pattern.encode(), pattern.flags & ~re.UNICODE)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                offset = max(0, start - self._dropped)
+                match = pattern.search(self._buffer, offset)
+                if match:
+                    return match
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    tail = bytes(self._buffer[-300:]).decode("utf-8", "replace")
+                    raise TimeoutError(f"console did not show {pattern.pattern!r} within {timeout} s; last output: {tail!r}")
+                self._cond.wait(remaining)
+
+    def wait_for_line(self, text: str, timeout: float | None = None) -> str:
+        """Wait for a line containing ``text``; return the whole line."""
+        match = self.wait_for(re.compile(rb"[^\n]*" + re.escape(text.encode()) + rb"[^\n]*"), timeout)
+        return match.group(0).decode("utf-8", "replace").rstrip("\r")
+
+
+class VM:
+    """A virtual machine built from a config. Use as a context manager, or call ``close()``."""
+
+    def __init__(self, config: VmConfig, *, accel: str | list[str] | None = None, echo: BinaryIO | None = None):
+        if accel is not None:
+            config.machine.accel = parse_accel(accel, source="accel argument", key="accel")
+        self.config = config
+        self.console = Console(echo)
+        self._extra_pio: list = []
+        self._extra_mmio: list = []
+        self._machine = None
+
+    @classmethod
+    def from_config(cls, path, **kwargs) -> VM:
+        return cls(load_config(path), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict, *, base_dir=".", **kwargs) -> VM:
+        return cls(config_from_dict(data, base_dir=base_dir), **kwargs)
+
+    # --- scripting hooks ------------------------------------------------
+    def add_pio_device(self, base: int, size: int, device) -> None:
+        """Attach a Python device (``read(offset, data)``/``write(offset, data)``) to port I/O."""
+        self._before_build("add_pio_device")
+        self._extra_pio.append((base, size, device))
+
+    def add_mmio_device(self, base: int, size: int, device) -> None:
+        """Attach a Python device to guest-physical MMIO ``[base, base+size)``."""
+        self._before_build("add_mmio_device")
+        self._extra_mmio.append((base, size, device))
+
+    def _before_build(self, what: str) -> None:
+        if self._machine is not None:
+            raise PyvmmError(f"{what}: the VM is already built; attach devices before start()")
+
+    # --- lifecycle -------------------------------------------------------
+    @property
+    def machine(self):
+        """The built ``Machine`` (memory, buses, devices, vCPU loops), building it on first use."""
+        if self._machine is None:
+            from pyvmm.vmm.builder import build_machine
+
+            self._machine = build_machine(
+                self.config,
+                console_output=self.console._output,
+                extra_pio=self._extra_pio,
+                extra_mmio=self._extra_mmio,
+            )
+            self.console._serial = self._machine.devices["serial"]
+        return self._machine
+
+    @property
+    def accel(self) -> str:
+        return self.machine.accel
+
+    def start(self) -> VM:
+        self.machine.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> ExitStatus | None:
+        """Wait for the guest to end; None when ``timeout`` passes first."""
+        return self.machine.wait(timeout)
+
+    def stop(self) -> ExitStatus:
+        return self.machine.stop()
+
+    def run(self, timeout: float | None = None) -> ExitStatus:
+        """Start, wait for the end (stopping it after ``timeout`` seconds), return the status."""
+        self.start()
+        status = self.wait(timeout)
+        if status is None:
+            status = self.machine.stop(f"timed out after {timeout} s", code=124)
+        return status
+
+    def close(self) -> None:
+        if self._machine is not None:
+            self._machine.close()
+
+    def __enter__(self) -> VM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,191 @@
+"""``pyvmm``: boot a VM from a config file, check accelerators, run the bundled demo.
+
+Exit status of ``pyvmm boot``: 0 when the guest resets or powers off, the
+byte a guest writes to the debug-exit port, 2 for a bad config or kernel,
+1 (or another non-zero value) for a fatal VMM or guest error, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+from importlib import resources
+
+from pyvmm import __version__
+from pyvmm.errors import PyvmmError
+
+log = logging.getLogger("pyvmm")
+
+ESCAPE = b"\x01"  # Ctrl-A, then x: quit (as in QEMU)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose - args.quiet)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except PyvmmError as err:
+        print(f"pyvmm: error: {err}", file=sys.stderr)
+        return err.exit_status
+    except KeyboardInterrupt:
+        print("pyvmm: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyvmm", description="A virtual machine monitor in Python.")
+    parser.add_argument("--version", action="version", version=f"pyvmm {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    common.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
+    parser.set_defaults(verbose=0, quiet=0, command=None)
+    sub = parser.add_subparsers(dest="command")
+
+    boot = sub.add_parser("boot", parents=[common], help="boot a VM described by a TOML config file")
+    boot.add_argument("config", help="the VM's config file (TOML)")
+    boot.add_argument("--accel", help='accelerator: "auto", a name, or a comma-separated preference list')
+    boot.add_argument("--timeout", type=float, help="stop the VM after this many seconds (exit status 124)")
+    boot.set_defaults(func=_cmd_boot)
+
+    check = sub.add_parser("check", parents=[common], help="say which accelerators are usable here, and why not")
+    check.set_defaults(func=_cmd_check)
+
+    demo = sub.add_parser("demo", parents=[common], help="boot the bundled example guest")
+    demo.add_argument("--accel", help="accelerator, as for boot")
+    demo.set_defaults(func=_cmd_demo, timeout=60.0)
+    return parser
+
+
+def _setup_logging(verbosity: int) -> None:
+    env = os.environ.get("PYVMM_LOG", "").upper()
+    if env in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        level = getattr(logging, env)
+    else:
+        level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG if verbosity > 1 else logging.CRITICAL)
+    logging.basicConfig(level=level, format="pyvmm: %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _cmd_check(args) -> int:
+    from pyvmm import accel
+
+    any_usable = False
+    for probe in accel.probe_all():
+        mark = "usable" if probe.usable else "unusable"
+        print(f"{probe.name:7} {mark}: {probe.reason}")
+        for note in probe.notes:
+            print(f"        note: {note}")
+        any_usable |= probe.usable
+    return 0 if any_usable else 1
+
+
+def _cmd_boot(args) -> int:
+    from pyvmm.api import VM
+
+    accel = args.accel.split(",") if args.accel else None
+    vm = VM.from_config(args.config, accel=accel, echo=sys.stdout.buffer)
+    return _run(vm, args.timeout)
+
+
+def _cmd_demo(args) -> int:
+    from pyvmm.api import VM
+
+    kernel = resources.files("pyvmm") / "guests" / "hello.elf"
+    with resources.as_file(kernel) as path:
+        vm = VM.from_dict(
+            {"machine": {"memory_mib": 32}, "boot": {"kernel": str(path), "cmdline": "console=ttyS0"}},
+            accel=args.accel.split(",") if args.accel else None,
+            echo=sys.stdout.buffer,
+        )
+        return _run(vm, args.timeout)
+
+
+def _run(vm, timeout: float | None) -> int:
+    start = time.monotonic()
+    with vm:
+        machine = vm.machine  # build: config and kernel errors surface here
+        for probe in machine.rejected_accels:
+            log.info("accelerator %s not used: %s", probe.name, probe.reason)
+        stdin = _StdinForwarder(vm) if sys.stdin is not None and sys.stdin.isatty() else None
+        try:
+            if stdin:
+                stdin.start()
+            vm.start()
+            deadline = None if timeout is None else start + timeout
+            status = None
+            while status is None:
+                # Wait in slices so Ctrl-C (when stdin is not raw) is handled promptly.
+                slice_ = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+                status = vm.wait(slice_)
+                if status is None and deadline is not None and time.monotonic() >= deadline:
+                    status = machine.stop(f"timed out after {timeout} s", code=124)
+                if status is None and stdin and stdin.quit_requested:
+                    status = machine.stop("quit from the console (Ctrl-A x)")
+        except KeyboardInterrupt:
+            status = machine.stop("interrupted (Ctrl-C)", code=130)
+        finally:
+            if stdin:
+                stdin.restore()
+        elapsed = time.monotonic() - start
+        log.info("VM ended after %.2f s: %s (status %d)", elapsed, status.reason, status.code)
+        counts = machine.exit_counts()
+        if counts:
+            log.info("exits: %s", ", ".join(f"{kind} {count}" for kind, count in sorted(counts.items(), key=lambda kv: -kv[1])))
+        if status.error is not None:
+            print(f"pyvmm: error: {status.error}", file=sys.stderr)
+        return status.code
+
+
+class _StdinForwarder:
+    """Host terminal -> guest serial, in raw mode; Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A."""
+
+    def __init__(self, vm):
+        self.vm = vm
+        self.quit_requested = False
+        self._saved = None
+
+    def start(self) -> None:
+        import termios
+        import tty
+
+        fd = sys.stdin.fileno()
+        self._saved = termios.tcgetattr(fd)
+        tty.setraw(fd)
+        threading.Thread(target=self._pump, name="stdin", daemon=True).start()
+
+    def _pump(self) -> None:
+        fd = sys.stdin.fileno()
+        escaped = False
+        while not self.quit_requested:
+            data = os.read(fd, 1024)
+            if not data:
+                return
+            out = bytearray()
+            for byte in data:
+                ch = bytes([byte])
+                if escaped:
+                    escaped = False
+                    if ch in (b"x", b"X"):
+                        self.quit_requested = True
+                        break
+                    out += ch
+                elif ch == ESCAPE:
+                    escaped = True
+                else:
+                    out += ch
+            if out:
+                self.vm.console.write(bytes(out))
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            import termios
+
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self._saved)
+            self._saved = None

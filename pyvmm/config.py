@@ -1,0 +1,197 @@
+"""The VM configuration: TOML (or a dict) -> typed, validated ``VmConfig``.
+
+Every problem is a ``ConfigError`` naming the file, the key and what is
+wrong, in one line. Paths are relative to the config file's folder (or to
+``base_dir`` for a dict).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyvmm.errors import ConfigError
+
+MIN_MEMORY_MIB = 16
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
+ACCEL_NAMES = ("kvm", "hvf", "whpx", "interp")
+AUTO_ORDER = ACCEL_NAMES  # what "auto" tries, in order
+
+
+@dataclass
+class MachineConfig:
+    vcpus: int = 1
+    memory_mib: int = 128
+    #: accelerators to try, in order ("auto" expanded)
+    accel: list[str] = field(default_factory=lambda: list(AUTO_ORDER))
+    #: hand a vCPU to the interpreter when the hypervisor cannot execute an instruction
+    fallback: bool = True
+
+
+@dataclass
+class BootConfig:
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = DEFAULT_CMDLINE
+
+
+@dataclass
+class VmConfig:
+    machine: MachineConfig
+    boot: BootConfig
+    #: where the config came from, for error messages
+    source: str = "<config>"
+
+
+# key -> (expected python types, description for errors)
+_SCHEMA = {
+    "machine": {
+        "vcpus": ((int,), "an integer"),
+        "memory_mib": ((int,), "an integer"),
+        "accel": ((str, list), 'a string or a list of strings'),
+        "fallback": ((bool,), "true or false"),
+    },
+    "boot": {
+        "kernel": ((str,), "a path string"),
+        "initrd": ((str,), "a path string"),
+        "cmdline": ((str,), "a string"),
+    },
+}
+
+
+def load_config(path: str | os.PathLike) -> VmConfig:
+    """Read and validate a TOML config file."""
+    path = Path(path)
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as err:
+        raise ConfigError("config file not found", file=source) from err
+    except PermissionError as err:
+        raise ConfigError("config file not readable (permission denied)", file=source) from err
+    except IsADirectoryError as err:
+        raise ConfigError("is a directory, not a config file", file=source) from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"invalid TOML: {err}", file=source) from err
+    except UnicodeDecodeError as err:
+        raise ConfigError("not a UTF-8 text file", file=source) from err
+    return config_from_dict(data, base_dir=path.parent, source=source)
+
+
+def config_from_dict(data: dict, *, base_dir: str | os.PathLike = ".", source: str = "<dict>") -> VmConfig:
+    """Validate a config given as nested dicts (the TOML structure)."""
+    base_dir = Path(base_dir)
+
+    def fail(key, problem):
+        raise ConfigError(problem, file=source, key=key)
+
+    if not isinstance(data, dict):
+        fail(None, "the configuration must be a table (dict)")
+    for table in data:
+        if table not in _SCHEMA:
+            fail(table, f"unknown section; expected one of: {', '.join(_SCHEMA)}")
+        if not isinstance(data[table], dict):
+            fail(table, "must be a table")
+        for key, value in data[table].items():
+            if key not in _SCHEMA[table]:
+                fail(f"{table}.{key}", f"unknown key; expected one of: {', '.join(_SCHEMA[table])}")
+            types, description = _SCHEMA[table][key]
+            # bool is an int subclass: `vcpus = true` must not pass as 1
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                fail(f"{table}.{key}", f"must be {description}, not {_toml_type(value)}")
+
+    machine_data = data.get("machine", {})
+    machine = MachineConfig()
+    if "vcpus" in machine_data:
+        machine.vcpus = machine_data["vcpus"]
+        if machine.vcpus < 1:
+            fail("machine.vcpus", f"must be at least 1, not {machine.vcpus}")
+        if machine.vcpus > 254:
+            fail("machine.vcpus", f"{machine.vcpus} is more than the 254 CPUs an xAPIC machine can address")
+    if "memory_mib" in machine_data:
+        machine.memory_mib = machine_data["memory_mib"]
+    if machine.memory_mib < MIN_MEMORY_MIB:
+        fail("machine.memory_mib", f"{machine.memory_mib} MiB is below the minimum of {MIN_MEMORY_MIB} MiB")
+    host_mib = _host_memory_mib()
+    if host_mib is not None and machine.memory_mib > host_mib:
+        fail("machine.memory_mib", f"{machine.memory_mib} MiB is more than this host's {host_mib} MiB of RAM")
+    if "accel" in machine_data:
+        machine.accel = parse_accel(machine_data["accel"], source=source, key="machine.accel")
+    if "fallback" in machine_data:
+        machine.fallback = machine_data["fallback"]
+
+    boot_data = data.get("boot")
+    if not boot_data or "kernel" not in boot_data:
+        fail("boot.kernel", "missing: name the guest kernel (an ELF vmlinux with a PVH note, or a bzImage)")
+    kernel = _existing_file(base_dir, boot_data["kernel"], source, "boot.kernel")
+    _check_kernel_format(kernel, source)
+    initrd = None
+    if "initrd" in boot_data:
+        initrd = _existing_file(base_dir, boot_data["initrd"], source, "boot.initrd")
+    cmdline = boot_data.get("cmdline", DEFAULT_CMDLINE)
+    bad = [c for c in cmdline if not (0x20 <= ord(c) < 0x7F)]
+    if bad:
+        fail("boot.cmdline", f"contains a non-printable or non-ASCII character {bad[0]!r}")
+    return VmConfig(machine=machine, boot=BootConfig(kernel=kernel, initrd=initrd, cmdline=cmdline), source=source)
+
+
+def parse_accel(value, *, source: str = "<command line>", key: str = "machine.accel") -> list[str]:
+    """``"auto"``, one name, or a preference list -> the ordered list of names to try."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError('must be "auto", an accelerator name, or a non-empty list of names', file=source, key=key)
+    result: list[str] = []
+    for name in names:
+        if name == "auto":
+            expanded = AUTO_ORDER
+        elif name in ACCEL_NAMES:
+            expanded = (name,)
+        else:
+            raise ConfigError(
+                f"unknown accelerator {name!r}; expected \"auto\" or one of: {', '.join(ACCEL_NAMES)}",
+                file=source,
+                key=key,
+            )
+        result.extend(n for n in expanded if n not in result)
+    return result
+
+
+def _existing_file(base_dir: Path, value: str, source: str, key: str) -> Path:
+    if not value:
+        raise ConfigError("is empty; expected a file path", file=source, key=key)
+    path = (base_dir / os.path.expanduser(value)).resolve()
+    if not path.exists():
+        raise ConfigError(f"file not found: {path}", file=source, key=key)
+    if not path.is_file():
+        raise ConfigError(f"not a regular file: {path}", file=source, key=key)
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"file not readable (permission denied): {path}", file=source, key=key)
+    return path
+
+
+def _check_kernel_format(path: Path, source: str) -> None:
+    """A cheap sniff so a wrong file is named at config time; the loader checks the rest."""
+    with open(path, "rb") as f:
+        head = f.read(0x210)
+    if head[:4] == b"\x7fELF":
+        return
+    if len(head) >= 0x206 and head[0x1FE:0x200] == b"\x55\xaa" and head[0x202:0x206] == b"HdrS":
+        return
+    raise ConfigError(f"{path} is neither an ELF vmlinux nor a bzImage", file=source, key="boot.kernel")
+
+
+def _host_memory_mib() -> int | None:
+    try:
+        import psutil
+    except ImportError:  # psutil is a dependency; a broken install just skips this check
+        return None
+    return psutil.virtual_memory().total >> 20
+
+
+def _toml_type(value) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array", dict: "a table"}.get(
+        type(value), type(value).__name__
+    )

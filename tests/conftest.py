@@ -1,0 +1,26 @@
+"""Shared fixtures: where test assets live, and what this host can run."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GUESTS = ROOT / "tests" / "guests"
+ASSETS = Path(os.environ.get("PYVMM_TEST_ASSETS", ROOT / "tests" / "assets"))
+
+
+def kvm_skip_reason() -> str | None:
+    """None when KVM is usable here, else why not (pyvmm's own probe)."""
+    from pyvmm import accel
+
+    probe = accel.probe("kvm")
+    return None if probe.usable else f"KVM not usable here: {probe.reason}"
+
+
+@pytest.fixture
+def kernel_file(tmp_path):
+    """A minimal file that passes the config's kernel-format sniff (an ELF header)."""
+    path = tmp_path / "vmlinux"
+    path.write_bytes(b"\x7fELF" + bytes(60))
+    return path

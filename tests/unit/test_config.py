@@ -1,0 +1,155 @@
+"""Config validation: every error path gives one line naming file, key and problem."""
+
+import os
+
+import pytest
+
+from pyvmm.config import DEFAULT_CMDLINE, MIN_MEMORY_MIB, config_from_dict, load_config, parse_accel
+from pyvmm.errors import ConfigError
+
+
+def write(tmp_path, text, name="vm.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_minimal_config_defaults(tmp_path, kernel_file):
+    cfg = load_config(write(tmp_path, '[boot]\nkernel = "vmlinux"\n'))
+    assert cfg.machine.vcpus == 1
+    assert cfg.machine.memory_mib == 128
+    assert cfg.machine.accel == ["kvm", "hvf", "whpx", "interp"]
+    assert cfg.machine.fallback is True
+    assert cfg.boot.kernel == kernel_file.resolve()
+    assert cfg.boot.initrd is None
+    assert cfg.boot.cmdline == DEFAULT_CMDLINE
+
+
+def test_paths_are_relative_to_the_config_file(tmp_path):
+    sub = tmp_path / "vm"
+    sub.mkdir()
+    (sub / "k.elf").write_bytes(b"\x7fELF" + bytes(60))
+    (sub / "rd.gz").write_bytes(b"x")
+    cfg = load_config(write(sub, '[boot]\nkernel = "k.elf"\ninitrd = "rd.gz"\n'))
+    assert cfg.boot.kernel == (sub / "k.elf").resolve()
+    assert cfg.boot.initrd == (sub / "rd.gz").resolve()
+
+
+def test_full_config(tmp_path, kernel_file):
+    cfg = load_config(
+        write(
+            tmp_path,
+            '[machine]\nvcpus = 2\nmemory_mib = 256\naccel = ["interp", "kvm"]\nfallback = false\n'
+            '[boot]\nkernel = "vmlinux"\ncmdline = "console=ttyS0 quiet"\n',
+        )
+    )
+    assert (cfg.machine.vcpus, cfg.machine.memory_mib, cfg.machine.accel, cfg.machine.fallback) == (
+        2,
+        256,
+        ["interp", "kvm"],
+        False,
+    )
+    assert cfg.boot.cmdline == "console=ttyS0 quiet"
+
+
+def test_bzimage_passes_the_format_sniff(tmp_path):
+    image = bytearray(0x400)
+    image[0x1FE:0x200] = b"\x55\xaa"
+    image[0x202:0x206] = b"HdrS"
+    (tmp_path / "bz").write_bytes(bytes(image))
+    assert load_config(write(tmp_path, '[boot]\nkernel = "bz"\n')).boot.kernel.name == "bz"
+
+
+@pytest.mark.parametrize(
+    "text, key, problem",
+    [
+        ('[boot]\nkernel = "vmlinux"\n[machin]\n', "machin", "unknown section"),
+        ('[machine]\ncpus = 2\n[boot]\nkernel = "vmlinux"\n', "machine.cpus", "unknown key"),
+        ('[machine]\nvcpus = "2"\n[boot]\nkernel = "vmlinux"\n', "machine.vcpus", "must be an integer, not a string"),
+        ('[machine]\nvcpus = true\n[boot]\nkernel = "vmlinux"\n', "machine.vcpus", "must be an integer, not a boolean"),
+        ('[machine]\nvcpus = 0\n[boot]\nkernel = "vmlinux"\n', "machine.vcpus", "at least 1"),
+        ('[machine]\nvcpus = 300\n[boot]\nkernel = "vmlinux"\n', "machine.vcpus", "254"),
+        ('[machine]\nmemory_mib = 1.5\n[boot]\nkernel = "vmlinux"\n', "machine.memory_mib", "not a float"),
+        ('[machine]\nmemory_mib = 4\n[boot]\nkernel = "vmlinux"\n', "machine.memory_mib", f"minimum of {MIN_MEMORY_MIB} MiB"),
+        ('[machine]\nmemory_mib = 100000000\n[boot]\nkernel = "vmlinux"\n', "machine.memory_mib", "more than this host"),
+        ('[machine]\naccel = "vmware"\n[boot]\nkernel = "vmlinux"\n', "machine.accel", "unknown accelerator 'vmware'"),
+        ('[machine]\naccel = []\n[boot]\nkernel = "vmlinux"\n', "machine.accel", "non-empty list"),
+        ('[machine]\naccel = [1]\n[boot]\nkernel = "vmlinux"\n', "machine.accel", "non-empty list"),
+        ('[machine]\nfallback = "no"\n[boot]\nkernel = "vmlinux"\n', "machine.fallback", "true or false"),
+        ("[machine]\n", "boot.kernel", "missing"),
+        ('[boot]\nkernel = "nope"\n', "boot.kernel", "file not found"),
+        ('[boot]\nkernel = ""\n', "boot.kernel", "is empty"),
+        ('[boot]\nkernel = "."\n', "boot.kernel", "not a regular file"),
+        ('[boot]\nkernel = 5\n', "boot.kernel", "must be a path string"),
+        ('[boot]\nkernel = "vmlinux"\ninitrd = "missing.gz"\n', "boot.initrd", "file not found"),
+        ('[boot]\nkernel = "vmlinux"\ncmdline = "a\\u00e9"\n', "boot.cmdline", "non-ASCII"),
+        ('[boot]\nkernel = "vmlinux"\ncmdline = "a\\nb"\n', "boot.cmdline", "non-printable"),
+        ('boot = 3\n', "boot", "must be a table"),
+    ],
+)
+def test_each_error_names_file_key_and_problem(tmp_path, kernel_file, text, key, problem):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    err = info.value
+    assert err.key == key
+    assert problem in err.problem
+    message = str(err)
+    assert message.startswith(f"{path}: {key}: ")
+    assert "\n" not in message
+
+
+def test_kernel_of_unknown_format(tmp_path):
+    (tmp_path / "junk").write_bytes(b"MZ" + bytes(1000))
+    with pytest.raises(ConfigError, match="neither an ELF vmlinux nor a bzImage") as info:
+        load_config(write(tmp_path, '[boot]\nkernel = "junk"\n'))
+    assert info.value.key == "boot.kernel"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read files without read permission")
+def test_unreadable_kernel(tmp_path, kernel_file):
+    kernel_file.chmod(0)
+    with pytest.raises(ConfigError, match="permission denied"):
+        load_config(write(tmp_path, '[boot]\nkernel = "vmlinux"\n'))
+
+
+def test_unreadable_kernel_as_root_too(tmp_path, kernel_file, monkeypatch):
+    # root bypasses file modes, so check the access() path directly
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ConfigError, match="permission denied"):
+        load_config(write(tmp_path, '[boot]\nkernel = "vmlinux"\n'))
+
+
+def test_toml_syntax_error_names_the_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"invalid TOML: .*line 2") as info:
+        load_config(write(tmp_path, "[boot]\nkernel = \n"))
+    assert "\n" not in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_config_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
+def test_binary_config_file(tmp_path):
+    path = tmp_path / "bin.toml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError):
+        load_config(path)
+
+
+def test_dict_config_uses_base_dir(tmp_path, kernel_file):
+    cfg = config_from_dict({"boot": {"kernel": "vmlinux"}}, base_dir=tmp_path)
+    assert cfg.boot.kernel == kernel_file.resolve()
+    assert cfg.source == "<dict>"
+
+
+def test_parse_accel_expands_auto_and_dedups():
+    assert parse_accel("auto") == ["kvm", "hvf", "whpx", "interp"]
+    assert parse_accel(["interp", "auto"]) == ["interp", "kvm", "hvf", "whpx"]
+    assert parse_accel("kvm") == ["kvm"]

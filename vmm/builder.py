@@ -1,0 +1,153 @@
+"""Config -> a ready-to-start ``Machine``, in one straight line (after Firecracker's builder).
+
+    backend -> guest memory -> buses and devices -> kernel, initrd, cmdline,
+    boot info -> MP table -> vCPUs (CPUID, MSRs, boot registers) -> loops
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from pyvmm import accel
+from pyvmm.config import VmConfig
+from pyvmm.devices.irq import IrqLine
+from pyvmm.devices.legacy.cmos import Cmos
+from pyvmm.devices.legacy.debug_exit import DebugExit
+from pyvmm.devices.legacy.i8042 import I8042
+from pyvmm.devices.legacy.post import PostCode
+from pyvmm.devices.legacy.serial import Serial
+from pyvmm.errors import ConfigError, PyvmmError
+from pyvmm.vmm import layout
+from pyvmm.vmm.boot.bootparams import write_boot_params
+from pyvmm.vmm.boot.cmdline import write_cmdline
+from pyvmm.vmm.boot.e820 import e820_map
+from pyvmm.vmm.boot.initrd import load_initrd
+from pyvmm.vmm.boot.kernel import load_kernel
+from pyvmm.vmm.boot.mptable import write_mptable
+from pyvmm.vmm.boot.pvh import write_pvh_start_info
+from pyvmm.vmm.bus import MmioBus, PioBus
+from pyvmm.vmm.machine import Machine
+from pyvmm.vmm.memory import GuestMemory
+from pyvmm.vmm.vcpu import Lifecycle, VcpuLoop
+from pyvmm.vmm.x86.cpuid import build_cpuid
+from pyvmm.vmm.x86.msrs import boot_msrs
+from pyvmm.vmm.x86.regs import boot_cpu_state
+
+log = logging.getLogger("pyvmm.builder")
+
+
+def build_machine(
+    config: VmConfig,
+    *,
+    console_output: Callable[[bytes], None],
+    extra_pio: list[tuple[int, int, object]] = (),
+    extra_mmio: list[tuple[int, int, object]] = (),
+) -> Machine:
+    """Build a VM from a validated config. Nothing runs until ``Machine.start()``."""
+    vcpu_count = config.machine.vcpus
+    vm, rejected = accel.open_vm(config.machine.accel, vcpu_count)
+    for probe in rejected:
+        log.info("accelerator %s skipped: %s", probe.name, probe.reason)
+    log.info("accelerator: %s", vm.name)
+    memory = None
+    try:
+        if vcpu_count > vm.max_vcpus:
+            raise ConfigError(
+                f"{vcpu_count} vCPUs is more than the {vm.max_vcpus} the {vm.name} accelerator allows here",
+                file=config.source,
+                key="machine.vcpus",
+            )
+
+        memory = GuestMemory.anonymous(layout.ram_layout(config.machine.memory_mib << 20))
+        for slot, region in enumerate(memory.regions):
+            vm.map_memory(slot, region.guest_addr, region.buffer)
+
+        lifecycle = Lifecycle()
+        pio, mmio = PioBus(), MmioBus()
+        devices = _legacy_devices(vm, memory, lifecycle, console_output)
+        for name, (device, bus, base, size) in devices.items():
+            (pio if bus == "pio" else mmio).insert(device, base, size)
+        for base, size, device in extra_pio:
+            pio.insert(device, base, size)
+        for base, size, device in extra_mmio:
+            mmio.insert(device, base, size)
+
+        mode, entry, boot_info = _load_guest(config, memory, vm.name)
+        write_mptable(memory, vcpu_count)
+
+        loops = []
+        for index in range(vcpu_count):
+            vcpu = vm.create_vcpu(index)
+            vcpu.set_cpuid(build_cpuid(vm.supported_cpuid(), index, vcpu_count, hypervisor_signature=_signature(vm.name)))
+            vcpu.set_msrs(boot_msrs())
+            if index == 0:  # application processors wait for the guest's INIT/SIPI
+                regs, sregs = boot_cpu_state(memory, mode, entry, boot_info)
+                vcpu.set_sregs(sregs)
+                vcpu.set_regs(regs)
+            loops.append(VcpuLoop(vcpu, pio, mmio, lifecycle))
+        lifecycle.on_stop(lambda: [loop.vcpu.request_stop() for loop in loops])
+        return Machine(
+            vm=vm,
+            memory=memory,
+            pio=pio,
+            mmio=mmio,
+            lifecycle=lifecycle,
+            loops=loops,
+            devices={name: entry[0] for name, entry in devices.items()},
+            rejected_accels=rejected,
+        )
+    except BaseException:
+        vm.close()
+        if memory is not None:
+            memory.close()
+        raise
+
+
+def _signature(backend: str) -> str:
+    # Linux treats "KVMKVMKVM" as KVM and then uses KVM's paravirtual MSRs; only KVM may claim it.
+    return "KVMKVMKVM\0\0\0" if backend == "kvm" else "pyvmmpyvmm\0\0"
+
+
+def _legacy_devices(vm, memory, lifecycle, console_output):
+    """name -> (device, bus, base, size)."""
+
+    def line(irq):
+        return IrqLine(irq, vm.set_irq_line)
+
+    i8042 = I8042(lifecycle.request_exit, line(layout.IRQ_KEYBOARD))
+    return {
+        "serial": (Serial(line(layout.IRQ_COM1), console_output), "pio", layout.PORT_COM1, 8),
+        "i8042.data": (i8042.data_port, "pio", layout.PORT_I8042, 1),
+        "i8042.command": (i8042.command_port, "pio", layout.PORT_I8042 + 4, 1),
+        "cmos": (Cmos(memory.size), "pio", layout.PORT_CMOS, 2),
+        "post": (PostCode(), "pio", layout.PORT_POST, 1),
+        "debug-exit": (DebugExit(lifecycle.request_exit), "pio", layout.PORT_DEBUG_EXIT, 1),
+    }
+
+
+def _load_guest(config: VmConfig, memory: GuestMemory, backend: str) -> tuple[str, int, int]:
+    """Load kernel and initrd and write the boot information. Returns (mode, entry, boot_info)."""
+    boot = config.boot
+    try:
+        kernel = load_kernel(memory, str(boot.kernel))
+        initrd = load_initrd(memory, str(boot.initrd), kernel) if boot.initrd else None
+        cmdline_addr, cmdline_size = write_cmdline(memory, boot.cmdline, kernel)
+        e820 = e820_map(memory)
+        if kernel.pvh_entry is not None:
+            info = write_pvh_start_info(
+                memory, cmdline_addr=cmdline_addr, e820=e820, modules=[initrd] if initrd else []
+            )
+            return "pvh32", kernel.pvh_entry, info
+        if kernel.linux64_entry is None:
+            raise ConfigError(
+                "the ELF has neither a PVH entry note nor a usable 64-bit entry point",
+                file=config.source,
+                key="boot.kernel",
+            )
+        info = write_boot_params(
+            memory, kernel=kernel, cmdline_addr=cmdline_addr, cmdline_size=cmdline_size, initrd=initrd, e820=e820
+        )
+        return "linux64", kernel.linux64_entry, info
+    except PyvmmError:
+        raise

@@ -1,0 +1,87 @@
+"""A built VM: its memory, backend, buses, devices and vCPU loops, with start/wait/stop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from pyvmm.vmm.bus import MmioBus, PioBus
+from pyvmm.vmm.memory import GuestMemory
+from pyvmm.vmm.vcpu import ExitStatus, Lifecycle, VcpuLoop
+
+log = logging.getLogger("pyvmm.machine")
+
+
+@dataclass
+class Machine:
+    vm: object  # VmOps
+    memory: GuestMemory
+    pio: PioBus
+    mmio: MmioBus
+    lifecycle: Lifecycle
+    loops: list[VcpuLoop] = field(default_factory=list)
+    devices: dict[str, object] = field(default_factory=dict)
+    #: backends skipped while choosing this one, with their reasons
+    rejected_accels: list = field(default_factory=list)
+    _closed: bool = False
+    _started: bool = False
+
+    @property
+    def accel(self) -> str:
+        return self.vm.name
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        for loop in self.loops:
+            loop.start()
+
+    def wait(self, timeout: float | None = None) -> ExitStatus | None:
+        """Block until the VM exits; returns its status (None on timeout)."""
+        if not self.lifecycle.exited.wait(timeout):
+            return None
+        self._join_vcpus()
+        return self.lifecycle.status
+
+    def stop(self, reason: str = "stopped by the host", code: int = 0) -> ExitStatus:
+        """End the VM from the host side (idempotent) and wait for the vCPU threads."""
+        self.lifecycle.request_exit(code, reason)
+        self._join_vcpus()
+        return self.lifecycle.status
+
+    def _join_vcpus(self, timeout: float = 10.0) -> None:
+        for loop in self.loops:
+            if loop.thread is not None and loop.thread is not threading.current_thread():
+                loop.thread.join(timeout)
+                if loop.thread.is_alive():
+                    log.warning("vcpu%d did not stop within %.0f s", loop.vcpu.index, timeout)
+
+    def exit_counts(self) -> dict[str, int]:
+        """Exits per kind, summed over vCPUs."""
+        total: dict[str, int] = {}
+        for loop in self.loops:
+            for kind, count in loop.exit_counts.items():
+                total[kind.__name__] = total.get(kind.__name__, 0) + count
+        return total
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if self._started and not self.lifecycle.stopping:
+            self.stop()
+        self._closed = True
+        alive = any(loop.thread is not None and loop.thread.is_alive() for loop in self.loops)
+        for device in self.devices.values():
+            close = getattr(device, "close", None)
+            if close:
+                close()
+        if alive:
+            # A vCPU thread stuck in the hypervisor still uses the fds and memory.
+            log.warning("vCPU threads still running; leaving the VM's resources to process exit")
+            return
+        for loop in self.loops:
+            loop.vcpu.close()
+        self.vm.close()
+        self.memory.close()

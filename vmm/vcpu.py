@@ -1,0 +1,168 @@
+"""The vCPU run loop: one thread per vCPU, one exit at a time.
+
+``vcpu.run()`` returns a hypervisor-neutral exit (accel/ops.py); port I/O and
+MMIO go to the buses, everything else ends the loop with an ``ExitStatus``
+given to the ``Lifecycle``. The loop is the VMM's hottest path: it dispatches
+on the exit's type with identity checks in order of frequency and counts
+exits per type with one dict update.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from pyvmm.accel.ops import (
+    EmulationFailure,
+    Halt,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Shutdown,
+    SystemEvent,
+)
+from pyvmm.errors import GuestError, PyvmmError
+from pyvmm.vmm.bus import Bus
+
+log = logging.getLogger("pyvmm.vcpu")
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How the VM ended: the process exit status ``pyvmm boot`` uses, and why."""
+
+    code: int
+    reason: str
+    error: PyvmmError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Lifecycle:
+    """The VM's one-way state: running -> exit requested (first request wins) -> stopped."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._status: ExitStatus | None = None
+        self._stop_callbacks: list = []
+        self.exited = threading.Event()
+
+    def on_stop(self, callback) -> None:
+        """``callback()`` runs once when an exit is requested (e.g. kick the vCPUs)."""
+        self._stop_callbacks.append(callback)
+
+    @property
+    def stopping(self) -> bool:
+        return self._status is not None
+
+    @property
+    def status(self) -> ExitStatus | None:
+        return self._status
+
+    def request_exit(self, code: int, reason: str, error: PyvmmError | None = None) -> None:
+        with self._lock:
+            if self._status is not None:
+                return
+            self._status = ExitStatus(code, reason, error)
+        log.info("VM exit requested: %s (status %d)", reason, code)
+        for callback in self._stop_callbacks:
+            callback()
+        self.exited.set()
+
+    def fail(self, error: PyvmmError) -> None:
+        self.request_exit(getattr(error, "exit_status", 1) or 1, str(error), error)
+
+
+class VcpuLoop:
+    """Runs one vCPU until the VM stops. ``fallback`` handles EmulationFailure exits when set."""
+
+    def __init__(self, vcpu, pio: Bus, mmio: Bus, lifecycle: Lifecycle, *, fallback=None):
+        self.vcpu = vcpu
+        self.pio = pio
+        self.mmio = mmio
+        self.lifecycle = lifecycle
+        self.fallback = fallback
+        self.exit_counts: dict[type, int] = {}
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.vcpu.index}", daemon=True)
+        self.thread.start()
+
+    def _thread_main(self) -> None:
+        try:
+            self.run()
+        except PyvmmError as err:
+            self.lifecycle.fail(err)
+        except Exception as err:  # a bug in pyvmm: stop the VM and say so, with the traceback in the log
+            log.exception("vcpu%d: unexpected error", self.vcpu.index)
+            self.lifecycle.request_exit(70, f"internal error in pyvmm: {type(err).__name__}: {err}", PyvmmError(str(err)))
+
+    def run(self) -> None:
+        vcpu_run = self.vcpu.run
+        pio_read, pio_write = self.pio.read, self.pio.write
+        mmio_read, mmio_write = self.mmio.read, self.mmio.write
+        counts = self.exit_counts
+        lifecycle = self.lifecycle
+        while True:
+            exit_ = vcpu_run()
+            kind = type(exit_)
+            counts[kind] = counts.get(kind, 0) + 1
+            if kind is IoOut:
+                pio_write(exit_.port, exit_.data)
+            elif kind is IoIn:
+                pio_read(exit_.port, exit_.data)
+            elif kind is MmioWrite:
+                mmio_write(exit_.addr, exit_.data)
+            elif kind is MmioRead:
+                mmio_read(exit_.addr, exit_.data)
+            elif kind is Interrupted:
+                if lifecycle.stopping:
+                    return
+            elif kind is Halt:
+                # Only backends without an in-kernel LAPIC return this, and
+                # they wait for the interrupt inside run(); nothing to do.
+                if lifecycle.stopping:
+                    return
+            elif kind is EmulationFailure and self.fallback is not None:
+                self.fallback(self.vcpu, exit_)
+            else:
+                self._finish(exit_)
+                return
+
+    def _finish(self, exit_) -> None:
+        index = self.vcpu.index
+        kind = type(exit_)
+        if kind is SystemEvent:
+            if exit_.kind == "crash":
+                self.lifecycle.fail(GuestError("the guest reported a crash (system event)", vcpu=index))
+            else:
+                self.lifecycle.request_exit(0, f"guest {exit_.kind}")
+        elif kind is Shutdown:
+            self.lifecycle.fail(GuestError(f"{exit_.reason} (the vCPU shut down)", rip=self._rip(), vcpu=index))
+        elif kind is EmulationFailure:
+            insn = exit_.insn.hex(" ") if exit_.insn else "unknown"
+            self.lifecycle.fail(
+                GuestError(
+                    f"the hypervisor cannot emulate the instruction (bytes: {insn}) and the fallback is off",
+                    rip=exit_.rip,
+                    vcpu=index,
+                )
+            )
+        elif kind is InternalError:
+            detail = f": {exit_.detail}" if exit_.detail else ""
+            self.lifecycle.fail(GuestError(f"{exit_.reason}{detail}", rip=exit_.rip, vcpu=index))
+        else:
+            self.lifecycle.fail(GuestError(f"unexpected exit {exit_!r}", vcpu=index))
+
+    def _rip(self) -> int | None:
+        try:
+            return self.vcpu.get_regs().rip
+        except Exception:  # state may be unreadable after a shutdown; the message stays useful without it
+            return None
