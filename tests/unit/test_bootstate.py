@@ -1,0 +1,264 @@
+"""Boot information (e820, zero page, PVH start_info, MP table) and the boot vCPU state, read back from memory."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from pyvmm.accel.ops import Segment
+from pyvmm.errors import BootError
+from pyvmm.vmm import layout
+from pyvmm.vmm.boot.bootparams import write_boot_params
+from pyvmm.vmm.boot.e820 import E820_RAM, E820_RESERVED, e820_map
+from pyvmm.vmm.boot.kernel import LoadedKernel, load_kernel
+from pyvmm.vmm.boot.mptable import max_vcpus, write_mptable
+from pyvmm.vmm.boot.pvh import write_pvh_start_info
+from pyvmm.vmm.memory import GuestMemory
+from pyvmm.vmm.x86.regs import boot_cpu_state
+
+ASSETS = Path(__file__).resolve().parents[2] / "tests" / "assets"
+MiB, GiB = 1 << 20, 1 << 30
+
+
+@pytest.fixture
+def mem():
+    memory = GuestMemory.anonymous(layout.ram_layout(128 * MiB))
+    yield memory
+    memory.close()
+
+
+def u(mem, addr, size):
+    return mem.read_int(addr, size)
+
+
+# ---------------------------------------------------------------------------
+# e820
+
+
+def test_e820_128mib(mem):
+    assert e820_map(mem) == [
+        (0, layout.EBDA_START, E820_RAM),
+        (layout.EBDA_START, 0x100000 - layout.EBDA_START, E820_RESERVED),
+        (0x100000, 128 * MiB - 0x100000, E820_RAM),
+    ]
+
+
+def test_e820_4_5gib_has_ram_above_4gib():
+    memory = GuestMemory.anonymous(layout.ram_layout(4 * GiB + 512 * MiB))
+    try:
+        entries = e820_map(memory)
+        assert entries[2] == (0x100000, layout.MMIO_GAP_START - 0x100000, E820_RAM)
+        assert entries[3] == (4 * GiB, 4 * GiB + 512 * MiB - layout.MMIO_GAP_START, E820_RAM)
+        assert len(entries) == 4
+        ram = sum(size for _, size, kind in entries if kind == E820_RAM)
+        assert ram == memory.size - (0x100000 - layout.EBDA_START)
+        for (a, s, _), (b, _, _) in zip(entries, entries[1:]):
+            assert a + s <= b  # sorted, no overlap
+    finally:
+        memory.close()
+
+
+def test_e820_too_little_memory():
+    memory = GuestMemory.from_buffers([(0, bytearray(0x80000))])
+    with pytest.raises(BootError, match="extend past 1 MiB"):
+        e820_map(memory)
+
+
+# ---------------------------------------------------------------------------
+# zero page
+
+
+def vmlinux_kernel() -> LoadedKernel:
+    return LoadedKernel(kind="elf", pvh_entry=0x1000850, linux64_entry=0x1000000, kernel_end=0x4000000)
+
+
+def test_boot_params_minimal_header_for_vmlinux(mem):
+    e820 = e820_map(mem)
+    high_initrd = ((5 << 32) | 0x12345000, (1 << 32) | 0x800)
+    addr = write_boot_params(
+        mem, kernel=vmlinux_kernel(), cmdline_addr=(1 << 32) | layout.CMDLINE, cmdline_size=42, initrd=high_initrd, e820=e820
+    )
+    zp = layout.ZERO_PAGE
+    assert addr == zp
+    assert u(mem, zp + 0x1FE, 2) == 0xAA55
+    assert mem.read(zp + 0x202, 4) == b"HdrS"
+    assert u(mem, zp + 0x206, 2) >= 0x020C
+    assert u(mem, zp + 0x210, 1) == 0xFF  # type_of_loader
+    assert u(mem, zp + 0x211, 1) & 0x81 == 0x81  # LOADED_HIGH | CAN_USE_HEAP
+    assert u(mem, zp + 0x224, 2) != 0  # heap_end_ptr
+    assert u(mem, zp + 0x228, 4) == layout.CMDLINE  # cmd_line_ptr
+    assert u(mem, zp + 0x0C8, 4) == 1  # ext_cmd_line_ptr
+    assert u(mem, zp + 0x238, 4) == 42  # cmdline_size
+    assert u(mem, zp + 0x230, 4) == 0x1000000  # kernel_alignment
+    assert u(mem, zp + 0x218, 4) == 0x12345000 and u(mem, zp + 0x0C0, 4) == 5  # ramdisk_image + ext
+    assert u(mem, zp + 0x21C, 4) == 0x800 and u(mem, zp + 0x0C4, 4) == 1  # ramdisk_size + ext
+    assert u(mem, zp + 0x1EF, 1) == 0  # sentinel
+    assert u(mem, zp + 0x1E8, 1) == len(e820)
+    table = [struct.unpack_from("<QQI", mem.read(zp + 0x2D0 + 20 * i, 20)) for i in range(len(e820))]
+    assert table == e820
+
+
+def test_boot_params_no_initrd_and_too_many_e820_entries(mem):
+    write_boot_params(mem, kernel=vmlinux_kernel(), cmdline_addr=layout.CMDLINE, cmdline_size=1, initrd=None, e820=e820_map(mem))
+    zp = layout.ZERO_PAGE
+    assert [u(mem, zp + off, 4) for off in (0x218, 0x21C, 0x0C0, 0x0C4)] == [0, 0, 0, 0]
+    with pytest.raises(BootError, match="129 e820 entries"):
+        write_boot_params(mem, kernel=vmlinux_kernel(), cmdline_addr=0, cmdline_size=1, initrd=None, e820=[(0, 4096, 1)] * 129)
+
+
+def test_boot_params_copy_bzimage_header(mem):
+    path = ASSETS / "bzImage"
+    if not path.exists():
+        pytest.skip(f"{path} missing: run scripts/fetch-test-kernel first")
+    kernel = load_kernel(mem, str(path))
+    image = path.read_bytes()
+    write_boot_params(mem, kernel=kernel, cmdline_addr=layout.CMDLINE, cmdline_size=20, initrd=(0x7000000, 0x1000), e820=e820_map(mem))
+    zp = layout.ZERO_PAGE
+    header_end = 0x202 + image[0x201]
+    page = mem.read(zp, 0x1000)
+    changed = {0x210, 0x211, 0x224, 0x225, *range(0x218, 0x220), *range(0x228, 0x22C)}
+    for off in range(0x1F1, header_end):
+        if off not in changed:
+            assert page[off] == image[off], f"setup header byte {off:#x}"
+    assert page[0x211] == image[0x211] | 0x80  # LOADED_HIGH kept, CAN_USE_HEAP added
+    assert u(mem, zp + 0x238, 4) == struct.unpack_from("<I", image, 0x238)[0]  # the kernel's own limit kept
+    assert u(mem, zp + 0x228, 4) == layout.CMDLINE
+    assert u(mem, zp + 0x218, 4) == 0x7000000
+
+
+# ---------------------------------------------------------------------------
+# PVH
+
+
+def test_pvh_start_info_read_back(mem):
+    e820 = e820_map(mem)
+    addr = write_pvh_start_info(mem, cmdline_addr=layout.CMDLINE, e820=e820, modules=[(0x7F00000, 0x12345)])
+    assert addr == layout.PVH_START_INFO
+    magic, version, flags, nr_modules, modlist, cmdline, rsdp, memmap, entries, _ = struct.unpack(
+        "<IIIIQQQQII", mem.read(addr, 56)
+    )
+    assert (magic, version, flags, nr_modules) == (0x336EC578, 1, 0, 1)
+    assert (modlist, cmdline, rsdp, memmap, entries) == (layout.PVH_MODLIST, layout.CMDLINE, 0, layout.PVH_MEMMAP, len(e820))
+    assert struct.unpack("<QQQQ", mem.read(modlist, 32)) == (0x7F00000, 0x12345, 0, 0)
+    assert [struct.unpack("<QQII", mem.read(memmap + 24 * i, 24)) for i in range(entries)] == [(a, s, t, 0) for a, s, t in e820]
+
+
+def test_pvh_without_modules(mem):
+    write_pvh_start_info(mem, cmdline_addr=layout.CMDLINE, e820=e820_map(mem), modules=[])
+    assert u(mem, layout.PVH_START_INFO + 12, 4) == 0 and u(mem, layout.PVH_START_INFO + 16, 8) == 0
+
+
+# ---------------------------------------------------------------------------
+# MP table
+
+
+def parse_mptable(mem):
+    mpf = mem.read(layout.EBDA_START, 16)
+    assert mpf[:4] == b"_MP_" and sum(mpf) % 256 == 0
+    physptr, length16, spec = struct.unpack_from("<IBB", mpf, 4)
+    assert (length16, spec) == (1, 4)
+    header = mem.read(physptr, 44)
+    assert header[:4] == b"PCMP"
+    length, spec, _, _, _, _, _, count, lapic = struct.unpack_from("<HBB8s12sIHHI", header, 4)
+    table = mem.read(physptr, length)
+    assert sum(table) % 256 == 0, "configuration table checksum"
+    assert physptr + length <= layout.LOW_RAM_END
+    sizes = {0: 20, 1: 8, 2: 8, 3: 8, 4: 8}
+    entries, pos = [], 44
+    while pos < length:
+        kind = table[pos]
+        entries.append(table[pos : pos + sizes[kind]])
+        pos += sizes[kind]
+    assert pos == length and len(entries) == count
+    return lapic, entries
+
+
+@pytest.mark.parametrize("vcpus", [1, 2, 8])
+def test_mptable_parsed_back(mem, vcpus):
+    assert write_mptable(mem, vcpus) == layout.EBDA_START
+    lapic, entries = parse_mptable(mem)
+    assert lapic == layout.LAPIC_BASE
+    cpus = [struct.unpack("<BBBBII8s", e) for e in entries if e[0] == 0]
+    assert [c[1] for c in cpus] == list(range(vcpus))  # APIC IDs
+    assert [c[3] for c in cpus] == [3] + [1] * (vcpus - 1)  # enabled, BSP on 0
+    buses = [e for e in entries if e[0] == 1]
+    assert buses == [bytes([1, 0]) + b"ISA   "]
+    (ioapic,) = [struct.unpack("<BBBBI", e) for e in entries if e[0] == 2]
+    assert ioapic[1] == vcpus and ioapic[3] & 1 and ioapic[4] == layout.IOAPIC_BASE
+    ints = [struct.unpack("<BBHBBBB", e) for e in entries if e[0] == 3]
+    assert [(i[4], i[6]) for i in ints] == [(irq, irq) for irq in range(24)]  # source IRQ -> pin, identity
+    assert all(i[1] == 0 and i[3] == 0 and i[5] == vcpus for i in ints)  # INT from the ISA bus to the IOAPIC
+    lints = [struct.unpack("<BBHBBBB", e) for e in entries if e[0] == 4]
+    assert [(li[1], li[5], li[6]) for li in lints] == [(3, 0, 0), (1, 0xFF, 1)]  # ExtINT on LINT0, NMI on LINT1
+
+
+def test_mptable_too_many_vcpus(mem):
+    write_mptable(mem, max_vcpus())
+    parse_mptable(mem)
+    with pytest.raises(BootError, match=f"{max_vcpus() + 1} vCPUs do not fit in the EBDA"):
+        write_mptable(mem, max_vcpus() + 1)
+    with pytest.raises(BootError, match="0 vCPUs"):
+        write_mptable(mem, 0)
+
+
+# ---------------------------------------------------------------------------
+# boot vCPU state
+
+
+def walk(mem, cr3: int, vaddr: int) -> int:
+    """Translate vaddr through 4-level page tables (2 MiB or 4 KiB leaves)."""
+    table = cr3 & ~0xFFF
+    for level, shift in enumerate((39, 30, 21, 12)):
+        entry = u(mem, table + ((vaddr >> shift) & 0x1FF) * 8, 8)
+        assert entry & 1, f"not present at level {level} for {vaddr:#x}"
+        if shift in (30, 21) and entry & 0x80:
+            return (entry & ~((1 << shift) - 1) & ((1 << 52) - 1)) | (vaddr & ((1 << shift) - 1))
+        table = entry & 0x000FFFFFFFFFF000
+    return table | (vaddr & 0xFFF)
+
+
+def gdt_descriptor(mem, sregs, selector: int) -> int:
+    assert selector + 7 <= sregs.gdt.limit
+    return u(mem, sregs.gdt.base + selector, 8)
+
+
+def test_linux64_state(mem):
+    regs, sregs = boot_cpu_state(mem, "linux64", 0x1000000, layout.ZERO_PAGE)
+    assert (regs.rip, regs.rsi, regs.rsp, regs.rflags) == (0x1000000, layout.ZERO_PAGE, layout.BOOT_STACK_TOP, 0x2)
+    assert sregs.cr0 == 0x80000011 and sregs.cr4 == 0x20 and sregs.efer == 0x500
+    assert sregs.cr3 == layout.PML4
+    for vaddr in (0, 0x1000000, 0x1234567, 0x7FFFFFF, layout.IOAPIC_BASE, layout.LAPIC_BASE + 0x20, 4 * GiB - 1):
+        assert walk(mem, sregs.cr3, vaddr) == vaddr
+    with pytest.raises(AssertionError, match="not present"):
+        walk(mem, sregs.cr3, 4 * GiB)
+    assert sregs.cs.l and not sregs.cs.db and sregs.cs.type == 11 and sregs.cs.present and sregs.cs.s
+    # the hidden parts agree with the GDT in guest memory
+    for seg in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss, sregs.tr):
+        assert Segment.from_descriptor(seg.selector, gdt_descriptor(mem, sregs, seg.selector)) == seg
+    assert sregs.ds.base == 0 and sregs.ds.limit == 0xFFFFFFFF and sregs.ds.type == 3
+    assert sregs.tr.type == 11 and not sregs.tr.s and sregs.tr.present and sregs.tr.limit == 0x67
+    assert (sregs.idt.base, sregs.idt.limit) == (layout.BOOT_IDT, 0)
+    # the 16-byte long-mode TSS descriptor's upper half is zero
+    assert u(mem, sregs.gdt.base + sregs.tr.selector + 8, 8) == 0
+
+
+def test_pvh32_state(mem):
+    regs, sregs = boot_cpu_state(mem, "pvh32", 0x1000850, layout.PVH_START_INFO)
+    assert (regs.rip, regs.rbx, regs.rflags) == (0x1000850, layout.PVH_START_INFO, 0x2)
+    assert sregs.cr0 == 0x11 and sregs.cr4 == 0 and sregs.efer == 0
+    cs = sregs.cs
+    assert (cs.base, cs.limit, cs.type, cs.db, cs.l, cs.g, cs.present) == (0, 0xFFFFFFFF, 11, True, False, True, True)
+    for seg in (sregs.ds, sregs.es, sregs.ss, sregs.fs, sregs.gs):
+        assert (seg.base, seg.limit, seg.type, seg.db, seg.s, seg.present) == (0, 0xFFFFFFFF, 3, True, True, True)
+    for seg in (sregs.cs, sregs.ds, sregs.tr):
+        assert Segment.from_descriptor(seg.selector, gdt_descriptor(mem, sregs, seg.selector)) == seg
+    # PVH: TR is a 32-bit busy TSS with base 0 and limit 0x67
+    assert (sregs.tr.type, sregs.tr.s, sregs.tr.base, sregs.tr.limit) == (11, False, 0, 0x67)
+    assert sregs.idt.limit == 0
+
+
+def test_boot_state_rejects_bad_mode(mem):
+    with pytest.raises(BootError, match="unknown boot mode 'real16'"):
+        boot_cpu_state(mem, "real16", 0, 0)
