@@ -26,6 +26,7 @@ import threading
 from typing import Callable
 
 from pyvmm.devices.irq import IrqLine
+from pyvmm.errors import DeviceError
 
 # register offsets
 RBR_THR_DLL = 0
@@ -88,6 +89,8 @@ class Serial:
     """COM1 registers at offsets 0..7 of its port range (insert at ``layout.PORT_COM1``, size 8)."""
 
     def __init__(self, irq: IrqLine, output: Callable[[bytes], None], *, input_limit: int = DEFAULT_INPUT_LIMIT):
+        if input_limit < 1:
+            raise DeviceError(f"serial: input_limit must be at least 1 byte, not {input_limit}")
         self.irq = irq
         self.output = output
         self.input_limit = input_limit

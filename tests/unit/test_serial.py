@@ -408,3 +408,10 @@ def test_linux_startup_interrupt_tests(guest):
     iir = guest.inb(IIR)
     guest.outb(IER, 0)
     assert lsr & 0x40 and not iir & 0x01
+
+
+def test_invalid_input_limit_is_a_clear_error():
+    from pyvmm.errors import PyvmmError
+
+    with pytest.raises(PyvmmError, match="serial: input_limit"):
+        Serial(IrqLine(4, lambda irq, level: None), lambda data: None, input_limit=0)
