@@ -1,0 +1,352 @@
+"""One local APIC in xAPIC mode (MMIO registers), after Intel SDM vol. 3 ch. 11 ("APIC").
+
+Sans-IO and lock-free: the owning ``Irqchip`` serialises calls and is the APIC bus
+(``bus.send_ipi``, ``bus.eoi_broadcast``). IRR, ISR and TMR are 256-bit Python ints,
+so finding the highest pending vector is one ``bit_length()``.
+
+Not offered, and why:
+
+* x2APIC and the TSC-deadline timer mode: the interpreter cannot trap RDMSR/WRMSR,
+  so the APIC is reachable only as MMIO at its APIC base; the timer mode field takes
+  one-shot (00) and periodic (01) only (bit 18 is not writable).
+* EOI-broadcast suppression (the version register's bit 24 is clear), CMCI (max LVT 5).
+
+Timer: counts at ``LAPIC_TIMER_HZ`` divided by the divide configuration, from the
+chip's clock; 1 GHz like QEMU's APIC bus. A backend that reports CPUID 0x15 should
+give this as the crystal/core crystal clock so Linux skips calibrating the APIC timer.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from pyvmm.accel.irqchip.ioapic import DM_EXTINT, DM_FIXED, DM_INIT, DM_LOWEST, DM_NMI, DM_SIPI, DM_SMI, ApicMessage
+
+LAPIC_TIMER_HZ = 1_000_000_000
+LAPIC_VERSION = 0x00050014  # version 0x14 (integrated xAPIC), max LVT entry 5
+LAPIC_DEFAULT_BASE = 0xFEE0_0000
+
+APIC_BASE_BSP = 1 << 8
+APIC_BASE_ENABLE = 1 << 11
+APIC_BASE_X2APIC = 1 << 10  # not offered: a write setting it is ignored
+APIC_BASE_ADDRESS_MASK = 0x000F_FFFF_FFFF_F000
+
+# register offsets
+REG_ID, REG_VERSION, REG_TPR, REG_APR, REG_PPR, REG_EOI, REG_RRD, REG_LDR, REG_DFR, REG_SVR = (
+    0x20, 0x30, 0x80, 0x90, 0xA0, 0xB0, 0xC0, 0xD0, 0xE0, 0xF0)
+REG_ISR, REG_TMR, REG_IRR, REG_ESR = 0x100, 0x180, 0x200, 0x280
+REG_ICR_LOW, REG_ICR_HIGH = 0x300, 0x310
+REG_LVT_TIMER, REG_LVT_THERMAL, REG_LVT_PERF, REG_LVT_LINT0, REG_LVT_LINT1, REG_LVT_ERROR = (
+    0x320, 0x330, 0x340, 0x350, 0x360, 0x370)
+REG_TIMER_INITIAL, REG_TIMER_CURRENT, REG_TIMER_DIVIDE = 0x380, 0x390, 0x3E0
+
+LVT_TIMER, LVT_THERMAL, LVT_PERF, LVT_LINT0, LVT_LINT1, LVT_ERROR = range(6)
+LVT_OFFSETS = (REG_LVT_TIMER, REG_LVT_THERMAL, REG_LVT_PERF, REG_LVT_LINT0, REG_LVT_LINT1, REG_LVT_ERROR)
+LVT_MASKED = 1 << 16
+LVT_TIMER_PERIODIC = 1 << 17
+# writable bits per LVT entry: vector, delivery mode, polarity, trigger, mask (+ timer mode)
+LVT_WRITABLE = (0x300FF, 0x107FF, 0x107FF, 0x1A7FF, 0x1A7FF, 0x100FF)
+
+SVR_ENABLE = 1 << 8
+ESR_SEND_ILLEGAL_VECTOR = 1 << 5
+ESR_RECEIVE_ILLEGAL_VECTOR = 1 << 6
+ESR_ILLEGAL_REGISTER = 1 << 7
+
+ICR_LEVEL_ASSERT = 1 << 14
+ICR_TRIGGER_LEVEL = 1 << 15
+
+
+class ApicBus(Protocol):
+    def send_ipi(self, source: LocalApic, message: ApicMessage) -> None: ...
+    def eoi_broadcast(self, vector: int) -> None: ...
+    def timer_changed(self) -> None: ...
+
+
+def _vector_class(vector: int) -> int:
+    return vector >> 4
+
+
+class LocalApic:
+    def __init__(self, index: int, bus: ApicBus):
+        self.index = index
+        self.bus = bus
+        self.apic_id = index
+        self.base = LAPIC_DEFAULT_BASE | APIC_BASE_ENABLE | (APIC_BASE_BSP if index == 0 else 0)
+        self.nmi_pending = False
+        self.extint_pending = False  # an IOAPIC ExtINT message: INTA goes to the PIC
+        self.reset()
+        if index == 0:
+            self.firmware_handoff()
+
+    def reset(self) -> None:
+        """Power-up / INIT state: everything but the APIC ID and the APIC base MSR."""
+        self.tpr = 0
+        self.ldr = 0
+        self.dfr = 0xFFFF_FFFF
+        self.svr = 0xFF
+        self.irr = self.isr = self.tmr = 0
+        self.esr = self.esr_pending = 0
+        self.lvt = [LVT_MASKED] * 6
+        self.icr_low = self.icr_high = 0
+        self.timer_initial = 0
+        self.timer_divide = 0
+        self.timer_start: float | None = None
+        self.timer_due: float | None = None
+        self.nmi_pending = False
+        self.extint_pending = False
+
+    def firmware_handoff(self) -> None:
+        """The BSP state a PC BIOS leaves: APIC software-enabled in virtual wire mode.
+
+        LINT0 is ExtINT (the 8259's INTR) and LINT1 NMI, so PIC interrupts reach the
+        BSP before the guest programs its APIC, as they do after SeaBIOS.
+        """
+        self.svr = 0x1FF
+        self.lvt[LVT_LINT0] = DM_EXTINT << 8
+        self.lvt[LVT_LINT1] = DM_NMI << 8
+
+    # --- state queries -------------------------------------------------------
+    @property
+    def hw_enabled(self) -> bool:
+        return bool(self.base & APIC_BASE_ENABLE)
+
+    @property
+    def sw_enabled(self) -> bool:
+        return bool(self.svr & SVR_ENABLE)
+
+    @property
+    def page(self) -> int:
+        return self.base & APIC_BASE_ADDRESS_MASK
+
+    def ppr(self) -> int:
+        isrv = self.isr.bit_length() - 1
+        if isrv < 0 or _vector_class(self.tpr) >= _vector_class(isrv):
+            return self.tpr
+        return isrv & 0xF0
+
+    def deliverable_vector(self) -> int:
+        """The highest IRR vector whose priority class beats the PPR, or -1."""
+        irrv = self.irr.bit_length() - 1
+        if irrv < 0 or _vector_class(irrv) <= _vector_class(self.ppr()):
+            return -1
+        return irrv
+
+    def accepts_pic(self) -> bool:
+        """Does the 8259's INTR reach this CPU (LINT0 unmasked ExtINT, or the APIC disabled)?"""
+        if not self.hw_enabled:
+            return True
+        lint0 = self.lvt[LVT_LINT0]
+        return not lint0 & LVT_MASKED and (lint0 >> 8) & 7 == DM_EXTINT
+
+    def matches(self, logical: bool, destination: int) -> bool:
+        if not self.hw_enabled:
+            return False
+        if destination == 0xFF:
+            return True  # broadcast in both modes
+        if not logical:
+            return destination == self.apic_id
+        ldr = self.ldr >> 24
+        if self.dfr >> 28 == 0xF:  # flat model: one bit per APIC
+            return bool(ldr & destination)
+        # cluster model: cluster in the high nibble, members in the low
+        return ldr >> 4 == destination >> 4 and bool(ldr & destination & 0xF)
+
+    # --- interrupt acceptance and acknowledge --------------------------------
+    def accept_fixed(self, vector: int, level: bool) -> bool:
+        if vector < 16:
+            self.error(ESR_RECEIVE_ILLEGAL_VECTOR)
+            return False
+        bit = 1 << vector
+        self.irr |= bit
+        if level:
+            self.tmr |= bit
+        else:
+            self.tmr &= ~bit
+        return True
+
+    def error(self, bit: int) -> None:
+        self.esr_pending |= bit
+        lvt = self.lvt[LVT_ERROR]
+        if not lvt & LVT_MASKED and lvt & 0xFF >= 16:
+            self.irr |= 1 << (lvt & 0xFF)
+            self.tmr &= ~(1 << (lvt & 0xFF))
+
+    def acknowledge(self) -> int | None:
+        vector = self.deliverable_vector()
+        if vector < 0:
+            return None
+        bit = 1 << vector
+        self.irr &= ~bit
+        self.isr |= bit
+        return vector
+
+    def eoi(self) -> None:
+        vector = self.isr.bit_length() - 1
+        if vector < 0:
+            return
+        bit = 1 << vector
+        self.isr &= ~bit
+        if self.tmr & bit:
+            self.tmr &= ~bit
+            self.bus.eoi_broadcast(vector)
+
+    # --- timer ---------------------------------------------------------------
+    def timer_divisor(self) -> int:
+        code = (self.timer_divide & 3) | ((self.timer_divide >> 1) & 4)
+        return 1 << ((code + 1) & 7)
+
+    def timer_period(self) -> float:
+        return self.timer_initial * self.timer_divisor() / LAPIC_TIMER_HZ
+
+    def timer_current(self, now: float) -> int:
+        if self.timer_start is None:
+            return 0
+        elapsed = int((now - self.timer_start) * LAPIC_TIMER_HZ / self.timer_divisor())
+        if self.lvt[LVT_TIMER] & LVT_TIMER_PERIODIC:
+            return self.timer_initial - elapsed % self.timer_initial
+        return max(0, self.timer_initial - elapsed)
+
+    def _timer_rearm(self, now: float) -> None:
+        """Set ``timer_due`` to the next expiry after ``now`` (or at once if one is pending)."""
+        if self.timer_start is None:
+            self.timer_due = None
+            return
+        period = self.timer_period()
+        if self.lvt[LVT_TIMER] & LVT_TIMER_PERIODIC:
+            periods = int((now - self.timer_start) / period) + 1
+            self.timer_due = self.timer_start + periods * period
+        else:
+            due = self.timer_start + period
+            self.timer_due = due if due > now else None
+
+    def timer_expire(self, now: float) -> bool:
+        """Advance past ``now``: True if an expiry happened and the LVT lets it interrupt."""
+        if self.timer_due is None or now < self.timer_due:
+            return False
+        if self.lvt[LVT_TIMER] & LVT_TIMER_PERIODIC:
+            self._timer_rearm(now)  # late polls merge several periods into one interrupt
+        else:
+            self.timer_due = None
+        lvt = self.lvt[LVT_TIMER]
+        if lvt & LVT_MASKED:
+            return False
+        return self.accept_fixed(lvt & 0xFF, False)
+
+    # --- registers -------------------------------------------------------------
+    def read(self, offset: int, now: float) -> int:
+        """A 32-bit read of the register at 16-byte-aligned ``offset``."""
+        if offset == REG_ID:
+            return self.apic_id << 24
+        if offset == REG_VERSION:
+            return LAPIC_VERSION
+        if offset == REG_TPR:
+            return self.tpr
+        if offset in (REG_APR, REG_PPR):
+            return self.ppr()
+        if offset == REG_LDR:
+            return self.ldr
+        if offset == REG_DFR:
+            return self.dfr
+        if offset == REG_SVR:
+            return self.svr
+        if REG_ISR <= offset < REG_ESR:
+            bank, chunk = divmod(offset - REG_ISR, 0x80)
+            bits = (self.isr, self.tmr, self.irr)[bank]
+            return (bits >> (32 * (chunk >> 4))) & 0xFFFF_FFFF
+        if offset == REG_ESR:
+            return self.esr
+        if offset == REG_ICR_LOW:
+            return self.icr_low  # delivery status always reads idle
+        if offset == REG_ICR_HIGH:
+            return self.icr_high
+        if REG_LVT_TIMER <= offset <= REG_LVT_ERROR:
+            return self.lvt[(offset - REG_LVT_TIMER) >> 4]
+        if offset == REG_TIMER_INITIAL:
+            return self.timer_initial
+        if offset == REG_TIMER_CURRENT:
+            return self.timer_current(now)
+        if offset == REG_TIMER_DIVIDE:
+            return self.timer_divide
+        return 0
+
+    def write(self, offset: int, value: int, now: float) -> None:
+        """A 32-bit write of the register at 16-byte-aligned ``offset``."""
+        if offset == REG_ID:
+            self.apic_id = value >> 24
+        elif offset == REG_TPR:
+            self.tpr = value & 0xFF
+        elif offset == REG_EOI:
+            self.eoi()
+        elif offset == REG_LDR:
+            self.ldr = value & 0xFF00_0000
+        elif offset == REG_DFR:
+            self.dfr = (value & 0xF000_0000) | 0x0FFF_FFFF
+        elif offset == REG_SVR:
+            self.svr = value & 0x3FF
+            if not self.sw_enabled:  # software disable masks every LVT entry
+                self.lvt = [entry | LVT_MASKED for entry in self.lvt]
+        elif offset == REG_ESR:
+            self.esr, self.esr_pending = self.esr_pending, 0
+        elif offset == REG_ICR_HIGH:
+            self.icr_high = value & 0xFF00_0000
+        elif offset == REG_ICR_LOW:
+            self.icr_low = value & 0x000C_CFFF  # no delivery-status bit
+            self._send_icr()
+        elif REG_LVT_TIMER <= offset <= REG_LVT_ERROR:
+            index = (offset - REG_LVT_TIMER) >> 4
+            entry = value & LVT_WRITABLE[index]
+            if not self.sw_enabled:
+                entry |= LVT_MASKED
+            self.lvt[index] = entry
+            if index == LVT_TIMER:
+                self._timer_rearm(now)
+                self.bus.timer_changed()
+        elif offset == REG_TIMER_INITIAL:
+            self.timer_initial = value & 0xFFFF_FFFF
+            self.timer_start = now if self.timer_initial else None
+            self._timer_rearm(now)
+            self.bus.timer_changed()
+        elif offset == REG_TIMER_DIVIDE:
+            # keep the current count: the new divisor applies from now on
+            current = self.timer_current(now)
+            self.timer_divide = value & 0xB
+            if self.timer_start is not None:
+                if current == 0:
+                    self.timer_start = now - self.timer_period()  # an expired one-shot stays expired
+                else:
+                    done = self.timer_initial - current
+                    self.timer_start = now - done * self.timer_divisor() / LAPIC_TIMER_HZ
+                self._timer_rearm(now)
+                self.bus.timer_changed()
+        elif offset in (REG_VERSION, REG_APR, REG_PPR, REG_RRD, REG_TIMER_CURRENT) or REG_ISR <= offset < REG_ESR:
+            pass  # read-only
+        else:
+            self.error(ESR_ILLEGAL_REGISTER)
+
+    def _send_icr(self) -> None:
+        low = self.icr_low
+        mode = (low >> 8) & 7
+        if mode == DM_INIT and not low & ICR_LEVEL_ASSERT and low & ICR_TRIGGER_LEVEL:
+            return  # INIT level de-assert: only synchronises arbitration IDs
+        if mode == DM_SMI:
+            return  # no SMM
+        vector = low & 0xFF
+        if mode in (DM_FIXED, DM_LOWEST) and vector < 16:
+            self.error(ESR_SEND_ILLEGAL_VECTOR)
+            return
+        message = ApicMessage(
+            vector=vector,
+            delivery_mode=mode,
+            logical=bool(low & 0x800),
+            destination=self.icr_high >> 24,
+            level=False,  # IPIs are edge-triggered: the trigger bit only qualifies INIT de-assert
+            shorthand=(low >> 18) & 3,
+            source=self.index,
+        )
+        self.bus.send_ipi(self, message)
+
+
+__all__ = [
+    "LAPIC_TIMER_HZ", "LAPIC_VERSION", "LAPIC_DEFAULT_BASE", "LocalApic", "ApicBus",
+    "DM_FIXED", "DM_LOWEST", "DM_NMI", "DM_INIT", "DM_SIPI", "DM_EXTINT",
+]
