@@ -262,3 +262,59 @@ def test_pvh32_state(mem):
 def test_boot_state_rejects_bad_mode(mem):
     with pytest.raises(BootError, match="unknown boot mode 'real16'"):
         boot_cpu_state(mem, "real16", 0, 0)
+
+
+def test_real_vmlinux_runs_from_linux64_state():
+    """Debian's kernel, entered with this state on unicorn, switches to its own page tables and reads the zero page.
+
+    unicorn does not deliver exceptions, so the run stops at the kernel's first
+    (expected) #PF: copy_bootdata() touching boot_params through the direct map,
+    which shows that RSI, the GDT, the page tables and long mode were usable.
+    """
+    import ctypes
+
+    unicorn = pytest.importorskip("unicorn")
+    from unicorn import x86_const as x86
+
+    path = ASSETS / "vmlinux"
+    if not path.exists():
+        pytest.skip(f"{path} missing: run scripts/fetch-test-kernel first")
+    memory = GuestMemory.anonymous(layout.ram_layout(256 * MiB))
+    try:
+        kernel = load_kernel(memory, str(path))
+        cmdline = b"console=ttyS0\0"
+        memory.write(layout.CMDLINE, cmdline)
+        zero_page = write_boot_params(
+            memory, kernel=kernel, cmdline_addr=layout.CMDLINE, cmdline_size=len(cmdline), initrd=None, e820=e820_map(memory)
+        )
+        regs, sregs = boot_cpu_state(memory, "linux64", kernel.linux64_entry, zero_page)
+
+        uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+        region = memory.regions[0]
+        host = (ctypes.c_char * region.size).from_buffer(region.buffer)
+        uc.mem_map_ptr(0, region.size, unicorn.UC_PROT_ALL, ctypes.addressof(host))
+        uc.reg_write(x86.UC_X86_REG_GDTR, (0, sregs.gdt.base, sregs.gdt.limit, 0))
+        uc.reg_write(x86.UC_X86_REG_IDTR, (0, sregs.idt.base, sregs.idt.limit, 0))
+        uc.reg_write(x86.UC_X86_REG_CR3, sregs.cr3)
+        uc.reg_write(x86.UC_X86_REG_CR4, sregs.cr4)
+        uc.reg_write(x86.UC_X86_REG_MSR, (0xC0000080, sregs.efer))
+        uc.reg_write(x86.UC_X86_REG_CR0, sregs.cr0)
+        for name in ("rsi", "rsp", "rbp", "rflags"):
+            uc.reg_write(getattr(x86, f"UC_X86_REG_{name.upper()}"), getattr(regs, name))
+        faults = []
+
+        def on_interrupt(uc, vector, _data):
+            faults.append((vector, uc.reg_read(x86.UC_X86_REG_CR2)))
+            uc.emu_stop()
+
+        uc.hook_add(unicorn.UC_HOOK_INTR, on_interrupt)
+        uc.emu_start(regs.rip, (1 << 64) - 1, timeout=10_000_000)
+        cr3 = uc.reg_read(x86.UC_X86_REG_CR3)
+        del uc, host
+        assert faults, "the kernel ran 10 s without its first page fault"
+        vector, cr2 = faults[0]
+        assert vector == 14
+        assert cr3 != layout.PML4, "the kernel never switched to its own page tables"
+        assert cr2 >= 0xFFFF800000000000 and cr2 & 0xFFFFFFFF == layout.ZERO_PAGE, f"first #PF at {cr2:#x}"
+    finally:
+        memory.close()
