@@ -90,7 +90,8 @@ class LocalApic:
         self.icr_low = self.icr_high = 0
         self.timer_initial = 0
         self.timer_divide = 0
-        self.timer_start: float | None = None
+        self.timer_start: float | None = None  # clock time of the last (re)base
+        self.timer_base_ticks = 0  # ticks already counted at timer_start (a divide change rebases)
         self.timer_due: float | None = None
         self.nmi_pending = False
         self.extint_pending = False
@@ -195,29 +196,38 @@ class LocalApic:
         code = (self.timer_divide & 3) | ((self.timer_divide >> 1) & 4)
         return 1 << ((code + 1) & 7)
 
-    def timer_period(self) -> float:
-        return self.timer_initial * self.timer_divisor() / LAPIC_TIMER_HZ
+    def timer_elapsed(self, now: float) -> int:
+        """Timer ticks counted since the initial count was written (started timers only)."""
+        return self.timer_base_ticks + int((now - self.timer_start) * LAPIC_TIMER_HZ / self.timer_divisor())
 
     def timer_current(self, now: float) -> int:
         if self.timer_start is None:
             return 0
-        elapsed = int((now - self.timer_start) * LAPIC_TIMER_HZ / self.timer_divisor())
+        elapsed = self.timer_elapsed(now)
         if self.lvt[LVT_TIMER] & LVT_TIMER_PERIODIC:
             return self.timer_initial - elapsed % self.timer_initial
         return max(0, self.timer_initial - elapsed)
 
+    def _tick_time(self, ticks: int) -> float:
+        """Clock time at which the timer has counted ``ticks`` in total."""
+        return self.timer_start + (ticks - self.timer_base_ticks) * self.timer_divisor() / LAPIC_TIMER_HZ
+
     def _timer_rearm(self, now: float) -> None:
-        """Set ``timer_due`` to the next expiry after ``now`` (or at once if one is pending)."""
+        """Set ``timer_due`` to the next expiry after ``now``."""
         if self.timer_start is None:
             self.timer_due = None
             return
-        period = self.timer_period()
+        initial = self.timer_initial
+        elapsed = self.timer_elapsed(now)
         if self.lvt[LVT_TIMER] & LVT_TIMER_PERIODIC:
-            periods = int((now - self.timer_start) / period) + 1
-            self.timer_due = self.timer_start + periods * period
+            boundary = (elapsed // initial + 1) * initial
+            due = self._tick_time(boundary)
+            if due <= now:  # rounding put ``now`` on the boundary itself: that expiry is done
+                due = self._tick_time(boundary + initial)
+            self.timer_due = due
         else:
-            due = self.timer_start + period
-            self.timer_due = due if due > now else None
+            due = self._tick_time(initial)
+            self.timer_due = due if elapsed < initial and due > now else None
 
     def timer_expire(self, now: float) -> bool:
         """Advance past ``now``: True if an expiry happened and the LVT lets it interrupt."""
@@ -304,18 +314,16 @@ class LocalApic:
         elif offset == REG_TIMER_INITIAL:
             self.timer_initial = value & 0xFFFF_FFFF
             self.timer_start = now if self.timer_initial else None
+            self.timer_base_ticks = 0
             self._timer_rearm(now)
             self.bus.timer_changed()
         elif offset == REG_TIMER_DIVIDE:
-            # keep the current count: the new divisor applies from now on
-            current = self.timer_current(now)
+            # keep the count reached so far: the new divisor applies from now on
+            if self.timer_start is not None:
+                self.timer_base_ticks = self.timer_elapsed(now)
+                self.timer_start = now
             self.timer_divide = value & 0xB
             if self.timer_start is not None:
-                if current == 0:
-                    self.timer_start = now - self.timer_period()  # an expired one-shot stays expired
-                else:
-                    done = self.timer_initial - current
-                    self.timer_start = now - done * self.timer_divisor() / LAPIC_TIMER_HZ
                 self._timer_rearm(now)
                 self.bus.timer_changed()
         elif offset in (REG_VERSION, REG_APR, REG_PPR, REG_RRD, REG_TIMER_CURRENT) or REG_ISR <= offset < REG_ESR:
