@@ -16,6 +16,8 @@
 #     smp ok
 # and status 0. Failures: 0x11 bad magic, 0x16 no valid MP table, 0x12 not all
 # APs checked in (bounded wait), 0x17 more check-ins than APs (an AP restarted).
+# Under QEMU give one socket per CPU (-smp 3,sockets=3): SeaBIOS's MP table lists
+# one CPU per package, so `-smp 2` alone shows a single CPU and no AP is started.
 
 .include "common.inc"
 
