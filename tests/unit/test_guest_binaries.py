@@ -188,3 +188,71 @@ def test_hello_bz_under_qemu():
     status, lines = run_in_qemu("hello-bz.bzimage", "console=ttyS0 hello=world")
     assert lines == ["Hello from bzImage guest", "cmdline: console=ttyS0 hello=world", "hello-bz ok"]
     assert status == 0
+
+
+# --- the default MMIO addresses, which QEMU lacks, on unicorn with pyvmm-like devices ---
+MMIO_DEVICE = 0xD800_0000
+MMIO_UNBACKED = 0xDFFF_F000
+
+
+def run_on_unicorn(image, cmdline, device_behaves_as_ram=True):
+    """Run a PVH guest on a bare unicorn CPU: start_info at 0x6000, a UART that is always
+    ready, debug-exit, all-ones for other ports, the 4 KiB scratch device and an unbacked page."""
+    unicorn = pytest.importorskip("unicorn")
+    x86 = pytest.importorskip("unicorn.x86_const")
+    cpu = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_32)
+    cpu.mem_map(0, 16 << 20)
+    with (GUESTS / image).open("rb") as stream:
+        elf = ELFFile(stream)
+        for segment in elf.iter_segments():
+            if segment["p_type"] == "PT_LOAD":
+                cpu.mem_write(segment["p_paddr"],
+                              segment.data() + bytes(segment["p_memsz"] - segment["p_filesz"]))
+        entry = pvh_entry(elf)
+    memmap = [(0, 0x9FC00, 1), (0x100000, (16 << 20) - 0x100000, 1)]
+    cpu.mem_write(0x6000, struct.pack("<IIIIQQQQI", 0x336EC578, 1, 0, 0, 0, 0x20000, 0, 0x6100, len(memmap)))
+    for index, (addr, size, kind) in enumerate(memmap):
+        cpu.mem_write(0x6100 + 24 * index, struct.pack("<QQII", addr, size, kind, 0))
+    cpu.mem_write(0x20000, cmdline.encode() + b"\0")
+    serial, status, line_control = bytearray(), [], [0]
+
+    def port_in(uc, port, size, _):
+        return 0x60 if port == 0x3FD else (1 << 8 * size) - 1
+
+    def port_out(uc, port, size, value, _):
+        if port == 0x3FB:
+            line_control[0] = value
+        elif port == 0x3F8 and not line_control[0] & 0x80:  # with DLAB set it is the divisor
+            serial.append(value & 0xFF)
+        elif port == 0xF4:
+            status.append(value & 0xFF)
+            uc.emu_stop()
+
+    cpu.hook_add(unicorn.UC_HOOK_INSN, port_in, None, 1, 0, x86.UC_X86_INS_IN)
+    cpu.hook_add(unicorn.UC_HOOK_INSN, port_out, None, 1, 0, x86.UC_X86_INS_OUT)
+    scratch = bytearray(0x1000)
+
+    def device_read(uc, offset, size, _):
+        return int.from_bytes(scratch[offset:offset + size], "little") if device_behaves_as_ram else 0
+
+    def device_write(uc, offset, size, value, _):
+        scratch[offset:offset + size] = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
+
+    cpu.mmio_map(MMIO_DEVICE, 0x1000, device_read, None, device_write, None)
+    cpu.mmio_map(MMIO_UNBACKED, 0x1000, lambda uc, offset, size, _: (1 << 8 * size) - 1, None,
+                 lambda uc, offset, size, value, _: None, None)
+    cpu.reg_write(x86.UC_X86_REG_EBX, 0x6000)
+    cpu.emu_start(entry, 0, timeout=10_000_000)
+    return (status[0] if status else None), serial.decode(errors="replace").splitlines()
+
+
+def test_mmio_on_the_default_device_and_unbacked_page():
+    status, lines = run_on_unicorn("mmio.elf", "console=ttyS0")
+    assert lines == ["mmio: device 0xd8000000 unbacked 0xdffff000", "mmio ok"]
+    assert status == 0
+
+
+def test_mmio_reports_a_device_that_does_not_keep_writes():
+    status, lines = run_on_unicorn("mmio.elf", "", device_behaves_as_ram=False)
+    assert lines[-1] == "fail: status 0x31 value 0x0"
+    assert status == 0x31
