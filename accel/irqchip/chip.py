@@ -83,6 +83,8 @@ class Irqchip:
         self._wakes: set[int] = set()  # vCPUs to wake once the lock is released
         self.lapics = [LocalApic(i, self) for i in range(vcpu_count)]
         self.ioapic = IoApic(self._deliver)
+        # an IOAPIC ID apart from the local APIC IDs (0..vcpu_count-1) where the 4-bit field allows
+        self.ioapic.id = self.ioapic_id = min(vcpu_count, 0xF)
         self.pic = DualPic()
         self.pit = Pit()
         # vCPUs halted in wait-for-SIPI accept exactly one SIPI; the BSP starts running
@@ -199,6 +201,10 @@ class Irqchip:
 
     def pio_read(self, vcpu_index: int, port: int, size: int) -> int:
         self._check_access(port, size, "port")
+        if size == 1 and (port == PORT_SYSTEM_CONTROL_B or port in PIT_PORTS):
+            # the calibration loops' hot path: no PIC state, no wakes
+            with self._lock:
+                return self.pit.read_port(self.clock(), port)
         with self._lock:
             now = self.clock()
             value = 0

@@ -70,6 +70,7 @@ def chip(woken):
 
 def test_identification_registers(chip):
     assert ioapic_read(chip, 0x01) == 0x00170011
+    assert ioapic_read(chip, 0x00) == 2 << 24 == chip.ioapic_id << 24  # clear of APIC IDs 0 and 1
     ioapic_write(chip, 0x00, 0x0F000000 | 0x123)
     assert ioapic_read(chip, 0x00) == 0x0F000000
     assert ioapic_read(chip, 0x10) == 0x10000  # pins come up masked
@@ -195,3 +196,13 @@ def test_pit_through_pin2(chip):
     clock.now = due + 1e-7
     chip.poll()
     assert chip.ack_interrupt(0) == 0x30
+
+
+def test_extint_delivery_mode_fetches_the_vector_from_the_pic(chip):
+    for port, value in ((0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0xF7)):
+        chip.pio_write(0, port, 1, value)  # PIC initialised, IRQ3 unmasked
+    route(chip, 3, 0, dest=1, mode=7)  # pin 3 as ExtINT to CPU 1 (whose LINT0 is masked)
+    chip.set_irq_line(3, True)
+    assert chip.has_interrupt(1)
+    assert chip.ack_interrupt(1) == 0x33
+    assert not chip.has_interrupt(1)

@@ -202,6 +202,13 @@ def test_init_sipi_sequence(chip, woken):
     assert r(chip, 0, ESR) == 0
 
 
+def test_sync_arb_ids_broadcast_init_deassert_is_inert(chip):
+    # Linux's sync_Arb_IDs(): all-including-self, level-triggered INIT de-assert
+    w(chip, 0, ICR_LOW, 0x80000 | 0x8000 | 0x500)
+    assert all(chip.take_init_sipi(cpu) == [] for cpu in range(4))
+    assert r(chip, 1, SVR) == 0x1FF  # nobody was reset
+
+
 def test_ap_accepts_a_sipi_without_init_once():
     chip = Irqchip(2, clock=FakeClock())
     ipi(chip, 0, 1, 0x0610)
