@@ -12,8 +12,10 @@ from pyvmm.accel.irqchip.chip import (
 )
 from pyvmm.accel.irqchip.ioapic import IOAPIC_VERSION
 from pyvmm.accel.irqchip.lapic import LAPIC_VERSION
+from pyvmm.accel.irqchip.timebase import monotonic_raw, tsc_cpuid_leaves
 
 __all__ = [
     "Irqchip", "IrqchipError", "ISA_IRQ_TO_IOAPIC_PIN", "IOAPIC_PIN_OF_IRQ", "IOAPIC_DEFAULT_BASE",
     "LAPIC_DEFAULT_BASE", "LAPIC_TIMER_HZ", "PIT_HZ", "IOAPIC_VERSION", "LAPIC_VERSION",
+    "monotonic_raw", "tsc_cpuid_leaves",
 ]

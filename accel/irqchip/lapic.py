@@ -11,9 +11,12 @@ Not offered, and why:
   one-shot (00) and periodic (01) only (bit 18 is not writable).
 * EOI-broadcast suppression (the version register's bit 24 is clear), CMCI (max LVT 5).
 
-Timer: counts at ``LAPIC_TIMER_HZ`` divided by the divide configuration, from the
-chip's clock; 1 GHz like QEMU's APIC bus. A backend that reports CPUID 0x15 should
-give this as the crystal/core crystal clock so Linux skips calibrating the APIC timer.
+Timer: counts at ``LAPIC_TIMER_HZ`` (25 MHz) divided by the divide configuration,
+from the chip's clock. 25 MHz is the core crystal clock of Intel server parts, which
+feeds their APIC timer; a backend reports it as the crystal in CPUID 0x15 (see
+``timebase.tsc_cpuid_leaves``) and Linux then sets its APIC timer period from it
+without calibrating. A lower crystal than QEMU's 1 GHz APIC bus also leaves Linux's
+32-bit ``crystal_khz * numerator`` room for an exact TSC ratio.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Protocol
 
 from pyvmm.accel.irqchip.ioapic import DM_EXTINT, DM_FIXED, DM_INIT, DM_LOWEST, DM_NMI, DM_SIPI, DM_SMI, ApicMessage
 
-LAPIC_TIMER_HZ = 1_000_000_000
+LAPIC_TIMER_HZ = 25_000_000
 LAPIC_VERSION = 0x00050014  # version 0x14 (integrated xAPIC), max LVT entry 5
 LAPIC_DEFAULT_BASE = 0xFEE0_0000
 

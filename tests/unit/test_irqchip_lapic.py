@@ -115,7 +115,8 @@ def test_oneshot_timer(chip, clock, woken):
 def test_periodic_timer_and_late_poll(chip, clock):
     w(chip, 1, TIMER_DIVIDE, 0xB)  # divide by 1
     w(chip, 1, LVT_TIMER, PERIODIC | 0xEC)
-    w(chip, 1, TIMER_INITIAL, 4_000_000)  # 4 ms
+    initial = LAPIC_TIMER_HZ // 250  # 4 ms
+    w(chip, 1, TIMER_INITIAL, initial)
     start = clock.now
     for n in range(1, 4):
         clock.now = start + n * 0.004 + 1e-7
@@ -123,7 +124,7 @@ def test_periodic_timer_and_late_poll(chip, clock):
         assert chip.ack_interrupt(1) == 0xEC
         w(chip, 1, EOI, 0)
     clock.now = start + 0.0125  # half-way through the fourth period
-    assert r(chip, 1, TIMER_CURRENT) == pytest.approx(3_500_000, abs=2)
+    assert r(chip, 1, TIMER_CURRENT) == pytest.approx(initial * 7 // 8, abs=2)
     clock.now = start + 0.0305  # several periods late: one interrupt, back on the grid
     chip.poll()
     assert chip.ack_interrupt(1) == 0xEC
@@ -138,8 +139,8 @@ def test_masked_timer_counts_without_interrupting(chip, clock):
     w(chip, 0, LVT_TIMER, MASKED | 0xEC)
     w(chip, 0, TIMER_INITIAL, 1000)
     assert chip.next_deadline(0) is None
-    clock.now += 0.5e-6
-    assert r(chip, 0, TIMER_CURRENT) == pytest.approx(500, abs=1)
+    clock.now += 500.5 / LAPIC_TIMER_HZ
+    assert r(chip, 0, TIMER_CURRENT) == 500
     clock.now += 1e-3
     chip.poll()
     assert not chip.has_interrupt(0)
@@ -149,10 +150,10 @@ def test_divide_change_keeps_the_current_count(chip, clock):
     w(chip, 0, TIMER_DIVIDE, 0xB)
     w(chip, 0, LVT_TIMER, 0xEC)
     w(chip, 0, TIMER_INITIAL, 1000)
-    clock.now += 400.5e-9
+    clock.now += 400.5 / LAPIC_TIMER_HZ
     w(chip, 0, TIMER_DIVIDE, 0x0)  # divide by 2
     assert r(chip, 0, TIMER_CURRENT) == 600
-    clock.now += 200e-9
+    clock.now += 201 / LAPIC_TIMER_HZ  # 100.5 ticks of the halved clock
     assert r(chip, 0, TIMER_CURRENT) == 500
 
 
