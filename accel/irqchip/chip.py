@@ -15,9 +15,10 @@ call in concurrently); ``wake`` callbacks run after it is released.
 Interrupt routing (the MP table writer must match ``ISA_IRQ_TO_IOAPIC_PIN``):
 
 * ISA IRQ n (0-15) drives 8259 input n and IOAPIC pin ``ISA_IRQ_TO_IOAPIC_PIN[n]``:
-  identity except IRQ0 (PIT) -> pin 2, as on PCs with the MP/MADT override. IRQ2 is the
-  8259 cascade and cannot be driven; IOAPIC pin 0 is not connected (no ExtINT through
-  the IOAPIC from the 8259; virtual wire mode uses the BSP's LINT0 instead).
+  identity except IRQ0 (PIT) -> pin 2, as on PCs with the MP/MADT override (QEMU routes
+  GSI 0 the same way). ``Irqchip(irq0_pin=0)`` instead matches an MP table with identity
+  routing. IRQ2 is the 8259 cascade and cannot be driven; the 8259's INTR is not wired to
+  an IOAPIC pin (virtual wire mode uses the BSP's LINT0 instead).
 * GSI 16-23 drive IOAPIC pins 16-23 only. Inputs are logical levels (True = asserted),
   so the MP table should describe every pin as active-high ("conforming" for ISA).
 * The 8259's INTR goes to every local APIC whose LINT0 is unmasked ExtINT (or that is
@@ -67,15 +68,23 @@ class IrqchipError(AccelError):
 
 
 class Irqchip:
+    LAPIC_TIMER_HZ = LAPIC_TIMER_HZ
+    PIT_HZ = PIT_HZ
+
     def __init__(
         self,
         vcpu_count: int,
         *,
         clock: Callable[[], float] = time.monotonic,
         wake: Callable[[int], None] = lambda vcpu_index: None,
+        irq0_pin: int = ISA_IRQ_TO_IOAPIC_PIN[PIT_IRQ],
     ):
         if not 1 <= vcpu_count <= 255:
             raise IrqchipError(f"vcpu_count {vcpu_count} is outside 1..255 (8-bit xAPIC IDs, 0xFF is broadcast)")
+        if irq0_pin not in (0, 2):
+            raise IrqchipError(f"irq0_pin {irq0_pin}: ISA IRQ0 can only go to IOAPIC pin 2 (PC) or 0 (identity)")
+        # an MP table with identity routing (IRQ0 -> pin 0, as Firecracker writes for KVM) needs irq0_pin=0
+        self.pin_of_irq = {**IOAPIC_PIN_OF_IRQ, PIT_IRQ: irq0_pin}
         self.vcpu_count = vcpu_count
         self.clock = clock
         self._wake = wake
@@ -111,7 +120,7 @@ class Irqchip:
 
     # --- interrupt lines ---------------------------------------------------------
     def set_irq_line(self, irq: int, level: bool) -> None:
-        pin = IOAPIC_PIN_OF_IRQ.get(irq)
+        pin = self.pin_of_irq.get(irq)
         if pin is None:
             raise IrqchipError(f"IRQ {irq} cannot be driven (valid: 0, 1, 3-23; IRQ2 is the 8259 cascade)")
         with self._lock:
@@ -302,7 +311,7 @@ class Irqchip:
         with self._lock:
             now = self.clock()
             if self.pit.take_irq0_edge(now):
-                pin = ISA_IRQ_TO_IOAPIC_PIN[PIT_IRQ]
+                pin = self.pin_of_irq[PIT_IRQ]
                 self._set_line_locked(PIT_IRQ, pin, True)
                 self._set_line_locked(PIT_IRQ, pin, False)
             for lapic in self.lapics:
@@ -325,7 +334,7 @@ class Irqchip:
     def _receives_irq0(self, lapic: LocalApic) -> bool:
         if lapic.accepts_pic() and not self.pic.master.imr & 1:
             return True
-        message = self.ioapic.pin_targets(ISA_IRQ_TO_IOAPIC_PIN[PIT_IRQ])
+        message = self.ioapic.pin_targets(self.pin_of_irq[PIT_IRQ])
         return message is not None and lapic.matches(message.logical, message.destination)
 
     # --- interrupt acknowledge -----------------------------------------------------

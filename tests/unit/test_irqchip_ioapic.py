@@ -2,7 +2,7 @@
 
 import pytest
 
-from pyvmm.accel.irqchip import ISA_IRQ_TO_IOAPIC_PIN, Irqchip
+from pyvmm.accel.irqchip import ISA_IRQ_TO_IOAPIC_PIN, Irqchip, IrqchipError
 
 IOAPIC = 0xFEC00000
 LAPIC = 0xFEE00000
@@ -206,3 +206,19 @@ def test_extint_delivery_mode_fetches_the_vector_from_the_pic(chip):
     assert chip.has_interrupt(1)
     assert chip.ack_interrupt(1) == 0x33
     assert not chip.has_interrupt(1)
+
+
+def test_identity_routing_option_puts_the_pit_on_pin0():
+    clock = FakeClock()
+    chip = Irqchip(1, clock=clock, irq0_pin=0)
+    setup_local_apic(chip, 0)
+    route(chip, 0, 0x30, dest=0)
+    chip.pio_write(0, 0x21, 1, 0xFF)
+    chip.pio_write(0, 0x43, 1, 0x34)
+    chip.pio_write(0, 0x40, 1, 0xA9)
+    chip.pio_write(0, 0x40, 1, 0x04)
+    clock.now = chip.next_deadline(0) + 1e-7
+    chip.poll()
+    assert chip.ack_interrupt(0) == 0x30
+    with pytest.raises(IrqchipError, match="irq0_pin 1"):
+        Irqchip(1, irq0_pin=1)
