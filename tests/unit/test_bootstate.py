@@ -10,6 +10,7 @@ import pytest
 from pyvmm.accel.ops import Segment
 from pyvmm.errors import BootError
 from pyvmm.vmm import layout
+from pyvmm.vmm.boot.acpi import write_acpi_tables
 from pyvmm.vmm.boot.bootparams import write_boot_params
 from pyvmm.vmm.boot.e820 import E820_RAM, E820_RESERVED, e820_map
 from pyvmm.vmm.boot.kernel import LoadedKernel, load_kernel
@@ -201,6 +202,60 @@ def test_mptable_too_many_vcpus(mem):
         write_mptable(mem, max_vcpus() + 1)
     with pytest.raises(BootError, match="0 vCPUs"):
         write_mptable(mem, 0)
+
+
+# ---------------------------------------------------------------------------
+# ACPI (for kernels built without CONFIG_X86_MPPARSE, like Debian's cloud kernel)
+
+
+def read_sdt(mem, addr):
+    signature, length = struct.unpack("<4sI", mem.read(addr, 8))
+    table = mem.read(addr, length)
+    assert sum(table) % 256 == 0, f"{signature} checksum"
+    return signature, table
+
+
+@pytest.mark.parametrize("vcpus", [1, 3])
+def test_acpi_tables_parsed_back(mem, vcpus):
+    rsdp_addr = write_acpi_tables(mem, vcpus)
+    assert rsdp_addr % 16 == 0 and 0xE0000 <= rsdp_addr < 0x100000  # where Linux scans for it
+    rsdp = mem.read(rsdp_addr, 36)
+    assert rsdp[:8] == b"RSD PTR " and sum(rsdp[:20]) % 256 == 0 and sum(rsdp) % 256 == 0
+    revision, _rsdt, length, xsdt_addr = struct.unpack_from("<BIIQ", rsdp, 15)
+    assert (revision, length) == (2, 36)
+    signature, xsdt = read_sdt(mem, xsdt_addr)
+    assert signature == b"XSDT"
+    pointers = struct.unpack_from(f"<{(len(xsdt) - 36) // 8}Q", xsdt, 36)
+    tables = dict(read_sdt(mem, p) for p in pointers)
+    madt = tables[b"APIC"]
+    lapic, flags = struct.unpack_from("<II", madt, 36)
+    assert lapic == layout.LAPIC_BASE and flags & 1
+    entries, pos = [], 44
+    while pos < len(madt):
+        kind, size = madt[pos], madt[pos + 1]
+        entries.append((kind, madt[pos : pos + size]))
+        pos += size
+    assert pos == len(madt)
+    cpus = [struct.unpack("<BBBBI", e) for k, e in entries if k == 0]
+    assert [(c[2], c[3], c[4]) for c in cpus] == [(i, i, 1) for i in range(vcpus)]  # UID, APIC ID, enabled
+    (ioapic,) = [struct.unpack("<BBBBII", e) for k, e in entries if k == 1]
+    assert (ioapic[2], ioapic[4], ioapic[5]) == (vcpus, layout.IOAPIC_BASE, 0)  # same IOAPIC ID as the MP table
+    assert not [e for k, e in entries if k == 2]  # identity ISA routing: no overrides
+    (nmi,) = [struct.unpack("<BBBHB", e) for k, e in entries if k == 4]
+    assert (nmi[2], nmi[4]) == (0xFF, 1)  # every CPU, LINT1
+    assert all(kind == E820_RESERVED for addr, size, kind in e820_map(mem) if addr <= rsdp_addr < addr + size)
+
+
+def test_acpi_rsdp_handed_over(mem):
+    rsdp = write_acpi_tables(mem, 2)
+    write_pvh_start_info(mem, cmdline_addr=layout.CMDLINE, e820=e820_map(mem), rsdp_addr=rsdp)
+    assert u(mem, layout.PVH_START_INFO + 32, 8) == rsdp  # rsdp_paddr
+    write_boot_params(
+        mem, kernel=vmlinux_kernel(), cmdline_addr=layout.CMDLINE, cmdline_size=1, initrd=None, e820=e820_map(mem), rsdp_addr=rsdp
+    )
+    assert u(mem, layout.ZERO_PAGE + 0x70, 8) == rsdp  # acpi_rsdp_addr
+    with pytest.raises(BootError, match="255 vCPUs"):
+        write_acpi_tables(mem, 255)
 
 
 # ---------------------------------------------------------------------------

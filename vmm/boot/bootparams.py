@@ -18,6 +18,7 @@ from pyvmm.vmm.memory import GuestMemory
 ZERO_PAGE_SIZE = 0x1000
 
 # struct boot_params
+BP_ACPI_RSDP_ADDR = 0x070
 BP_EXT_RAMDISK_IMAGE = 0x0C0
 BP_EXT_RAMDISK_SIZE = 0x0C4
 BP_EXT_CMD_LINE_PTR = 0x0C8
@@ -64,12 +65,14 @@ def write_boot_params(
     cmdline_size: int,
     initrd: tuple[int, int] | None,
     e820: list[tuple[int, int, int]],
+    rsdp_addr: int = 0,
 ) -> int:
     """Write the zero page at ``layout.ZERO_PAGE``; returns its address (RSI for the 64-bit entry).
 
     ``cmdline_size`` is the command line's length including its NUL. For a
     bzImage the header's own ``cmdline_size`` (the kernel's limit, read-only
     for boot loaders) is kept; the minimal vmlinux header carries the length.
+    ``rsdp_addr`` is the ACPI RSDP (``acpi.write_acpi_tables``), 0 for none.
     """
     if len(e820) > E820_MAX_ENTRIES_ZEROPAGE:
         raise BootError(f"zero page: {len(e820)} e820 entries, the table holds {E820_MAX_ENTRIES_ZEROPAGE}")
@@ -89,6 +92,7 @@ def write_boot_params(
         _put(page, HDR_CMDLINE_SIZE, 4, cmdline_size)
     page[BP_SENTINEL] = 0  # a non-zero sentinel makes the kernel wipe the fields below as stale
 
+    _put(page, BP_ACPI_RSDP_ADDR, 8, rsdp_addr)
     page[HDR_TYPE_OF_LOADER] = TYPE_OF_LOADER_UNDEFINED
     page[HDR_LOADFLAGS] |= CAN_USE_HEAP
     _put(page, HDR_HEAP_END_PTR, 2, HEAP_END_PTR)

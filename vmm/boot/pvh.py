@@ -32,8 +32,12 @@ def write_pvh_start_info(
     cmdline_addr: int,
     e820: list[tuple[int, int, int]],
     modules: list[tuple[int, int]] = (),
+    rsdp_addr: int = 0,
 ) -> int:
-    """Write start_info, its module list and memory map; returns the start_info address (for EBX)."""
+    """Write start_info, its module list and memory map; returns the start_info address (for EBX).
+
+    ``rsdp_addr`` is the ACPI RSDP (``acpi.write_acpi_tables``), 0 for none.
+    """
     modules = list(modules)
     if len(modules) > MODLIST_MAX_ENTRIES:
         raise BootError(f"PVH boot: {len(modules)} modules, room for {MODLIST_MAX_ENTRIES}")
@@ -53,7 +57,7 @@ def write_pvh_start_info(
             len(modules),
             layout.PVH_MODLIST if modules else 0,
             cmdline_addr,
-            0,  # no ACPI tables: the kernel uses the MP table
+            rsdp_addr,
             layout.PVH_MEMMAP,
             len(e820),
             0,
