@@ -1,0 +1,180 @@
+"""The CPUID table of the interpreter: what unicorn 2.1.4 really executes, and the TSC frequency.
+
+The base is the engine's own answer (its default Haswell model, already
+filtered by QEMU to what TCG implements), trimmed of what does not work here
+(AVX and everything VEX-vector, x2APIC and TSC-deadline: no MSR hooks,
+MONITOR/MWAIT, XSAVEC/XSAVES, PCID/INVPCID, performance counters) and extended
+with leaves 0x15/0x16 so that Linux takes the TSC frequency from CPUID instead
+of calibrating it against the PIT (which is unreliable under a software CPU).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import time
+
+from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc
+from unicorn import x86_const as x86
+
+from pyvmm.accel.ops import CpuidEntry
+
+_MAX_BASIC = 0x16
+_INDEXED = {4, 7, 0xB, 0xD}
+
+
+def _bit(*bits: int) -> int:
+    mask = 0
+    for b in bits:
+        mask |= 1 << b
+    return mask
+
+
+# leaf 1 ECX: DTES64, MONITOR, DS-CPL, VMX, SMX, EST, TM2, FMA, xTPR, PDCM, PCID, x2APIC, TSC-deadline, OSXSAVE
+# (dynamic, from CR4), AVX, F16C
+LEAF1_ECX_REMOVE = _bit(2, 3, 4, 5, 6, 7, 8, 12, 14, 15, 17, 21, 24, 27, 28, 29)
+# leaf 7 EBX: AVX2, INVPCID, RTM, MPX, AVX-512 (16, 17, 21, 26-28, 30, 31), HLE, PT
+LEAF7_EBX_REMOVE = _bit(4, 5, 10, 11, 14, 16, 17, 21, 25, 26, 27, 28, 30, 31)
+OSXSAVE = 1 << 27
+
+
+class _Probe:
+    """A scratch engine that executes single instructions (cpuid, rdtsc)."""
+
+    def __init__(self):
+        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self.page = ctypes.create_string_buffer(0x1000)
+        self.uc.mem_map_ptr(0, 0x1000, UC_PROT_ALL, ctypes.addressof(self.page))
+        self.page[0:3] = b"\x0f\xa2\xf4"  # cpuid; hlt
+        self.page[0x10:0x13] = b"\x0f\x31\xf4"  # rdtsc; hlt
+
+    def cpuid(self, leaf: int, index: int = 0) -> tuple[int, int, int, int]:
+        uc = self.uc
+        uc.reg_write(x86.UC_X86_REG_RAX, leaf)
+        uc.reg_write(x86.UC_X86_REG_RCX, index)
+        uc.emu_start(0, 1 << 63)
+        regs = (x86.UC_X86_REG_EAX, x86.UC_X86_REG_EBX, x86.UC_X86_REG_ECX, x86.UC_X86_REG_EDX)
+        return tuple(uc.reg_read(r) for r in regs)
+
+    def rdtsc(self) -> int:
+        self.uc.emu_start(0x10, 1 << 63)
+        return (self.uc.reg_read(x86.UC_X86_REG_EDX) << 32) | self.uc.reg_read(x86.UC_X86_REG_EAX)
+
+
+_tsc_hz: int | None = None
+
+
+def tsc_hz() -> int:
+    """The host TSC frequency (the guest's RDTSC is the host TSC), measured once per process.
+
+    /proc/cpuinfo does not give it, so RDTSC is sampled against time.monotonic
+    three times over ~20 ms and the median is rounded to kHz.
+    """
+    global _tsc_hz
+    if _tsc_hz is None:
+        probe = _Probe()
+        rates = []
+        for _ in range(3):
+            t0 = time.monotonic()
+            c0 = probe.rdtsc()
+            time.sleep(0.02)
+            t1 = time.monotonic()
+            c1 = probe.rdtsc()
+            rates.append((c1 - c0) / (t1 - t0))
+        rates.sort()
+        _tsc_hz = max(1000, int(round(rates[1] / 1000)) * 1000)
+    return _tsc_hz
+
+
+def supported_cpuid(lapic_timer_hz: int) -> list[CpuidEntry]:
+    """The table for ``VmOps.supported_cpuid``: real engine behaviour plus TSC/crystal leaves."""
+    probe = _Probe()
+    entries: list[CpuidEntry] = []
+    native_max = probe.cpuid(0)[0]
+    for leaf in range(0, _MAX_BASIC + 1):
+        if leaf in _INDEXED:
+            subleaves = {4: range(8), 7: range(1), 0xB: range(2), 0xD: range(3)}[leaf]
+            for index in subleaves:
+                regs = _trim(leaf, index, probe.cpuid(leaf, index) if leaf <= native_max else (0, 0, 0, 0))
+                if leaf == 4 and index and not regs[0] & 0x1F:
+                    break
+                entries.append(CpuidEntry(leaf, index, *regs, indexed=True))
+            continue
+        regs = probe.cpuid(leaf) if leaf <= native_max else (0, 0, 0, 0)
+        entries.append(CpuidEntry(leaf, 0, *_trim(leaf, 0, regs)))
+    # TSC: leaf 0x15 = crystal (the LAPIC timer clock, which Linux also takes from here) x EBX / EAX
+    tsc = tsc_hz()
+    divisor = math.gcd(tsc, lapic_timer_hz)
+    entries = [e for e in entries if e.function not in (0x15, 0x16)]
+    entries.append(CpuidEntry(0x15, 0, lapic_timer_hz // divisor, tsc // divisor, lapic_timer_hz, 0))
+    mhz = tsc // 1_000_000
+    entries.append(CpuidEntry(0x16, 0, mhz, mhz, max(1, lapic_timer_hz // 1_000_000), 0))
+    ext_max = probe.cpuid(0x80000000)[0]
+    for leaf in range(0x80000000, min(ext_max, 0x80000008) + 1):
+        regs = probe.cpuid(leaf)
+        if leaf == 0x80000007:
+            regs = (0, 0, 0, 1 << 8)  # invariant TSC: RDTSC is the host's TSC
+        entries.append(CpuidEntry(leaf, 0, *regs))
+    entries.sort(key=lambda e: (e.function, e.index))
+    return entries
+
+
+def _trim(leaf: int, index: int, regs: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    eax, ebx, ecx, edx = regs
+    if leaf == 0:
+        eax = _MAX_BASIC
+    elif leaf == 1:
+        ecx &= ~LEAF1_ECX_REMOVE
+        ecx |= 1 << 31  # hypervisor
+        edx |= 1 << 9  # APIC (xAPIC, memory-mapped)
+        ebx &= 0x00FFFFFF  # initial APIC ID: set per vCPU
+    elif leaf in (5, 6, 0xA):  # MONITOR/MWAIT, power management, performance counters
+        eax = ebx = ecx = edx = 0
+    elif leaf == 7 and index == 0:
+        eax = 0
+        ebx &= ~LEAF7_EBX_REMOVE
+        ecx = edx = 0
+    elif leaf == 0xD:
+        if index == 0:
+            eax &= 3  # x87 and SSE state only
+            ebx = ecx = 576
+            edx = 0
+        elif index == 1:
+            eax &= 1  # XSAVEOPT only: no XSAVEC, XGETBV1, XSAVES
+            ebx = ecx = edx = 0
+        else:
+            eax = ebx = ecx = edx = 0
+    return eax, ebx, ecx, edx
+
+
+class CpuidTable:
+    """Answers the guest's CPUID from a list of entries, as KVM does for the table it was given."""
+
+    def __init__(self, entries: list[CpuidEntry]):
+        self.plain: dict[int, tuple[int, int, int, int]] = {}
+        self.indexed: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+        for e in entries:
+            regs = (e.eax, e.ebx, e.ecx, e.edx)
+            if e.indexed:
+                self.indexed[(e.function, e.index)] = regs
+            else:
+                self.plain[e.function] = regs
+        self.functions = {e.function for e in entries}
+        basic = self.plain.get(0) or self.indexed.get((0, 0))
+        self.max_basic = basic[0] if basic else 0
+
+    def lookup(self, leaf: int, index: int, cr4: int) -> tuple[int, int, int, int]:
+        regs = self.indexed.get((leaf, index))
+        if regs is None:
+            regs = self.plain.get(leaf)
+        if regs is None:
+            if leaf in self.functions:  # an indexed leaf with an unlisted sub-leaf
+                return 0, 0, 0, 0
+            if leaf < 0x40000000 and leaf > self.max_basic and self.max_basic in self.plain:
+                return self.plain[self.max_basic]  # Intel: out-of-range leaves return the highest basic leaf
+            return 0, 0, 0, 0
+        if leaf == 1:
+            eax, ebx, ecx, edx = regs
+            ecx = (ecx & ~OSXSAVE) | (OSXSAVE if cr4 & (1 << 18) and ecx & (1 << 26) else 0)
+            return eax, ebx, ecx, edx
+        return regs

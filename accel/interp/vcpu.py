@@ -1,0 +1,760 @@
+"""One interpreter vCPU: a unicorn engine on its own thread behind the ``VcpuOps`` interface.
+
+Design (why a dedicated engine thread): unicorn's I/O and MMIO hooks must
+answer synchronously, but ``run()`` must *return* ``IoIn``/``MmioRead`` and get
+the data filled by the VMM before the instruction completes. So ``emu_start``
+runs on an engine thread; a hook that needs the VMM posts the exit and blocks
+until the next ``run()`` hands it the completed access. The instruction is
+never restarted, so read-modify-write MMIO (``add [mmio], eax``: a read exit,
+then a write exit with the computed value) and string I/O (``rep outsb``: one
+exit per element, RCX/RSI advancing as on hardware) are exact. The handoff is
+two locks used as binary semaphores (``_to_vmm``/``_to_engine``): one
+exit costs two thread switches.
+
+Everything the engine leaves out is done on the engine thread while the
+engine is stopped: a hook records what happened (exception vector, syscall,
+sysenter) and calls ``emu_stop`` from inside emulation (reliable), and the
+loop then delivers it (``system.py``). Interrupts from the userspace irqchip
+are injected at the boundary where the loop regains control; a per-vCPU
+kicker thread stops a running engine when the chip calls ``wake`` or a timer
+deadline passes, repeating ``emu_stop`` until the loop acknowledges (a stop
+issued in the engine's start-up window is lost). ``hlt`` sleeps on a
+condition variable until an interrupt is deliverable, a deadline passes, or
+``request_stop`` is called.
+
+Irqchip ports and addresses are served inside the backend (as KVM's in-kernel
+irqchip does) and never become exits.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from unicorn import (
+    UC_ARCH_X86,
+    UC_ERR_INSN_INVALID,
+    UC_HOOK_INSN,
+    UC_HOOK_INTR,
+    UC_MODE_64,
+    UC_PROT_ALL,
+    UC_PROT_EXEC,
+    UC_PROT_READ,
+    Uc,
+    UcError,
+)
+from unicorn import x86_const as x86
+
+from pyvmm.accel.interp import context as ctx
+from pyvmm.accel.interp import system
+from pyvmm.accel.interp.cpuid import CpuidTable, _Probe
+from pyvmm.accel.ops import (
+    CpuidEntry,
+    DescriptorTable,
+    FpuState,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Regs,
+    Segment,
+    Shutdown,
+    SpecialRegs,
+)
+from pyvmm.errors import AccelError
+
+NEVER = 1 << 63  # a non-canonical "until": emulation never stops there
+IRQ_WINDOW_RECHECK = 0.001  # an interrupt pending while IF=0 is retried this often (s)
+KICK_REPEAT = 0.0002  # emu_stop is repeated this often until the loop acknowledges (s)
+
+MSR_TSC = 0x10
+MSR_APIC_BASE = 0x1B
+MSR_EFER = 0xC0000080
+#: MSRs unicorn implements natively (reg_read/reg_write of UC_X86_REG_MSR)
+NATIVE_MSRS = frozenset(
+    {
+        0x174, 0x175, 0x176,  # SYSENTER_CS/ESP/EIP
+        0x1A0,  # MISC_ENABLE
+        0x277,  # PAT
+        0x8B,  # UCODE_REV
+        0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,  # EFER STAR LSTAR CSTAR FMASK
+        0xC0000100, 0xC0000101, 0xC0000102, 0xC0000103,  # FS/GS/KERNEL_GS_BASE, TSC_AUX
+        0xFE, 0x2FF, *range(0x200, 0x210), 0x250, 0x258, 0x259, *range(0x268, 0x270),  # MTRRs
+    }
+)  # fmt: skip
+
+_GPR_IDS = (
+    x86.UC_X86_REG_RAX, x86.UC_X86_REG_RBX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_RDX,
+    x86.UC_X86_REG_RSI, x86.UC_X86_REG_RDI, x86.UC_X86_REG_RSP, x86.UC_X86_REG_RBP,
+    x86.UC_X86_REG_R8, x86.UC_X86_REG_R9, x86.UC_X86_REG_R10, x86.UC_X86_REG_R11,
+    x86.UC_X86_REG_R12, x86.UC_X86_REG_R13, x86.UC_X86_REG_R14, x86.UC_X86_REG_R15,
+    x86.UC_X86_REG_RIP, x86.UC_X86_REG_RFLAGS,
+)  # fmt: skip
+_GPR_FIELDS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+               "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")  # fmt: skip
+
+
+class _Closing(Exception):
+    """Raised inside a hook to unwind ``emu_start`` when the vCPU is closed."""
+
+
+def segment_to_cache(seg: Segment) -> tuple[int, int, int, int]:
+    present = seg.present and not seg.unusable
+    flags = (
+        ((seg.type & 0xF) << ctx.DESC_TYPE_SHIFT)
+        | (ctx.DESC_S if seg.s else 0)
+        | ((seg.dpl & 3) << ctx.DESC_DPL_SHIFT)
+        | (ctx.DESC_P if present else 0)
+        | (ctx.DESC_AVL if seg.avl else 0)
+        | (ctx.DESC_L if seg.l else 0)
+        | (ctx.DESC_B if seg.db else 0)
+        | (ctx.DESC_G if seg.g else 0)
+    )
+    return seg.selector, seg.base, seg.limit, flags
+
+
+def cache_to_segment(selector: int, base: int, limit: int, flags: int) -> Segment:
+    present = bool(flags & ctx.DESC_P)
+    return Segment(
+        base=base,
+        limit=limit,
+        selector=selector,
+        type=(flags >> ctx.DESC_TYPE_SHIFT) & 0xF,
+        present=present,
+        dpl=(flags >> ctx.DESC_DPL_SHIFT) & 3,
+        db=bool(flags & ctx.DESC_B),
+        s=bool(flags & ctx.DESC_S),
+        l=bool(flags & ctx.DESC_L),
+        g=bool(flags & ctx.DESC_G),
+        avl=bool(flags & ctx.DESC_AVL),
+        unusable=not present,
+    )
+
+
+class InterpVcpu:
+    def __init__(self, vm, index: int, cpuid: list[CpuidEntry]):
+        self.index = index
+        self._vm = vm
+        self._chip = vm.irqchip
+        self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self._mapped_slots: set[int] = set()
+        self._mmio_holes: list[tuple[int, int]] = []
+        self._memory_changed = True
+        self._cpuid = CpuidTable(cpuid)
+        self._msr_shadow: dict[int, int] = {}
+        self._cr8 = 0
+        self._shutdown = False
+        self._halted = False
+        self._wait_for_sipi = index != 0  # APs wait for INIT/SIPI, as after power-on
+        self._pending: tuple | None = None  # what a hook saw, handled once emu_start returns
+        self._in_hook = False  # an exit from inside an instruction is pending
+        self._state_replaced = False  # a setter ran while _in_hook
+        self._replacement = None  # the context to load once the engine stops
+        self._exit = None
+        # handoff between run() (the VMM's vCPU thread) and the engine thread
+        self._to_vmm = threading.Lock()
+        self._to_vmm.acquire()
+        self._to_engine = threading.Lock()
+        self._to_engine.acquire()
+        self._engine_thread: threading.Thread | None = None
+        self._kicker_thread: threading.Thread | None = None
+        # state shared with the kicker and wake callbacks, guarded by _cond
+        self._cond = threading.Condition()
+        self._closing = False
+        self._stop_requested = False
+        self._kick = False  # stop the engine if it is running
+        self._wakeup = False  # wake the engine if it sleeps (hlt / wait-for-SIPI)
+        self._in_emu = False
+        self._epoch = 0  # incremented each time emu_start returns
+        self._irq_window_due: float | None = None
+        self._kicked_deadline: float | None = None
+        self._kick_issued = False
+        self.exits_posted = 0
+
+        # With "exits" enabled (and none set) emu_start ignores ``until``. Without it, unicorn
+        # translates until-1 on every start, and in 32-bit paged mode that failed walk overwrites CR2.
+        uc.ctl_exits_enabled(True)
+        uc.ctl_set_exits([])
+        uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
+        uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, x86.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, x86.UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
+        uc.hook_add(UC_HOOK_INSN, self._on_sysenter, None, 1, 0, x86.UC_X86_INS_SYSENTER)
+        uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
+        self._reset_state()
+
+    # ------------------------------------------------------------------
+    # reset / INIT / SIPI
+
+    def _reset_state(self, cs_selector: int = 0xF000, cs_base: int = 0xFFFF0000, rip: int = 0xFFF0) -> None:
+        """The architectural INIT state (real mode), with CS:IP as given."""
+        sregs = SpecialRegs()
+        sregs.cs = Segment(base=cs_base, selector=cs_selector, type=11)
+        sregs.apic_base = self._chip.get_apic_base(self.index)
+        self.set_sregs(sregs)
+        self.set_regs(Regs(rip=rip, rdx=0x600))
+        self.set_fpu(FpuState())
+
+    # ------------------------------------------------------------------
+    # memory
+
+    def _sync_memory(self) -> None:
+        """Map new RAM slots and cover every gap below the top with MMIO that exits to the VMM."""
+        uc = self.uc
+        for start, size in self._mmio_holes:
+            uc.mem_unmap(start, size)
+        self._mmio_holes = []
+        ram = []
+        for slot, (guest_addr, size, pointer, readonly) in sorted(self._vm.slots.items()):
+            if slot not in self._mapped_slots:
+                perms = UC_PROT_READ | UC_PROT_EXEC if readonly else UC_PROT_ALL
+                uc.mem_map_ptr(guest_addr, size, perms, pointer)
+                self._mapped_slots.add(slot)
+            ram.append((guest_addr, guest_addr + size))
+        ram.sort()
+        top = max([1 << 32] + [end for _, end in ram])
+        cursor = 0
+        for start, end in ram + [(top, top)]:
+            if start > cursor:
+                uc.mmio_map(cursor, start - cursor, self._mmio_read, cursor, self._mmio_write, cursor)
+                self._mmio_holes.append((cursor, start - cursor))
+            cursor = max(cursor, end)
+        self._memory_changed = False
+
+    # ------------------------------------------------------------------
+    # hooks (engine thread, inside emu_start)
+
+    def _post(self, exit_value):
+        """Hand ``exit_value`` to run() and wait until the VMM calls run() again."""
+        self._exit = exit_value
+        self.exits_posted += 1
+        self._to_vmm.release()
+        self._to_engine.acquire()
+        if self._closing:
+            raise _Closing()
+
+    def _post_from_hook(self, exit_value) -> bool:
+        """Post an exit from inside an instruction; False when the access must be dropped.
+
+        If the VMM replaced the vCPU state while this access was pending (a reset
+        at an I/O exit), the new state is saved here and loaded once the engine
+        stops; the rest of the current translation block runs on regardless
+        (unicorn cannot abandon it), with its I/O dropped.
+        """
+        if self._replacement is not None:
+            self.uc.emu_stop()
+            return False
+        self._in_hook = True
+        try:
+            self._post(exit_value)
+        finally:
+            self._in_hook = False
+        if self._state_replaced:
+            self._state_replaced = False
+            self._replacement = self.uc.context_save()
+        if self._stop_requested or self._replacement is not None:
+            self.uc.emu_stop()  # from inside emulation: never lost; takes effect at the block's end
+        return True
+
+    def _state_written(self) -> None:
+        if self._in_hook:
+            self._state_replaced = True
+
+    def _on_interrupt(self, uc, vector, _):
+        if self._replacement is None:
+            # the fault's error code and "software interrupt" flag are only valid inside the hook
+            error_code, is_int, _ = ctx.Blob(uc).read("<iiQ", ctx.ERROR_CODE)
+            cr2 = uc.reg_read(x86.UC_X86_REG_CR2) if vector == system.PF else None
+            self._pending = ("exception", vector, error_code & 0xFFFFFFFF, bool(is_int), cr2)
+        uc.emu_stop()
+
+    def _on_syscall(self, uc, _):
+        self._pending = ("syscall",)
+        uc.emu_stop()
+
+    def _on_sysenter(self, uc, _):
+        self._pending = ("sysenter",)
+        uc.emu_stop()
+
+    def _on_cpuid(self, uc, _):
+        leaf = uc.reg_read(x86.UC_X86_REG_EAX)
+        index = uc.reg_read(x86.UC_X86_REG_ECX)
+        eax, ebx, ecx, edx = self._cpuid.lookup(leaf, index, uc.reg_read(x86.UC_X86_REG_CR4))
+        uc.reg_write_batch(
+            ((x86.UC_X86_REG_RAX, eax), (x86.UC_X86_REG_RBX, ebx), (x86.UC_X86_REG_RCX, ecx), (x86.UC_X86_REG_RDX, edx))
+        )
+        return 1  # skip the engine's own CPUID
+
+    def _on_in(self, uc, port, size, _):
+        if self._chip.handles_port(port):
+            return self._chip.pio_read(self.index, port, size)
+        data = bytearray(size)
+        if not self._post_from_hook(IoIn(port, memoryview(data))):
+            return 0xFFFFFFFF & ((1 << (8 * size)) - 1)
+        return int.from_bytes(data, "little")
+
+    def _on_out(self, uc, port, size, value, _):
+        if self._chip.handles_port(port):
+            self._chip.pio_write(self.index, port, size, value)
+            return
+        self._post_from_hook(IoOut(port, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")))
+
+    def _mmio_read(self, uc, offset, size, base):
+        addr = base + offset
+        if self._chip.handles_mmio(addr):
+            return self._chip.mmio_read(self.index, addr, size)
+        data = bytearray(size)
+        if not self._post_from_hook(MmioRead(addr, memoryview(data))):
+            return (1 << (8 * size)) - 1
+        return int.from_bytes(data, "little")
+
+    def _mmio_write(self, uc, offset, size, value, base):
+        addr = base + offset
+        if self._chip.handles_mmio(addr):
+            self._chip.mmio_write(self.index, addr, size, value)
+            return
+        self._post_from_hook(MmioWrite(addr, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")))
+
+    # ------------------------------------------------------------------
+    # run() and the engine loop
+
+    def run(self):
+        if self._closing:
+            return InternalError("vcpu closed", f"interp vCPU {self.index} was closed")
+        if self._engine_thread is None:
+            self._engine_thread = threading.Thread(target=self._engine_main, name=f"interp-engine-{self.index}", daemon=True)
+            self._kicker_thread = threading.Thread(target=self._kicker_main, name=f"interp-kicker-{self.index}", daemon=True)
+            self._engine_thread.start()
+            self._kicker_thread.start()
+        self._to_engine.release()
+        self._to_vmm.acquire()
+        return self._exit
+
+    def request_stop(self) -> None:
+        with self._cond:
+            self._stop_requested = True
+            self._kick = self._wakeup = True
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """The irqchip's ``wake`` callback (any thread): something may be deliverable now."""
+        with self._cond:
+            self._kick = self._wakeup = True
+            self._cond.notify_all()
+
+    def _engine_main(self) -> None:
+        self._to_engine.acquire()
+        try:
+            if not self._closing:
+                self._loop()
+        except _Closing:
+            pass
+        except Exception as err:  # a backend bug: report it on every run() rather than hang the VMM
+            detail = f"{type(err).__name__}: {err}"
+            while not self._closing:
+                try:
+                    self._post(InternalError("interp backend failure", detail, self._safe_rip()))
+                except _Closing:
+                    break
+        finally:
+            self._to_vmm.release()  # never leave run() blocked
+
+    def _safe_rip(self) -> int | None:
+        try:
+            return self.uc.reg_read(x86.UC_X86_REG_RIP)
+        except UcError:
+            return None
+
+    def _take_stop(self) -> bool:
+        with self._cond:
+            stop, self._stop_requested = self._stop_requested, False
+            return stop
+
+    def _loop(self) -> None:
+        chip = self._chip
+        index = self.index
+        idle_returns = 0
+        last_rip = None
+        while not self._closing:
+            if self._take_stop():
+                self._post(Interrupted())
+                continue
+            if self._shutdown:
+                self._post(Shutdown())
+                continue
+            chip.poll()
+            self._handle_init_sipi()
+            if self._wait_for_sipi:
+                self._sleep()
+                continue
+            exit_value = None
+            if self._halted:
+                if not (chip.has_nmi(index) or (chip.has_interrupt(index) and self._interrupts_enabled())):
+                    self._sleep()
+                    continue
+                self._halted = False
+            exit_value = self._inject()
+            if exit_value is None:
+                if self._memory_changed:
+                    self._sync_memory()
+                exit_value, progressed = self._run_engine()
+                if exit_value is None and not progressed:
+                    rip = self._safe_rip()
+                    idle_returns = idle_returns + 1 if rip == last_rip else 0
+                    last_rip = rip
+                    if idle_returns > 100000:
+                        exit_value = self._internal_error("the engine stops at the same instruction without progress")
+                else:
+                    idle_returns = 0
+            if exit_value is not None:
+                self._post(exit_value)
+
+    def _interrupts_enabled(self) -> bool:
+        return bool(self.uc.reg_read(x86.UC_X86_REG_RFLAGS) & system.IF)
+
+    def _handle_init_sipi(self) -> None:
+        for kind, vector in self._chip.take_init_sipi(self.index):
+            if kind == "init":
+                self._reset_state()
+                self._wait_for_sipi = True
+                self._halted = False
+            elif kind == "sipi" and self._wait_for_sipi:
+                self._reset_state(cs_selector=vector << 8, cs_base=vector << 12, rip=0)
+                self._wait_for_sipi = False
+                self.uc.ctl_flush_tb()  # other vCPUs may have written the trampoline
+
+    def _sleep(self) -> None:
+        """hlt / wait-for-SIPI: block until woken, stopped or the next timer deadline (never spin)."""
+        chip = self._chip
+        with self._cond:
+            while not (self._wakeup or self._stop_requested or self._closing):
+                due = None if self._wait_for_sipi else chip.next_deadline(self.index)
+                if due is not None:
+                    timeout = due - chip.clock()
+                    if timeout <= 0:
+                        if due != self._kicked_deadline:
+                            self._kicked_deadline = due
+                            break
+                        due = None  # a deadline poll() did not consume: wait for a wake instead
+                self._cond.wait(None if due is None else max(timeout, 0))
+            self._wakeup = False
+
+    def _inject(self):
+        """Deliver an NMI or a deliverable interrupt at this instruction boundary."""
+        chip, index, uc = self._chip, self.index, self.uc
+        try:
+            if chip.has_nmi(index) and chip.ack_nmi(index):
+                system.deliver(uc, system.NMI, external=True)
+                return None
+            if not chip.has_interrupt(index):
+                self._irq_window_due = None
+                return None
+            if self._interrupts_enabled() and not ctx.Blob(uc).hflags & ctx.HF_INHIBIT_IRQ:
+                vector = chip.ack_interrupt(index)
+                if vector is not None:
+                    system.deliver(uc, vector, external=True)
+                self._irq_window_due = None
+            else:
+                self._irq_window_due = chip.clock() + IRQ_WINDOW_RECHECK
+            return None
+        except system.TripleFault:
+            return self._triple_fault()
+        except system.Unsupported as err:
+            return self._internal_error(str(err))
+
+    def _run_engine(self):
+        """One ``emu_start`` and whatever stopped it. Returns (exit or None, progressed)."""
+        uc = self.uc
+        rip = uc.reg_read(x86.UC_X86_REG_RIP)
+        self._pending = None
+        with self._cond:
+            self._in_emu = True
+            self._kick_issued = False
+            self._cond.notify_all()
+        error = None
+        try:
+            uc.emu_start(rip, NEVER)
+        except UcError as err:
+            error = err
+        except _Closing:
+            raise
+        except Exception as err:  # an irqchip error raised inside a hook
+            error = err
+        finally:
+            with self._cond:
+                self._in_emu = False
+                self._epoch += 1
+                kicked = self._kick_issued
+                self._cond.notify_all()
+        pending = self._pending
+        if self._replacement is not None:
+            uc.context_restore(self._replacement)
+            self._replacement = None
+            uc.ctl_flush_tb()
+            return None, True
+        try:
+            if pending is not None:
+                return self._handle_pending(pending), True
+            if isinstance(error, UcError):
+                if error.errno == UC_ERR_INSN_INVALID:
+                    system.deliver(uc, system.UD)
+                    return None, True
+                return self._internal_error(f"unicorn: {error}"), True
+            if error is not None:
+                return self._internal_error(f"{type(error).__name__}: {error}"), True
+            new_rip = uc.reg_read(x86.UC_X86_REG_RIP)
+            if self._after_hlt(new_rip, kicked):
+                self._halted = True
+                return None, True
+            return None, new_rip != rip
+        except system.TripleFault:
+            return self._triple_fault(), True
+        except system.Unsupported as err:
+            return self._internal_error(str(err)), True
+
+    def _after_hlt(self, rip: int, kicked: bool) -> bool:
+        """An OK return from emu_start after ``hlt`` looks like a stop: the byte before RIP tells."""
+        state = system.MachineState(self.uc)
+        byte = state.read_bytes(state.segs[ctx.CS][1] + rip - 1, 1)
+        if byte != b"\xf4":
+            return False
+        # A kick landing right after an instruction whose last byte is 0xF4 would look the same;
+        # then only an unacknowledged kick with no reason to stop makes it ambiguous: prefer "halted"
+        # only when the guest can be woken (IF=1), else keep running.
+        return not kicked or bool(state.rflags & system.IF)
+
+    def _handle_pending(self, pending):
+        uc = self.uc
+        kind = pending[0]
+        try:
+            if kind == "exception":
+                _, vector, error_code, software, cr2 = pending
+                system.deliver(uc, vector, error_code=error_code, software=software, cr2=cr2)
+            elif kind == "syscall":
+                system.do_syscall(uc, uc.reg_read(x86.UC_X86_REG_RIP))
+            elif kind == "sysenter":
+                system.do_sysenter(uc, uc.reg_read(x86.UC_X86_REG_RIP))
+        except system.Fault as fault:
+            system.deliver(uc, fault.vector, error_code=fault.error_code, cr2=fault.cr2)
+        return None
+
+    def _triple_fault(self):
+        self._shutdown = True
+        return Shutdown("triple fault")
+
+    def _internal_error(self, reason: str) -> InternalError:
+        try:
+            state = system.MachineState(self.uc)
+            insn = state.read_bytes(state.segs[ctx.CS][1] + state.rip, 15)
+            rip = state.rip
+        except Exception:  # noqa: BLE001 - a report must not fail
+            insn, rip = b"", self._safe_rip()
+        detail = f"vcpu {self.index} at rip {rip:#x}: {reason}; instruction bytes: {insn.hex(' ') or 'unreadable'}"
+        return InternalError(reason, detail, rip)
+
+    # ------------------------------------------------------------------
+    # the kicker: stops a running engine on wake/stop/timer deadlines
+
+    def _kicker_main(self) -> None:
+        cond, chip = self._cond, self._chip
+        while True:
+            with cond:
+                while True:
+                    if self._closing:
+                        return
+                    if not self._in_emu:
+                        cond.wait()
+                        continue
+                    if self._kick:
+                        break
+                    due = chip.next_deadline(self.index)
+                    if self._irq_window_due is not None and (due is None or self._irq_window_due < due):
+                        due = self._irq_window_due
+                    if due is not None:
+                        timeout = due - chip.clock()
+                        if timeout <= 0 and due != self._kicked_deadline:
+                            self._kicked_deadline = due
+                            break
+                        if timeout <= 0:
+                            due = None
+                    cond.wait(None if due is None else timeout)
+                self._kick = False
+                epoch = self._epoch
+            while True:
+                with cond:
+                    if self._epoch != epoch or not self._in_emu or self._closing:
+                        break
+                    self._kick_issued = True
+                self.uc.emu_stop()
+                with cond:
+                    if self._epoch != epoch or not self._in_emu or self._closing:
+                        break
+                    cond.wait(KICK_REPEAT)
+
+    # ------------------------------------------------------------------
+    # state
+
+    def get_regs(self) -> Regs:
+        values = self.uc.reg_read_batch(_GPR_IDS)
+        return Regs(**dict(zip(_GPR_FIELDS, values)))
+
+    def set_regs(self, regs: Regs) -> None:
+        self._state_written()
+        self.uc.reg_write_batch(tuple((rid, getattr(regs, name)) for rid, name in zip(_GPR_IDS, _GPR_FIELDS)))
+
+    def get_sregs(self) -> SpecialRegs:
+        uc = self.uc
+        blob = ctx.Blob(uc)
+        segs = [cache_to_segment(*blob.segment(i)) for i in range(8)]
+        _, gdt_base, gdt_limit, _ = uc.reg_read(x86.UC_X86_REG_GDTR)
+        _, idt_base, idt_limit, _ = uc.reg_read(x86.UC_X86_REG_IDTR)
+        cr0, cr2, cr3, cr4 = uc.reg_read_batch(
+            (x86.UC_X86_REG_CR0, x86.UC_X86_REG_CR2, x86.UC_X86_REG_CR3, x86.UC_X86_REG_CR4)
+        )
+        return SpecialRegs(
+            es=segs[ctx.ES], cs=segs[ctx.CS], ss=segs[ctx.SS], ds=segs[ctx.DS], fs=segs[ctx.FS], gs=segs[ctx.GS],
+            ldt=segs[ctx.LDT], tr=segs[ctx.TR],
+            gdt=DescriptorTable(gdt_base, gdt_limit), idt=DescriptorTable(idt_base, idt_limit),
+            cr0=cr0, cr2=cr2, cr3=cr3, cr4=cr4, cr8=self._cr8,
+            efer=uc.reg_read(x86.UC_X86_REG_MSR, MSR_EFER),
+            apic_base=self._chip.get_apic_base(self.index),
+        )  # fmt: skip
+
+    def set_sregs(self, sregs: SpecialRegs) -> None:
+        self._state_written()
+        uc = self.uc
+        uc.reg_write(x86.UC_X86_REG_CR3, sregs.cr3)
+        uc.reg_write(x86.UC_X86_REG_CR4, sregs.cr4)
+        uc.reg_write(x86.UC_X86_REG_CR0, sregs.cr0)
+        uc.reg_write(x86.UC_X86_REG_CR2, sregs.cr2)
+        uc.reg_write(x86.UC_X86_REG_MSR, (MSR_EFER, sregs.efer))
+        uc.reg_write(x86.UC_X86_REG_GDTR, (0, sregs.gdt.base, sregs.gdt.limit, 0))
+        uc.reg_write(x86.UC_X86_REG_IDTR, (0, sregs.idt.base, sregs.idt.limit, 0))
+        self._cr8 = sregs.cr8
+        if sregs.apic_base != self._chip.get_apic_base(self.index):
+            self._chip.set_apic_base(self.index, sregs.apic_base)
+        blob = ctx.Blob(uc)
+        caches = {}
+        for i, name in enumerate(ctx.SEGMENT_NAMES):
+            caches[i] = segment_to_cache(getattr(sregs, name))
+            blob.set_segment(i, *caches[i])
+        efer = sregs.efer
+        blob.write("<Q", ctx.EFER, efer)
+        bases = caches[ctx.DS][1] | caches[ctx.ES][1] | caches[ctx.SS][1]
+        rflags = uc.reg_read(x86.UC_X86_REG_RFLAGS)
+        blob.hflags = ctx.compute_hflags(
+            blob.hflags, sregs.cr0, efer, caches[ctx.CS][3], caches[ctx.SS][3], bases != 0, bool(rflags & system.VM)
+        )
+        blob.write("<i", ctx.OLD_EXCEPTION, -1)
+        blob.restore()
+        uc.ctl_flush_tb()
+        self._shutdown = False
+
+    def get_fpu(self) -> FpuState:
+        uc = self.uc
+        fsw = uc.reg_read(x86.UC_X86_REG_FPSW)
+        top = (fsw >> 11) & 7
+        tag = uc.reg_read(x86.UC_X86_REG_FPTAG)
+        physical = []
+        for i in range(8):
+            mantissa, exponent = uc.reg_read(x86.UC_X86_REG_FP0 + i)
+            physical.append(mantissa.to_bytes(8, "little") + exponent.to_bytes(2, "little") + bytes(6))
+        ftwx = 0
+        for i in range(8):  # abridged tag: 1 = not empty, per physical register
+            if (tag >> (2 * i)) & 3 != 3:
+                ftwx |= 1 << i
+        return FpuState(
+            fcw=uc.reg_read(x86.UC_X86_REG_FPCW),
+            fsw=fsw,
+            ftwx=ftwx,
+            last_opcode=uc.reg_read(x86.UC_X86_REG_FOP),
+            last_ip=uc.reg_read(x86.UC_X86_REG_FIP),
+            last_dp=uc.reg_read(x86.UC_X86_REG_FDP),
+            fpr=[physical[(top + i) & 7] for i in range(8)],  # FXSAVE order: ST(0)..ST(7)
+            xmm=[uc.reg_read(x86.UC_X86_REG_XMM0 + i).to_bytes(16, "little") for i in range(16)],
+            mxcsr=uc.reg_read(x86.UC_X86_REG_MXCSR),
+        )
+
+    def set_fpu(self, fpu: FpuState) -> None:
+        self._state_written()
+        uc = self.uc
+        uc.reg_write(x86.UC_X86_REG_FPCW, fpu.fcw)
+        uc.reg_write(x86.UC_X86_REG_FPSW, fpu.fsw)
+        top = (fpu.fsw >> 11) & 7
+        tag = 0
+        for i in range(8):
+            if not fpu.ftwx & (1 << i):
+                tag |= 3 << (2 * i)
+        uc.reg_write(x86.UC_X86_REG_FPTAG, tag)
+        for i in range(8):
+            raw = bytes(fpu.fpr[i]).ljust(10, b"\0")
+            physical = (top + i) & 7
+            uc.reg_write(x86.UC_X86_REG_FP0 + physical, (int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:10], "little")))
+        uc.reg_write(x86.UC_X86_REG_FOP, fpu.last_opcode)
+        uc.reg_write(x86.UC_X86_REG_FIP, fpu.last_ip)
+        uc.reg_write(x86.UC_X86_REG_FDP, fpu.last_dp)
+        for i in range(16):
+            uc.reg_write(x86.UC_X86_REG_XMM0 + i, int.from_bytes(bytes(fpu.xmm[i]).ljust(16, b"\0"), "little"))
+        uc.reg_write(x86.UC_X86_REG_MXCSR, fpu.mxcsr)
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        out = {}
+        for msr in indices:
+            if msr == MSR_APIC_BASE:
+                out[msr] = self._chip.get_apic_base(self.index)
+            elif msr == MSR_TSC:
+                out[msr] = (_host_tsc() + ctx.Blob(self.uc).read("<Q", ctx.TSC_OFFSET)[0]) & ((1 << 64) - 1)
+            elif msr in NATIVE_MSRS:
+                out[msr] = self.uc.reg_read(x86.UC_X86_REG_MSR, msr)
+            else:
+                out[msr] = self._msr_shadow.get(msr, 0)
+        return out
+
+    def set_msrs(self, msrs: dict[int, int]) -> None:
+        self._state_written()
+        for msr, value in msrs.items():
+            if msr == MSR_APIC_BASE:
+                self._chip.set_apic_base(self.index, value)
+            elif msr == MSR_TSC:
+                blob = ctx.Blob(self.uc)
+                blob.write("<Q", ctx.TSC_OFFSET, (value - _host_tsc()) & ((1 << 64) - 1))
+                blob.restore()
+            elif msr in NATIVE_MSRS:
+                self.uc.reg_write(x86.UC_X86_REG_MSR, (msr, value))
+            else:
+                # not implemented by the engine: the guest's RDMSR reads 0; kept here so state moves intact
+                self._msr_shadow[msr] = value
+
+    def set_cpuid(self, entries: list[CpuidEntry]) -> None:
+        if not entries:
+            raise AccelError("interp", "set_cpuid: empty CPUID table")
+        self._cpuid = CpuidTable(list(entries))
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self._cond.notify_all()
+        if self._engine_thread is not None:
+            self.uc.emu_stop()
+            self._to_engine.release()
+            deadline = time.monotonic() + 2
+            while self._engine_thread.is_alive() and time.monotonic() < deadline:
+                self.uc.emu_stop()
+                self._engine_thread.join(0.01)
+            self._kicker_thread.join(1)
+
+
+_tsc_probe: _Probe | None = None
+_tsc_lock = threading.Lock()
+
+
+def _host_tsc() -> int:
+    global _tsc_probe
+    with _tsc_lock:
+        if _tsc_probe is None:
+            _tsc_probe = _Probe()
+        return _tsc_probe.rdtsc()

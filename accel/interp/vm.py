@@ -1,0 +1,141 @@
+"""``InterpVm``: the bundled software-CPU backend (``accel = "interp"``) and its ``probe()``."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import threading
+
+from pyvmm.accel.ops import CpuidEntry
+from pyvmm.errors import AccelError
+
+UNICORN_VERSION = "2.1.4"
+_layout_verified = False
+_layout_lock = threading.Lock()
+
+
+def _verify_once() -> None:
+    global _layout_verified
+    with _layout_lock:
+        if not _layout_verified:
+            from pyvmm.accel.interp import context
+
+            context.verify_layout()
+            _layout_verified = True
+
+
+def probe() -> tuple[bool, str, list[str]]:
+    """For ``pyvmm check``: (usable, reason, notes)."""
+    notes = [
+        "software x86-64 CPU on unicorn (QEMU TCG 5.0): no AVX, no x2APIC, no TSC-deadline, no PMU",
+        "RDMSR/WRMSR run natively: unimplemented MSRs read 0 and ignore writes; IA32_APIC_BASE reads 0",
+        "SMP engines share memory but emulate LOCK-prefixed instructions without host atomics",
+    ]
+    try:
+        import unicorn
+    except ImportError as err:
+        return False, f"unicorn is not importable: {err} (pip install unicorn=={UNICORN_VERSION})", notes
+    version = getattr(unicorn, "__version__", "unknown")
+    if version != UNICORN_VERSION:
+        return False, f"unicorn {version} is installed; the interpreter needs exactly {UNICORN_VERSION}", notes
+    try:
+        _verify_once()
+    except AccelError as err:
+        return False, err.cause, notes
+    return True, f"unicorn {version}, context layout verified", notes
+
+
+def _buffer_address(buffer) -> tuple[int, int, object]:
+    """(host address, size, export) of a writable buffer (mmap or bytearray), without copying.
+
+    The returned ctypes object holds a buffer export: while it lives the mmap
+    cannot be closed under the engine.
+    """
+    if isinstance(buffer, memoryview):
+        buffer = buffer.obj
+    size = len(buffer)
+    try:
+        export = (ctypes.c_char * size).from_buffer(buffer)
+        return ctypes.addressof(export), size, export
+    except TypeError as err:
+        raise AccelError("interp", f"guest memory buffer of type {type(buffer).__name__} is not writable") from err
+
+
+class InterpVm:
+    name = "interp"
+
+    def __init__(self, vcpu_count: int = 1, *, irqchip=None):
+        _verify_once()
+        self.max_vcpus = max(1, min(255, (os.cpu_count() or 1) * 8))
+        if not 1 <= vcpu_count <= self.max_vcpus:
+            raise AccelError("interp", f"vcpu_count {vcpu_count} is outside 1..{self.max_vcpus}")
+        self.vcpu_count = vcpu_count
+        self.vcpus: dict[int, object] = {}
+        #: slot -> (guest_addr, size, host pointer, readonly)
+        self.slots: dict[int, tuple[int, int, int, bool]] = {}
+        self._buffers: dict[int, object] = {}  # keep the buffers alive while mapped
+        if irqchip is None:
+            from pyvmm.accel.irqchip.chip import Irqchip
+
+            irqchip = Irqchip(vcpu_count, wake=self._wake)
+        self.irqchip = irqchip
+        self._supported: list[CpuidEntry] | None = None
+
+    def _wake(self, vcpu_index: int) -> None:
+        vcpu = self.vcpus.get(vcpu_index)
+        if vcpu is not None:
+            vcpu.wake()
+
+    def map_memory(self, slot: int, guest_addr: int, host_buffer, *, readonly: bool = False) -> None:
+        address, size, export = _buffer_address(host_buffer)
+        if guest_addr % mmap.PAGESIZE or size % mmap.PAGESIZE or size == 0:
+            raise AccelError("interp", f"memory slot {slot}: {guest_addr:#x}+{size:#x} is not page-aligned")
+        if slot in self.slots:
+            raise AccelError("interp", f"memory slot {slot} is already mapped")
+        for other, (start, length, _, _) in self.slots.items():
+            if guest_addr < start + length and start < guest_addr + size:
+                raise AccelError("interp", f"memory slot {slot} at {guest_addr:#x}+{size:#x} overlaps slot {other}")
+        self.slots[slot] = (guest_addr, size, address, readonly)
+        self._buffers[slot] = export
+        for vcpu in self.vcpus.values():
+            vcpu._memory_changed = True
+
+    def supported_cpuid(self) -> list[CpuidEntry]:
+        if self._supported is None:
+            from pyvmm.accel.interp.cpuid import supported_cpuid
+            from pyvmm.accel.irqchip.lapic import LAPIC_TIMER_HZ
+
+            self._supported = supported_cpuid(getattr(self.irqchip, "LAPIC_TIMER_HZ", LAPIC_TIMER_HZ))
+        return list(self._supported)
+
+    def _default_cpuid(self, index: int) -> list[CpuidEntry]:
+        """The table a vCPU answers from until ``set_cpuid``: supported, with its own APIC ID."""
+        out = []
+        for e in self.supported_cpuid():
+            if e.function == 1:
+                e = CpuidEntry(1, 0, e.eax, (e.ebx & 0x00FFFFFF) | (index << 24), e.ecx, e.edx, e.indexed)
+            elif e.function == 0xB:
+                e = CpuidEntry(0xB, e.index, e.eax, e.ebx, e.ecx, index, e.indexed)
+            out.append(e)
+        return out
+
+    def create_vcpu(self, index: int):
+        from pyvmm.accel.interp.vcpu import InterpVcpu
+
+        if not 0 <= index < self.vcpu_count:
+            raise AccelError("interp", f"vCPU index {index} is outside 0..{self.vcpu_count - 1}")
+        if index in self.vcpus:
+            raise AccelError("interp", f"vCPU {index} already exists")
+        vcpu = InterpVcpu(self, index, self._default_cpuid(index))
+        self.vcpus[index] = vcpu
+        return vcpu
+
+    def set_irq_line(self, irq: int, level: bool) -> None:
+        self.irqchip.set_irq_line(irq, level)
+
+    def close(self) -> None:
+        for vcpu in list(self.vcpus.values()):
+            vcpu.close()
+        self.vcpus.clear()
+        self._buffers.clear()

@@ -1,0 +1,993 @@
+"""The interpreter backend on small hand-built guests (assembled with `as` in the test).
+
+Each guest runs on a real ``InterpVm`` over ``GuestMemory`` with a tiny fake
+irqchip, so exits, exception delivery, syscalls, interrupt injection and HLT
+are exercised end to end on unicorn.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("unicorn")
+
+from pyvmm.accel.interp import InterpVm, probe  # noqa: E402
+from pyvmm.accel.ops import (  # noqa: E402
+    DescriptorTable,
+    FpuState,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Regs,
+    Segment,
+    Shutdown,
+    SpecialRegs,
+)
+from pyvmm.vmm.memory import GuestMemory  # noqa: E402
+
+if not (shutil.which("as") and shutil.which("ld") and shutil.which("objcopy")):
+    pytest.skip("binutils (as, ld, objcopy) are needed to build the test guests", allow_module_level=True)
+
+GDT = 0x500
+TSS = 0x600
+IDT = 0x1000
+PML4, PDPT, PD = 0x9000, 0xA000, 0xB000
+CODE = 0x10000
+STACK_TOP = 0x80000
+RSP0_TOP = 0x90000
+IST1_TOP = 0x98000
+USER_STACK_TOP = 0x70000
+MEM_SIZE = 0x400000  # 4 MiB; the page tables map only the first 2 MiB
+PORT_DONE = 0xF0
+
+
+class FakeChip:
+    """Just enough irqchip: a queue of vectors the test raises, no ports or MMIO of its own."""
+
+    LAPIC_TIMER_HZ = 1_000_000_000
+
+    def __init__(self, vcpu_count: int = 1):
+        self.lock = threading.Lock()
+        self.vectors: list[int] = []
+        self.nmi = False
+        self.events = {i: [] for i in range(vcpu_count)}
+        self.wake = lambda index: None
+        self.clock = time.monotonic
+        self.deadline = None
+        self.polls = 0
+
+    def raise_vector(self, vector: int) -> None:
+        with self.lock:
+            self.vectors.append(vector)
+        self.wake(0)
+
+    def set_irq_line(self, irq, level):
+        if level:
+            self.raise_vector(0x20 + irq)
+
+    def handles_port(self, port):
+        return False
+
+    def handles_mmio(self, addr):
+        return False
+
+    def poll(self):
+        self.polls += 1
+
+    def next_deadline(self, index):
+        return self.deadline
+
+    def has_interrupt(self, index):
+        return bool(self.vectors) and index == 0
+
+    def ack_interrupt(self, index):
+        with self.lock:
+            return self.vectors.pop(0) if self.vectors else None
+
+    def has_nmi(self, index):
+        return self.nmi
+
+    def ack_nmi(self, index):
+        pending, self.nmi = self.nmi, False
+        return pending
+
+    def take_init_sipi(self, index):
+        events, self.events[index] = self.events[index], []
+        return events
+
+    def get_apic_base(self, index):
+        return 0xFEE00900 if index == 0 else 0xFEE00800
+
+    def set_apic_base(self, index, value):
+        pass
+
+
+# --------------------------------------------------------------------------
+# building guests
+
+
+def assemble(source: str, base: int = CODE) -> tuple[bytes, dict[str, int]]:
+    """Assemble GNU as source at ``base``: (flat binary, symbol addresses)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        (d / "g.S").write_text(source)
+        subprocess.run(["as", "--64", "-o", str(d / "g.o"), str(d / "g.S")], check=True, capture_output=True)
+        subprocess.run(
+            ["ld", "-m", "elf_x86_64", f"-Ttext={base:#x}", "-e", "0", "-o", str(d / "g.elf"), str(d / "g.o")],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(["objcopy", "-O", "binary", str(d / "g.elf"), str(d / "g.bin")], check=True)
+        nm = subprocess.run(["nm", str(d / "g.elf")], check=True, capture_output=True, text=True).stdout
+        symbols = {}
+        for line in nm.splitlines():
+            parts = line.split()
+            if len(parts) == 3:
+                symbols[parts[2]] = int(parts[0], 16)
+        return (d / "g.bin").read_bytes(), symbols
+
+
+def descriptor(base: int, limit: int, access: int, flags: int) -> int:
+    """A GDT entry: access byte (P DPL S type) and flags nibble (G D/B L AVL)."""
+    return (
+        (limit & 0xFFFF)
+        | ((base & 0xFFFFFF) << 16)
+        | (access << 40)
+        | (((limit >> 16) & 0xF) << 48)
+        | (flags << 52)
+        | (((base >> 24) & 0xFF) << 56)
+    )
+
+
+# selectors
+KCODE64, KDATA, KCODE32, UDATA, UCODE64, TSS_SEL = 0x08, 0x10, 0x18, 0x23, 0x2B, 0x30
+
+
+class Guest:
+    def __init__(self, mem_size: int = MEM_SIZE, chip: FakeChip | None = None, vcpus: int = 1):
+        self.chip = chip or FakeChip(vcpus)
+        self.vm = InterpVm(vcpus, irqchip=self.chip)
+        self.chip.wake = self.vm._wake
+        self.mem = GuestMemory.anonymous([(0, mem_size)])
+        self.vm.map_memory(0, 0, self.mem.regions[0].buffer)
+        self.vcpu = self.vm.create_vcpu(0)
+        self.symbols: dict[str, int] = {}
+
+    def close(self):
+        self.vm.close()
+
+    def load(self, source: str, base: int = CODE) -> dict[str, int]:
+        blob, symbols = assemble(source, base)
+        self.mem.write(base, blob)
+        self.symbols = symbols
+        return symbols
+
+    # ---- 64-bit long mode --------------------------------------------------
+    def setup_long_mode(self, user_pages: bool = False) -> None:
+        mem = self.mem
+        u = 4 if user_pages else 0
+        mem.write_int(PML4, 8, PDPT | 3 | u)
+        mem.write_int(PDPT, 8, PD | 3 | u)
+        mem.write_int(PD, 8, 0x83 | u)  # 0-2 MiB, one large page; 2-4 MiB is not mapped
+        mem.write_int(PDPT + 3 * 8, 8, 0xC0000000 | 0x83)  # 3-4 GiB (the MMIO hole), one 1 GiB page
+        gdt = [
+            0,
+            descriptor(0, 0xFFFFF, 0x9A, 0xA),  # 0x08 kernel code 64
+            descriptor(0, 0xFFFFF, 0x92, 0xC),  # 0x10 kernel data
+            descriptor(0, 0xFFFFF, 0x9A, 0xC),  # 0x18 kernel code 32
+            descriptor(0, 0xFFFFF, 0xF2, 0xC),  # 0x20 user data
+            descriptor(0, 0xFFFFF, 0xFA, 0xA),  # 0x28 user code 64
+            descriptor(TSS, 0x67, 0x89, 0),  # 0x30 TSS (low half)
+            TSS >> 32,  # TSS high half
+        ]
+        for i, entry in enumerate(gdt):
+            mem.write_int(GDT + 8 * i, 8, entry)
+        mem.write_int(TSS + 4, 8, RSP0_TOP)  # rsp0
+        mem.write_int(TSS + 0x24, 8, IST1_TOP)  # ist1
+        code = Segment(base=0, limit=0xFFFFFFFF, selector=KCODE64, type=11, s=True, l=True, g=True)
+        data = Segment(base=0, limit=0xFFFFFFFF, selector=KDATA, type=3, s=True, db=True, g=True)
+        sregs = SpecialRegs(
+            cs=code, ds=data, es=data, fs=data, gs=data, ss=data,
+            tr=Segment(base=TSS, limit=0x67, selector=TSS_SEL, type=11, s=False),
+            ldt=Segment(type=2, s=False, present=False, unusable=True),
+            gdt=DescriptorTable(GDT, len(gdt) * 8 - 1),
+            idt=DescriptorTable(IDT, 256 * 16 - 1),
+            cr0=0x80050033, cr3=PML4, cr4=0x6A0, efer=0xD01,
+        )  # fmt: skip
+        self.vcpu.set_sregs(sregs)
+        self.vcpu.set_regs(Regs(rip=CODE, rsp=STACK_TOP, rflags=2))
+
+    def gate64(self, vector: int, handler: int, *, dpl: int = 0, ist: int = 0, trap: bool = False) -> None:
+        access = 0x80 | (dpl << 5) | (0xF if trap else 0xE)
+        low = (handler & 0xFFFF) | (KCODE64 << 16) | (ist << 32) | (access << 40) | (((handler >> 16) & 0xFFFF) << 48)
+        self.mem.write_int(IDT + vector * 16, 8, low)
+        self.mem.write_int(IDT + vector * 16 + 8, 8, handler >> 32)
+
+    # ---- 32-bit protected mode ----------------------------------------------
+    def setup_protected32(self) -> None:
+        mem = self.mem
+        gdt = [0, descriptor(0, 0xFFFFF, 0x9A, 0xC), descriptor(0, 0xFFFFF, 0x92, 0xC)]
+        for i, entry in enumerate(gdt):
+            mem.write_int(GDT + 8 * i, 8, entry)
+        code = Segment(base=0, limit=0xFFFFFFFF, selector=0x08, type=11, s=True, db=True, g=True)
+        data = Segment(base=0, limit=0xFFFFFFFF, selector=0x10, type=3, s=True, db=True, g=True)
+        sregs = SpecialRegs(
+            cs=code, ds=data, es=data, fs=data, gs=data, ss=data,
+            tr=Segment(base=0, limit=0xFFFF, selector=0, type=11, s=False),
+            gdt=DescriptorTable(GDT, len(gdt) * 8 - 1), idt=DescriptorTable(IDT, 256 * 8 - 1),
+            cr0=0x11, cr4=0, efer=0,
+        )  # fmt: skip
+        self.vcpu.set_sregs(sregs)
+        self.vcpu.set_regs(Regs(rip=CODE, rsp=STACK_TOP, rflags=2))
+
+    def gate32(self, vector: int, handler: int, *, trap: bool = False) -> None:
+        access = 0x80 | (0xF if trap else 0xE)
+        entry = (handler & 0xFFFF) | (0x08 << 16) | (access << 40) | (((handler >> 16) & 0xFFFF) << 48)
+        self.mem.write_int(IDT + vector * 8, 8, entry)
+
+    # ---- running ------------------------------------------------------------
+    def run_until_done(self, answer=None, limit: int = 200) -> list:
+        """Run, completing reads with ``answer(exit)``, until an OUT to PORT_DONE; return the exits seen."""
+        seen = []
+        for _ in range(limit):
+            exit_value = self.vcpu.run()
+            seen.append(exit_value)
+            if isinstance(exit_value, (IoIn, MmioRead)):
+                value = answer(exit_value) if answer else 0
+                size = len(exit_value.data)
+                exit_value.data[:] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            elif isinstance(exit_value, IoOut) and exit_value.port == PORT_DONE:
+                return seen
+            elif not isinstance(exit_value, (IoOut, MmioWrite)):
+                return seen
+        raise AssertionError(f"guest did not finish: last exits {seen[-5:]}")
+
+
+def outs(exits, port=None) -> list[tuple[int, int]]:
+    return [
+        (e.port, int.from_bytes(e.data, "little"))
+        for e in exits
+        if isinstance(e, IoOut) and (port is None or e.port == port)
+    ]
+
+
+@pytest.fixture
+def guest():
+    g = Guest()
+    yield g
+    g.close()
+
+
+# --------------------------------------------------------------------------
+# probe and state
+
+
+def test_probe_reports_usable():
+    usable, reason, notes = probe()
+    assert usable, reason
+    assert "2.1.4" in reason
+    assert notes
+
+
+def test_regs_sregs_fpu_round_trip(guest):
+    guest.setup_long_mode()
+    regs = Regs(**{name: 0x1111 * (i + 1) for i, name in enumerate(Regs.__dataclass_fields__)})
+    regs.rflags = 0x246
+    guest.vcpu.set_regs(regs)
+    assert guest.vcpu.get_regs() == regs
+    sregs = guest.vcpu.get_sregs()
+    assert sregs.cs.l and sregs.cs.selector == KCODE64 and sregs.cs.dpl == 0
+    assert sregs.tr.base == TSS and sregs.tr.selector == TSS_SEL and sregs.tr.limit == 0x67
+    assert sregs.efer & 0x500 == 0x500 and sregs.cr3 == PML4 and sregs.gdt.base == GDT
+    sregs.fs.base = 0x123456789A
+    guest.vcpu.set_sregs(sregs)
+    assert guest.vcpu.get_sregs() == sregs
+    fpu = FpuState(fcw=0x27F, mxcsr=0x1FA0, xmm=[bytes([i]) * 16 for i in range(16)])
+    fpu.fsw = 3 << 11  # TOP = 3: fpr[] are in ST order, stored at physical (TOP + i) & 7
+    fpu.ftwx = 0x81
+    fpu.fpr = [bytes([0x10 + i]) * 10 + bytes(6) for i in range(8)]
+    guest.vcpu.set_fpu(fpu)
+    back = guest.vcpu.get_fpu()
+    assert (back.fcw, back.fsw, back.ftwx, back.mxcsr, back.xmm, back.fpr) == (
+        fpu.fcw, fpu.fsw, fpu.ftwx, fpu.mxcsr, fpu.xmm, fpu.fpr
+    )  # fmt: skip
+
+
+def test_msrs_round_trip(guest):
+    vcpu = guest.vcpu
+    vcpu.set_msrs({0xC0000082: 0xFFFFFFFF81000000, 0x277: 0x0007040600070406, 0x174: 0x10, 0xC0000102: 0x1234})
+    got = vcpu.get_msrs([0xC0000082, 0x277, 0x174, 0xC0000102, 0x1B])
+    assert got[0xC0000082] == 0xFFFFFFFF81000000 and got[0x277] == 0x0007040600070406
+    assert got[0x174] == 0x10 and got[0xC0000102] == 0x1234 and got[0x1B] == 0xFEE00900
+    vcpu.set_msrs({0x10: 1 << 40})
+    tsc = vcpu.get_msrs([0x10])[0x10]
+    assert (1 << 40) <= tsc < (1 << 40) + (1 << 36)
+
+
+# --------------------------------------------------------------------------
+# exits
+
+
+def test_port_io_round_trip_64bit_with_paging(guest):
+    guest.setup_long_mode()
+    guest.load(
+        """
+        .code64
+        mov $0x3f8, %dx
+        mov $'A', %al
+        out %al, %dx
+        in $0x42, %al
+        inc %al
+        out %al, $0x43
+        mov $0x60, %dx
+        in %dx, %eax
+        out %eax, %dx
+        out %al, $0xf0
+        """
+    )
+    exits = guest.run_until_done(lambda e: {0x42: 0x5A, 0x60: 0xDEADBEEF}[e.port])
+    assert outs(exits) == [(0x3F8, ord("A")), (0x43, 0x5B), (0x60, 0xDEADBEEF), (PORT_DONE, 0xEF)]
+    assert [e.port for e in exits if isinstance(e, IoIn)] == [0x42, 0x60]
+    assert [len(e.data) for e in exits if isinstance(e, IoIn)] == [1, 4]
+
+
+def test_mmio_read_write_and_read_modify_write(guest):
+    guest.setup_long_mode()
+    guest.load(
+        """
+        .code64
+        mov $0xd0000000, %rbx
+        mov (%rbx), %eax
+        add $1, %eax
+        mov %eax, 4(%rbx)
+        addl $5, 8(%rbx)
+        movq (%rbx), %rcx
+        mov %rcx, %rax
+        out %eax, $0x44
+        out %al, $0xf0
+        """
+    )
+    values = {0xD0000000: 41, 0xD0000008: 100}
+    exits = guest.run_until_done(lambda e: values.get(e.addr, 0x1122334455667788))
+    mmio = [(type(e).__name__, e.addr, len(e.data)) for e in exits if isinstance(e, (MmioRead, MmioWrite))]
+    assert mmio == [
+        ("MmioRead", 0xD0000000, 4),
+        ("MmioWrite", 0xD0000004, 4),
+        ("MmioRead", 0xD0000008, 4),
+        ("MmioWrite", 0xD0000008, 4),
+        # unicorn's MMIO regions take at most 4 bytes per access: a qword read is two exits
+        ("MmioRead", 0xD0000000, 4),
+        ("MmioRead", 0xD0000004, 4),
+    ]
+    writes = [int.from_bytes(e.data, "little") for e in exits if isinstance(e, MmioWrite)]
+    assert writes == [42, 105]
+    assert outs(exits, 0x44) == [(0x44, 41)]
+
+
+def test_rep_outsb_is_one_exit_per_byte(guest):
+    guest.setup_long_mode()
+    guest.load(
+        """
+        .code64
+        lea msg(%rip), %rsi
+        mov $3, %ecx
+        mov $0x3f8, %dx
+        rep outsb
+        mov %ecx, %eax
+        out %al, $0xf0
+        msg: .ascii "xyz"
+        """
+    )
+    exits = guest.run_until_done()
+    assert outs(exits) == [(0x3F8, ord("x")), (0x3F8, ord("y")), (0x3F8, ord("z")), (PORT_DONE, 0)]
+
+
+def test_pvh_style_32bit_start():
+    g = Guest()
+    try:
+        g.setup_protected32()
+        g.mem.write_int(0x6000, 4, 0x336EC578)  # hvm_start_info magic
+        g.load(
+            """
+            .code32
+            mov (%ebx), %eax
+            out %eax, $0x44
+            xor %eax, %eax
+            .byte 0x40, 0x40        # inc %eax twice: a REX prefix if this were decoded as 64-bit code
+            out %eax, $0x45
+            mov %cs, %ax
+            out %ax, $0xf0
+            """
+        )
+        regs = g.vcpu.get_regs()
+        regs.rbx = 0x6000
+        g.vcpu.set_regs(regs)
+        exits = g.run_until_done()
+        assert outs(exits) == [(0x44, 0x336EC578), (0x45, 2), (PORT_DONE, 0x08)]
+    finally:
+        g.close()
+
+
+def test_real_mode_start(guest):
+    blob, _ = assemble(
+        """
+        .code16
+        mov %cs, %ax
+        mov %ax, %ds
+        mov value - start, %ax
+        out %ax, $0x46
+        mov $0x1234, %bx
+        mov %bx, %ss
+        mov $0x100, %sp
+        push $0x77
+        pop %ax
+        out %al, $0xf0
+        start = . - (. - 0)
+        value: .word 0xBEEF
+        """,
+        base=0,
+    )
+    guest.mem.write(0x20000, blob)
+    sregs = guest.vcpu.get_sregs()  # the reset state: real mode
+    assert sregs.cr0 & 1 == 0
+    sregs.cs = Segment(base=0x20000, limit=0xFFFF, selector=0x2000, type=11)
+    guest.vcpu.set_sregs(sregs)
+    guest.vcpu.set_regs(Regs(rip=0, rflags=2))
+    exits = guest.run_until_done()
+    assert outs(exits) == [(0x46, 0xBEEF), (PORT_DONE, 0x77)]
+    assert guest.mem.read_int(0x12340 + 0xFE, 2) == 0x77  # the push went through SS base 0x12340
+
+
+# --------------------------------------------------------------------------
+# exceptions through the guest IDT
+
+HANDLERS64 = """
+        .code64
+        .macro handler vec, errcode
+        h\\vec:
+        .if \\errcode
+        pop %rax
+        out %eax, $0xE4
+        .endif
+        mov $\\vec, %al
+        out %al, $0xE0
+        mov %cr2, %rax
+        out %eax, $0xE8
+        mov %rsp, %rax
+        out %eax, $0xEC
+        .if \\vec == 6 || \\vec == 13 || \\vec == 14
+        mov %r15, (%rsp)            # resume where the test said (after the faulting instruction)
+        .endif
+        iretq
+        .endm
+        handler 3, 0
+        handler 6, 0
+        handler 13, 1
+        handler 14, 1
+        handler 128, 0
+"""
+
+
+def test_exceptions_64bit(guest):
+    guest.setup_long_mode()
+    sym = guest.load(
+        HANDLERS64
+        + """
+        start:
+        lea 1f(%rip), %r15
+        ud2
+        1: lea 1f(%rip), %r15
+        mov $0x1230, %ax
+        mov %ax, %ds                # beyond the GDT limit: #GP(0x1230)
+        1: lea 1f(%rip), %r15
+        movl $7, 0x300000           # 2-4 MiB is not mapped: #PF, write, not present
+        1: int3
+        int $0x80
+        out %al, $0xf0
+        """
+    )
+    for vector in (3, 6, 13, 14, 0x80):
+        guest.gate64(vector, sym[f"h{vector}"], dpl=3 if vector in (3, 0x80) else 0)
+    regs = guest.vcpu.get_regs()
+    regs.rip = sym["start"]
+    guest.vcpu.set_regs(regs)
+    exits = guest.run_until_done()
+    assert [v for _, v in outs(exits, 0xE0)] == [6, 13, 14, 3, 0x80]
+    assert [v for _, v in outs(exits, 0xE4)] == [0x1230, 0x2]
+    cr2_after = [v for _, v in outs(exits, 0xE8)]
+    assert cr2_after[2] == 0x300000
+    # frames are 16-byte aligned below the current stack (no privilege change, no IST)
+    rsps = [v for _, v in outs(exits, 0xEC)]
+    assert rsps[0] == STACK_TOP - 40 and rsps[1] == STACK_TOP - 40
+
+
+def test_exceptions_32bit():
+    g = Guest()
+    try:
+        g.setup_protected32()
+        sym = g.load(
+            """
+            .code32
+            .macro handler vec, errcode
+            h\\vec:
+            .if \\errcode
+            pop %eax
+            out %eax, $0xE4
+            .endif
+            mov $\\vec, %al
+            out %al, $0xE0
+            mov %cr2, %eax
+            out %eax, $0xE8
+            .if \\vec == 6 || \\vec == 13 || \\vec == 14
+            mov %edi, (%esp)
+            .endif
+            iret
+            .endm
+            handler 3, 0
+            handler 6, 0
+            handler 13, 1
+            handler 14, 1
+            handler 128, 0
+            start:
+            mov $1f, %edi
+            ud2
+            1: mov $1f, %edi
+            mov $0x1230, %ax
+            mov %ax, %ds
+            1: mov %cr0, %eax
+            or $0x80000000, %eax
+            mov %eax, %cr0              # paging with the 32-bit table below
+            mov $1f, %edi
+            movl $7, 0x400000           # not present: #PF write
+            1: int3
+            int $0x80
+            out %al, $0xf0
+            """
+        )
+        # 32-bit paging: one PSE-less page table mapping the first 4 MiB, the next 4 MiB absent
+        g.mem.write_int(PD, 4, PDPT | 3)
+        for i in range(1024):
+            g.mem.write_int(PDPT + 4 * i, 4, (i << 12) | 3)
+        sregs = g.vcpu.get_sregs()
+        sregs.cr3 = PD
+        g.vcpu.set_sregs(sregs)
+        for vector in (3, 6, 13, 14, 0x80):
+            g.gate32(vector, sym[f"h{vector}"])
+        regs = g.vcpu.get_regs()
+        regs.rip = sym["start"]
+        g.vcpu.set_regs(regs)
+        exits = g.run_until_done()
+        assert [v for _, v in outs(exits, 0xE0)] == [6, 13, 14, 3, 0x80]
+        assert [v for _, v in outs(exits, 0xE4)] == [0x1230, 0x2]
+        assert [v for _, v in outs(exits, 0xE8)][2] == 0x400000
+    finally:
+        g.close()
+
+
+def test_triple_fault_is_shutdown(guest):
+    guest.setup_long_mode()
+    guest.load(".code64\n ud2\n")
+    sregs = guest.vcpu.get_sregs()
+    sregs.idt = DescriptorTable(IDT, 0)  # nothing can be delivered: #UD -> #GP -> #DF -> triple fault
+    guest.vcpu.set_sregs(sregs)
+    assert isinstance(guest.vcpu.run(), Shutdown)
+    assert isinstance(guest.vcpu.run(), Shutdown)
+
+
+# --------------------------------------------------------------------------
+# rings: syscall/sysret, interrupts from ring 3 with TSS stack switch, IST
+
+
+def test_syscall_sysret_round_trip_through_ring3(guest):
+    guest.setup_long_mode(user_pages=True)
+    sym = guest.load(
+        """
+        .code64
+        kernel:
+        mov $0xC0000081, %ecx       # STAR: sysret CS base 0x18 (-> 0x2B/0x23), syscall CS 0x08
+        xor %eax, %eax
+        mov $0x001B0008, %edx
+        wrmsr
+        mov $0xC0000082, %ecx       # LSTAR
+        lea syscall_entry(%rip), %rax
+        mov %rax, %rdx
+        shr $32, %rdx
+        wrmsr
+        mov $0xC0000084, %ecx       # FMASK: clear IF and TF
+        mov $0x300, %eax
+        xor %edx, %edx
+        wrmsr
+        push $0x23                  # iretq to ring 3 with IOPL 3 so ring 3 may use OUT
+        push $0x70000
+        push $0x3202
+        push $0x2B
+        lea user(%rip), %rax
+        push %rax
+        iretq
+        syscall_entry:
+        mov %cs, %ax
+        out %ax, $0xE0              # 0x08
+        mov %ss, %ax
+        out %ax, $0xE2              # 0x10
+        mov %r11, %rax
+        out %eax, $0xE4             # user RFLAGS
+        pushf
+        pop %rax
+        out %eax, $0xE6             # IF masked
+        mov %rcx, %rax
+        out %eax, $0xE8             # return RIP
+        sysretq
+        user:
+        mov %cs, %ax
+        out %ax, $0xEA              # 0x2B
+        syscall
+        after:
+        mov %cs, %ax
+        out %ax, $0xEA              # sysretq: CS = STAR[63:48] + 16 | 3 = 0x2B
+        mov %ss, %ax
+        out %al, $0xf0
+        """
+    )
+    exits = guest.run_until_done()
+    o = dict(outs(exits))
+    assert o[0xE0] == 0x08 and o[0xE2] == 0x10
+    assert o[0xE4] & 0x200 and not o[0xE6] & 0x200
+    assert o[0xE8] == sym["after"]
+    assert [v for _, v in outs(exits, 0xEA)] == [0x2B, 0x2B]
+    assert o[PORT_DONE] == 0x23
+    assert guest.vcpu.get_sregs().cs.dpl == 3
+
+
+def test_interrupt_from_ring3_switches_to_rsp0_and_ist(guest):
+    guest.setup_long_mode(user_pages=True)
+    sym = guest.load(
+        """
+        .code64
+        push $0x23
+        push $0x70000
+        push $0x3202
+        push $0x2B
+        lea user(%rip), %rax
+        push %rax
+        iretq
+        h80:
+        mov %rsp, %rax
+        out %eax, $0xE0
+        mov 8(%rsp), %rax           # saved CS
+        out %al, $0xE1
+        mov 32(%rsp), %rax          # saved SS
+        out %al, $0xE2
+        mov 24(%rsp), %rax          # saved RSP
+        out %eax, $0xE3
+        mov %ss, %ax
+        out %ax, $0xE4
+        iretq
+        h81:
+        mov %rsp, %rax
+        out %eax, $0xE5
+        iretq
+        user:
+        int $0x80
+        int $0x81
+        mov %cs, %ax
+        out %al, $0xf0
+        """
+    )
+    guest.gate64(0x80, sym["h80"], dpl=3)
+    guest.gate64(0x81, sym["h81"], dpl=3, ist=1)
+    exits = guest.run_until_done()
+    o = dict(outs(exits))
+    assert o[0xE0] == RSP0_TOP - 40
+    assert (o[0xE1], o[0xE2], o[0xE3]) == (0x2B, 0x23, 0x70000)
+    assert o[0xE4] == 0  # a null SS at CPL 0
+    assert o[0xE5] == IST1_TOP - 40
+    assert o[PORT_DONE] == 0x2B
+
+
+def test_int_gate_dpl_violation_is_gp(guest):
+    guest.setup_long_mode(user_pages=True)
+    sym = guest.load(
+        """
+        .code64
+        push $0x23
+        push $0x70000
+        push $0x3202
+        push $0x2B
+        lea user(%rip), %rax
+        push %rax
+        iretq
+        h13:
+        pop %rax
+        out %eax, $0xE4
+        addq $2, (%rsp)
+        iretq
+        user:
+        int $0x40                   # gate DPL 0: #GP(0x40 * 8 + 2)
+        out %al, $0xf0
+        """
+    )
+    guest.gate64(0x40, sym["h13"])
+    guest.gate64(13, sym["h13"])
+    exits = guest.run_until_done()
+    assert outs(exits, 0xE4) == [(0xE4, 0x40 * 8 + 2)]
+
+
+# --------------------------------------------------------------------------
+# interrupts from the chip, HLT, request_stop
+
+
+INTERRUPT_GUEST = """
+        .code64
+        h30:
+        mov $0x30, %al
+        out %al, $0xE0
+        iretq
+        start:
+        sti
+        spin:
+        jmp spin
+"""
+
+
+def run_async(vcpu):
+    result = {}
+
+    def target():
+        result["exit"] = vcpu.run()
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_chip_interrupt_interrupts_a_spin_loop(guest):
+    guest.setup_long_mode()
+    sym = guest.load(INTERRUPT_GUEST)
+    guest.gate64(0x30, sym["h30"])
+    regs = guest.vcpu.get_regs()
+    regs.rip = sym["start"]
+    guest.vcpu.set_regs(regs)
+    thread, result = run_async(guest.vcpu)
+    time.sleep(0.05)
+    assert thread.is_alive()  # spinning, no exit
+    raised = time.monotonic()
+    guest.chip.raise_vector(0x30)
+    thread.join(2)
+    latency = time.monotonic() - raised
+    assert outs([result["exit"]]) == [(0xE0, 0x30)]
+    assert latency < 0.1
+
+
+def test_interrupt_waits_for_if(guest):
+    guest.setup_long_mode()
+    sym = guest.load(
+        """
+        .code64
+        h30:
+        mov $0x30, %al
+        out %al, $0xE0
+        iretq
+        start:
+        cli
+        mov $2000000, %ecx
+        1: dec %ecx
+        jnz 1b
+        out %al, $0xE1              # still IF=0: no interrupt yet
+        sti
+        nop
+        2: jmp 2b
+        """
+    )
+    guest.gate64(0x30, sym["h30"])
+    regs = guest.vcpu.get_regs()
+    regs.rip = sym["start"]
+    guest.vcpu.set_regs(regs)
+    guest.chip.raise_vector(0x30)
+    assert outs([guest.vcpu.run()]) == [(0xE1, 0)]
+    thread, result = run_async(guest.vcpu)
+    thread.join(2)
+    assert outs([result["exit"]]) == [(0xE0, 0x30)]
+
+
+def test_hlt_sleeps_until_interrupt(guest):
+    guest.setup_long_mode()
+    sym = guest.load(
+        """
+        .code64
+        h30:
+        iretq
+        start:
+        sti
+        hlt
+        out %al, $0xE1
+        """
+    )
+    guest.gate64(0x30, sym["h30"])
+    regs = guest.vcpu.get_regs()
+    regs.rip = sym["start"]
+    guest.vcpu.set_regs(regs)
+    thread, result = run_async(guest.vcpu)
+    cpu_before = time.process_time()
+    time.sleep(0.3)
+    cpu_used = time.process_time() - cpu_before
+    assert thread.is_alive()
+    assert cpu_used < 0.1, f"halted vCPU used {cpu_used:.3f}s of CPU in 0.3s"
+    guest.chip.raise_vector(0x30)
+    thread.join(2)
+    assert outs([result["exit"]]) == [(0xE1, 0)]
+
+
+def test_hlt_wakes_at_timer_deadline(guest):
+    guest.setup_long_mode()
+    sym = guest.load(INTERRUPT_GUEST.replace("spin:\n        jmp spin", "hlt\n        out %al, $0xE1"))
+    guest.gate64(0x30, sym["h30"])
+    regs = guest.vcpu.get_regs()
+    regs.rip = sym["start"]
+    guest.vcpu.set_regs(regs)
+    chip = guest.chip
+    polls_at = []
+
+    def poll():
+        polls_at.append(time.monotonic())
+        if chip.deadline is not None and time.monotonic() >= chip.deadline:
+            chip.deadline = None
+            chip.vectors.append(0x30)
+
+    chip.poll = poll
+    start = time.monotonic()
+    chip.deadline = start + 0.2
+    exit_value = guest.vcpu.run()
+    assert outs([exit_value]) == [(0xE0, 0x30)]
+    assert time.monotonic() - start >= 0.2
+    assert len(polls_at) < 20  # woke for the deadline, did not poll in a loop
+
+
+def test_request_stop_interrupts_running_and_pending(guest):
+    guest.setup_long_mode()
+    sym = guest.load(INTERRUPT_GUEST)
+    regs = guest.vcpu.get_regs()
+    regs.rip = sym["start"]
+    guest.vcpu.set_regs(regs)
+    guest.vcpu.request_stop()
+    assert isinstance(guest.vcpu.run(), Interrupted)  # a stop before run() is not lost
+    thread, result = run_async(guest.vcpu)
+    time.sleep(0.05)
+    guest.vcpu.request_stop()
+    thread.join(2)
+    assert isinstance(result.get("exit"), Interrupted)
+    rip = guest.vcpu.get_regs().rip
+    assert sym["spin"] <= rip <= sym["spin"] + 2
+
+
+def test_invalid_state_is_internal_error(guest):
+    guest.setup_long_mode()
+    guest.load(".code64\n jmp *%rax\n")
+    regs = guest.vcpu.get_regs()
+    regs.rax = 0x3FFFFF000000  # far beyond RAM and the MMIO window: not mappable
+    guest.vcpu.set_regs(regs)
+    sregs = guest.vcpu.get_sregs()
+    guest.mem.write_int(PDPT + 8 * 255, 8, 0x3FC0000000 | 0x83)  # 1 GiB page at 255 GiB -> unmapped phys
+    guest.vcpu.set_sregs(sregs)
+    regs.rax = 255 << 30
+    guest.vcpu.set_regs(regs)
+    exit_value = guest.vcpu.run()
+    assert isinstance(exit_value, InternalError)
+    assert exit_value.rip == 255 << 30
+
+
+# --------------------------------------------------------------------------
+# CPUID
+
+
+def test_cpuid_from_table(guest):
+    table = guest.vm.supported_cpuid()
+    leaves = {(e.function, e.index): e for e in table}
+    assert leaves[(0, 0)].ebx.to_bytes(4, "little") == b"Genu"
+    leaf1 = leaves[(1, 0)]
+    assert not leaf1.ecx & (1 << 28)  # AVX
+    assert not leaf1.ecx & (1 << 21)  # x2APIC
+    assert not leaf1.ecx & (1 << 24)  # TSC deadline
+    assert leaf1.edx & (1 << 9)  # APIC
+    assert not leaves[(7, 0)].ebx & (1 << 5)  # AVX2
+    assert leaves[(0xD, 0)].eax == 3
+    tsc = leaves[(0x15, 0)]
+    assert tsc.ecx == FakeChip.LAPIC_TIMER_HZ
+    assert 100_000_000 < tsc.ecx * tsc.ebx // tsc.eax < 10_000_000_000
+
+    guest.setup_long_mode()
+    guest.load(
+        """
+        .code64
+        xor %eax, %eax
+        cpuid
+        mov %ebx, %eax
+        out %eax, $0xE0
+        mov $0x15, %eax
+        cpuid
+        mov %ebx, %eax
+        out %eax, $0xE1
+        mov $0x40000000, %eax
+        cpuid
+        out %eax, $0xf0
+        """
+    )
+    exits = guest.run_until_done()
+    o = dict(outs(exits))
+    assert o[0xE0] == int.from_bytes(b"Genu", "little")
+    assert o[0xE1] == tsc.ebx
+    assert o[PORT_DONE] == 0
+    # set_cpuid replaces the table
+    from pyvmm.accel.ops import CpuidEntry
+
+    guest.vcpu.set_cpuid([CpuidEntry(0, 0, 1, 0x11111111, 0x22222222, 0x33333333)])
+    regs = guest.vcpu.get_regs()
+    regs.rip = CODE
+    guest.vcpu.set_regs(regs)
+    exits = guest.run_until_done()
+    assert dict(outs(exits))[0xE0] == 0x11111111
+
+
+# --------------------------------------------------------------------------
+# SMP start-up
+
+
+def test_ap_waits_for_init_sipi_then_starts_in_real_mode():
+    chip = FakeChip(vcpu_count=2)
+    g = Guest(chip=chip, vcpus=2)
+    try:
+        ap = g.vm.create_vcpu(1)
+        blob, _ = assemble(
+            """
+            .code16
+            mov %cs, %ax
+            out %ax, $0xE0
+            out %al, $0xf0
+            """,
+            base=0,
+        )
+        g.mem.write(0x8000, blob)
+        thread, result = run_async(ap)
+        time.sleep(0.1)
+        assert thread.is_alive()  # wait-for-SIPI
+        chip.events[1] = [("init", 0), ("sipi", 0x08)]
+        g.vm._wake(1)
+        thread.join(2)
+        assert outs([result["exit"]]) == [(0xE0, 0x0800)]
+        sregs = ap.get_sregs()
+        assert sregs.cs.base == 0x8000 and sregs.cr0 & 1 == 0
+    finally:
+        g.close()
+
+
+# --------------------------------------------------------------------------
+# cost of one exit (reported, loosely bounded)
+
+
+def test_exit_round_trip_cost(guest):
+    guest.setup_long_mode()
+    guest.load(
+        """
+        .code64
+        1: out %al, $0x80
+        jmp 1b
+        """
+    )
+    guest.vcpu.run()
+    count = 2000
+    start = time.perf_counter()
+    for _ in range(count):
+        guest.vcpu.run()
+    per_exit = (time.perf_counter() - start) / count
+    print(f"interp port-I/O exit round trip: {per_exit * 1e6:.1f} us")
+    assert per_exit < 0.002
