@@ -181,6 +181,17 @@ def test_bzimage_without_64bit_entry(mem, tmp_path):
         load_kernel(mem, path)
 
 
+def test_bzimage_bad_boot_flag_truncated_or_too_big(mem, tmp_path):
+    image = bytearray(make_bzimage())
+    image[0x1FE:0x200] = b"\0\0"
+    with pytest.raises(BootError, match=r"noflag: bzImage boot flag at 0x1fe is 0x0000, expected 0xaa55"):
+        load_kernel(mem, write(tmp_path, "noflag", bytes(image)))
+    with pytest.raises(BootError, match=r"setup: truncated bzImage"):
+        load_kernel(mem, write(tmp_path, "setup", make_bzimage(payload=b"")))
+    with pytest.raises(BootError, match=r"huge: bzImage of 67108864 bytes does not fit in guest RAM at 0x100000"):
+        load_kernel(mem, write(tmp_path, "huge", make_bzimage(payload=bytes(64 << 20))))
+
+
 def test_random_bytes_rejected(mem, tmp_path):
     import random
 
