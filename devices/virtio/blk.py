@@ -122,11 +122,11 @@ class RawImage:
         return punch, zero
 
     # Vectored I/O straight from/into the views; loops over short transfers.
-    def read_into(self, views: list, offset: int) -> int:
-        return _full_transfer(os.preadv, self.fd, views, offset)
+    def read_into(self, views: list, offset: int, length: int) -> None:
+        _full_transfer(os.preadv, self.fd, views, offset, length)
 
-    def write_from(self, views: list, offset: int) -> int:
-        return _full_transfer(os.pwritev, self.fd, views, offset)
+    def write_from(self, views: list, offset: int, length: int) -> None:
+        _full_transfer(os.pwritev, self.fd, views, offset, length)
 
     def flush(self) -> None:
         os.fsync(self.fd)
@@ -157,22 +157,16 @@ def _accepts(fd: int, mode: int, offset: int) -> bool:
         return False
 
 
-def _full_transfer(op, fd: int, views: list, offset: int) -> int:
-    """Run preadv/pwritev until every view is done; a zero-length transfer is an I/O error."""
-    total = 0
-    while views:
-        batch = views[:_IOV_MAX]
-        wanted = sum(len(v) for v in batch) if len(batch) > 1 else len(batch[0])
-        done = op(fd, batch, offset)
-        if done == wanted:
-            views = views[_IOV_MAX:]
-        elif done <= 0:
+def _full_transfer(op, fd: int, views: list, offset: int, length: int) -> None:
+    """Run preadv/pwritev until all ``length`` bytes of ``views`` are done; no progress is an I/O error."""
+    done = op(fd, views if len(views) <= _IOV_MAX else views[:_IOV_MAX], offset)
+    while done < length:  # rare: a short transfer, or more views than one call takes
+        if done < 0:
             raise OSError(errno.EIO, f"short transfer at byte {offset} of the image")
-        else:
-            views = _skip(views, done)
-        total += done
-        offset += done
-    return total
+        count = op(fd, _skip(views, done)[:_IOV_MAX], offset + done)
+        if count <= 0:
+            raise OSError(errno.EIO, f"short transfer at byte {offset + done} of the image")
+        done += count
 
 
 def _skip(views: list, count: int) -> list:
@@ -274,7 +268,7 @@ class VirtioBlock(VirtioDevice):
                 length = chain.writable_len - 1
                 if not self._in_range(sector, length):
                     return self._complete(status, VIRTIO_BLK_S_IOERR)
-                self.image.read_into(data_out, sector << SECTOR_SHIFT)
+                self.image.read_into(data_out, sector << SECTOR_SHIFT, length)
                 metrics.bytes_read += length
                 status[0] = VIRTIO_BLK_S_OK
                 return length + 1
@@ -282,7 +276,7 @@ class VirtioBlock(VirtioDevice):
                 length = chain.readable_len - _HEADER.size
                 if self.read_only or not self._in_range(sector, length):
                     return self._complete(status, VIRTIO_BLK_S_IOERR)
-                self.image.write_from(data_in, sector << SECTOR_SHIFT)
+                self.image.write_from(data_in, sector << SECTOR_SHIFT, length)
                 if self._write_through:
                     self.image.sync_data()
                 metrics.bytes_written += length

@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from typing import Iterator, NamedTuple
 
-from pyvmm.errors import DeviceError, GuestMemoryError
+from pyvmm.errors import DeviceError
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -33,6 +33,14 @@ MAX_CHAIN_BYTES = 1 << 32
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
+
+
+def _view(regions, addr: int, length: int) -> memoryview | None:
+    """The view of guest RAM ``[addr, addr+length)`` if it lies inside one region (GuestMemory.view, inlined)."""
+    for start, end, view in regions:
+        if start <= addr and addr + length <= end:
+            return view[addr - start : addr - start + length]
+    return None
 
 
 class QueueError(DeviceError):
@@ -86,10 +94,12 @@ class SplitQueue:
         self.event_idx = False
         self.indirect = False
         self.next_avail = 0
+        self._known_avail = 0  # the driver's avail index when last read
         self.next_used = 0
         self._last_signalled_used = 0
         self._memory = None
         self._desc = self._avail = self._used = None
+        self._regions = []
 
     # --- setup -----------------------------------------------------------
     def _where(self) -> str:
@@ -118,6 +128,7 @@ class SplitQueue:
         self._desc = memory.view(self.desc_addr, DESC_SIZE * size)
         self._avail = memory.view(self.avail_addr, 6 + 2 * size)
         self._used = memory.view(self.used_addr, 6 + 8 * size)
+        self._regions = [(r.guest_addr, r.end, r.view) for r in memory.regions]
         self._memory = memory
 
     def _rings(self, memory) -> None:
@@ -137,90 +148,104 @@ class SplitQueue:
                 f"{self._where()}: available index {avail_idx} is {count} entries ahead of "
                 f"{self.next_avail}, more than the queue size {self.size}"
             )
+        self._known_avail = avail_idx
         return count
 
     def pop(self, memory) -> DescriptorChain | None:
         """The next available descriptor chain, or None when the ring is empty."""
-        if not self.pending(memory):
-            return None
+        # The guest's avail index is re-read only once the chains it announced are consumed.
+        if self.next_avail == self._known_avail or memory is not self._memory:
+            if not self.pending(memory):
+                return None
         head = _U16.unpack_from(self._avail, 4 + 2 * (self.next_avail % self.size))[0]
         self.next_avail = (self.next_avail + 1) & 0xFFFF
-        readable: list[memoryview] = []
-        writable: list[memoryview] = []
-        readable_len = writable_len = 0
-        for desc in self.iter_chain(memory, head):
-            if desc.writable:
-                writable.append(desc.view)
-                writable_len += desc.length
-            elif writable:
-                raise QueueError(
-                    f"{self._where()}: chain {head} has a device-readable buffer after a device-writable one"
-                )
-            else:
-                readable.append(desc.view)
-                readable_len += desc.length
-        return DescriptorChain(head, readable, writable, readable_len, writable_len)
+        return self._walk(memory, head, None)
 
     def undo_pop(self) -> None:
         """Give the last popped chain back (it will be popped again)."""
         self.next_avail = (self.next_avail - 1) & 0xFFFF
+        self._known_avail = self.next_avail  # forces a re-read on the next pop
 
     def iter_chain(self, memory, head: int) -> Iterator[Descriptor]:
-        """Walk the chain starting at ``head``; every step is checked before it is taken."""
+        """The descriptors of the chain at ``head`` (the whole chain is checked first)."""
         self._rings(memory)
+        trace: list[Descriptor] = []
+        self._walk(memory, head, trace)
+        return iter(trace)
+
+    def _walk(self, memory, head: int, trace: list | None) -> DescriptorChain:
+        """Walk the chain starting at ``head``; every step is checked before it is taken.
+
+        The one implementation of the rules, written flat because it runs for every request.
+        """
         size = self.size
+        where = self._where
         if head >= size:
-            raise QueueError(f"{self._where()}: chain head {head} is not below the queue size {size}")
+            raise QueueError(f"{where()}: chain head {head} is not below the queue size {size}")
+        regions = self._regions
+        # Most guests have one RAM region below the MMIO hole: check it inline, the rest via _view.
+        ram_start, ram_end, ram = regions[0] if regions else (0, 0, None)
         table, table_len, index = self._desc, size, head
         in_indirect = False
         steps = 0
-        total = 0
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        readable_len = writable_len = 0
+        unpack = _DESC.unpack_from
         while True:
-            addr, length, flags, next_index = _DESC.unpack_from(table, DESC_SIZE * index)
+            addr, length, flags, next_index = unpack(table, DESC_SIZE * index)
             steps += 1
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if in_indirect:
-                    raise QueueError(f"{self._where()}: chain {head}: nested indirect descriptor table")
+                    raise QueueError(f"{where()}: chain {head}: nested indirect descriptor table")
                 if not self.indirect:
-                    raise QueueError(f"{self._where()}: chain {head}: indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+                    raise QueueError(f"{where()}: chain {head}: indirect descriptor without VIRTIO_F_INDIRECT_DESC")
                 if flags & VIRTQ_DESC_F_NEXT:
-                    raise QueueError(f"{self._where()}: chain {head}: indirect descriptor also has NEXT set")
+                    raise QueueError(f"{where()}: chain {head}: indirect descriptor also has NEXT set")
                 if length == 0 or length % DESC_SIZE or length // DESC_SIZE > size:
                     raise QueueError(
-                        f"{self._where()}: chain {head}: indirect table length {length} is not a multiple of "
+                        f"{where()}: chain {head}: indirect table length {length} is not a multiple of "
                         f"16 bytes holding 1 to {size} descriptors"
                     )
-                try:
-                    table = memory.view(addr, length)
-                except GuestMemoryError as err:
-                    raise QueueError(f"{self._where()}: chain {head}: indirect table {addr:#x}+{length:#x} is outside guest RAM") from err
+                table = _view(regions, addr, length)
+                if table is None:
+                    raise QueueError(f"{where()}: chain {head}: indirect table {addr:#x}+{length:#x} is outside guest RAM")
                 table_len, index, steps, in_indirect = length // DESC_SIZE, 0, 0, True
                 continue
-            try:
-                view = memory.view(addr, length)
-            except GuestMemoryError as err:
-                raise QueueError(f"{self._where()}: chain {head}: buffer {addr:#x}+{length:#x} is outside guest RAM") from err
-            total += length
-            if total >= MAX_CHAIN_BYTES:
-                raise QueueError(f"{self._where()}: chain {head}: total length reaches 2^32 bytes")
-            yield Descriptor(addr, length, bool(flags & VIRTQ_DESC_F_WRITE), view)
+            if ram_start <= addr and addr + length <= ram_end:
+                view = ram[addr - ram_start : addr - ram_start + length]
+            else:
+                view = _view(regions, addr, length)
+                if view is None:
+                    raise QueueError(f"{where()}: chain {head}: buffer {addr:#x}+{length:#x} is outside guest RAM")
+            if flags & VIRTQ_DESC_F_WRITE:
+                writable.append(view)
+                writable_len += length
+            elif writable:
+                raise QueueError(f"{where()}: chain {head} has a device-readable buffer after a device-writable one")
+            else:
+                readable.append(view)
+                readable_len += length
+            if readable_len + writable_len >= MAX_CHAIN_BYTES:
+                raise QueueError(f"{where()}: chain {head}: total length reaches 2^32 bytes")
+            if trace is not None:
+                trace.append(Descriptor(addr, length, bool(flags & VIRTQ_DESC_F_WRITE), view))
             if not flags & VIRTQ_DESC_F_NEXT:
-                return
+                return DescriptorChain(head, readable, writable, readable_len, writable_len)
             if next_index >= table_len:
                 raise QueueError(
-                    f"{self._where()}: chain {head}: next index {next_index} is not below the "
+                    f"{where()}: chain {head}: next index {next_index} is not below the "
                     f"{'indirect table' if in_indirect else 'queue'} size {table_len}"
                 )
             if steps >= table_len:
-                raise QueueError(
-                    f"{self._where()}: chain {head} is longer than its table of {table_len} descriptors (a loop?)"
-                )
+                raise QueueError(f"{where()}: chain {head} is longer than its table of {table_len} descriptors (a loop?)")
             index = next_index
 
     # --- the used ring ---------------------------------------------------
     def add_used(self, memory, head: int, length: int) -> None:
         """Return chain ``head`` to the driver with ``length`` bytes written into it."""
-        self._rings(memory)
+        if memory is not self._memory:
+            self._rings(memory)
         if not 0 <= head < self.size:
             raise QueueError(f"{self._where()}: used head {head} is not below the queue size {self.size}")
         used = self._used

@@ -102,9 +102,9 @@ class RecordingImage(RawImage):
         super().__init__(path, **kw)
         self.log = []
 
-    def write_from(self, views, offset):
+    def write_from(self, views, offset, length):
         self.log.append("write")
-        return super().write_from(views, offset)
+        return super().write_from(views, offset, length)
 
     def flush(self):
         self.log.append("fsync")
@@ -208,7 +208,7 @@ class FailingImage(RawImage):
         super().__init__(path)
         self.code = code
 
-    def read_into(self, views, offset):
+    def read_into(self, views, offset, length):
         raise OSError(self.code, os.strerror(self.code))
 
     write_from = read_into
