@@ -6,4 +6,10 @@ userspace irqchip (accel/irqchip). ``probe()`` reports whether it can run here.
 
 from pyvmm.accel.interp.vm import InterpVm, probe
 
-__all__ = ["InterpVm", "probe"]
+
+def create_vm(vcpu_count: int, **options) -> InterpVm:
+    """The backend entry point ``accel.open_vm`` calls."""
+    return InterpVm(vcpu_count, **options)
+
+
+__all__ = ["InterpVm", "create_vm", "probe"]
