@@ -3,6 +3,7 @@
 import os
 import socket
 import struct
+import time
 
 import pytest
 
@@ -33,6 +34,15 @@ def wire():
     yield SocketBackend(ours), theirs
     ours.close()
     theirs.close()
+
+
+def wait_for(predicate, timeout=3.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return predicate()
 
 
 def frame(payload: bytes) -> bytes:
@@ -240,3 +250,75 @@ def test_rng_ignores_readable_buffers():
     q.add([(a, 16, False)])
     assert q.take_used() == [(0, 0)]
     assert driver.memory.read(a, 16) == bytes(16)
+
+
+def test_tap_round_trip_through_the_device():
+    """The host ARPs for the guest through a real tap; the guest answers; the UDP datagram arrives."""
+    from pyvmm.devices.virtio.tap import TapBackend
+    from pyvmm.vmm.events import EventLoop
+
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        pytest.skip("a tap needs root and /dev/net/tun")
+    try:
+        from pyroute2 import IPRoute
+    except ImportError:
+        pytest.skip("pyroute2 is not installed")
+    name = f"pyvr{os.getpid() % 100000}"
+    subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+    try:
+        backend = TapBackend(name)
+    except DeviceError as err:
+        pytest.skip(f"this host cannot create taps: {err}")
+    guest_mac = bytes.fromhex("525400c0ffee")
+    device = VirtioNet(backend, mac=guest_mac)
+    driver = mock_guest(device, 4 << 20)
+    loop = EventLoop("tap-test")
+    loop.start()
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        with IPRoute() as ipr:
+            index = ipr.link_lookup(ifname=name)[0]
+            ipr.addr("add", index=index, address=f"{subnet}.1", prefixlen=24)
+            ipr.link("set", index=index, state="up")
+        host_mac = bytes.fromhex(open(f"/sys/class/net/{name}/address").read().strip().replace(":", ""))
+        driver.transport.attach(loop)
+        driver.setup()
+        rx, tx = driver.queues[RX_QUEUE], driver.queues[TX_QUEUE]
+        buffers = [driver.alloc(2048) for _ in range(32)]
+        for addr in buffers:
+            rx.add([(addr, 2048, True)], kick=False)
+        rx.kick()
+
+        def frames():
+            """Frames the device delivered so far (without the virtio-net header)."""
+            return [driver.memory.read(buffers[h] + NET_HDR_SIZE, n - NET_HDR_SIZE) for h, n in received]
+
+        received = []
+        guest_ip = socket.inet_aton(f"{subnet}.2")
+        sender.sendto(b"hello guest", (f"{subnet}.2", 9999))
+
+        def arp_request_seen():
+            received.extend(rx.take_used())
+            return any(f[12:14] == b"\x08\x06" and f[38:42] == guest_ip for f in frames())
+
+        assert wait_for(arp_request_seen, 5)
+        arp_reply = (
+            host_mac + guest_mac + b"\x08\x06"
+            + struct.pack(">HHBBH", 1, 0x0800, 6, 4, 2)
+            + guest_mac + guest_ip + host_mac + socket.inet_aton(f"{subnet}.1")
+        )
+        frame_addr = driver.alloc(NET_HDR_SIZE + len(arp_reply))
+        driver.memory.write(frame_addr + NET_HDR_SIZE, arp_reply)
+        tx.add([(frame_addr, NET_HDR_SIZE + len(arp_reply), False)])
+        assert wait_for(lambda: device.metrics.extra["tx_frames"] == 1)
+
+        def udp_seen():
+            received.extend(rx.take_used())
+            return any(f[12:14] == b"\x08\x00" and f.endswith(b"hello guest") for f in frames())
+
+        assert wait_for(udp_seen, 5)
+    finally:
+        sender.close()
+        driver.transport.close()
+        loop.close()
+    assert not os.path.exists(f"/sys/class/net/{name}")
