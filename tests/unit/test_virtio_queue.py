@@ -51,6 +51,24 @@ def test_happy_path_direct_and_indirect(guest):
     assert not guest.status & DEVICE_NEEDS_RESET
 
 
+def test_direct_descriptors_then_an_indirect_table(guest):
+    """Spec 2.7.5.3.2: zero or more chained descriptors followed by one indirect descriptor."""
+    q = guest.queues[0]
+    first, table, tail = guest.alloc(16), guest.alloc(32), guest.alloc(48)
+    q.write_desc(0, tail, 16, WRITE | NEXT, 1, table=table)
+    q.write_desc(1, tail + 16, 32, WRITE, table=table)
+    q.write_desc(0, first, 16, WRITE | NEXT, 1)
+    q.write_desc(1, table, 32, INDIRECT)
+    q.publish(0)
+    assert q.take_used() == [(0, 64)]
+    assert not guest.status & DEVICE_NEEDS_RESET
+
+
+def test_notify_for_a_missing_queue_is_ignored(guest):
+    guest.write_reg(mmio.QUEUE_NOTIFY, 7)
+    assert not guest.status & DEVICE_NEEDS_RESET
+
+
 def test_descriptor_loop(guest):
     q = guest.queues[0]
     buf = guest.alloc(16)
