@@ -323,3 +323,22 @@ def test_many_requests_in_one_kick(image):
     for status, data, i in statuses:
         assert disk.mem.read(status, 1) == b"\0"
         assert disk.mem.read(data, 512) == content[512 * i : 512 * (i + 1)]
+
+
+def test_benchmark_smoke(tmp_path):
+    """The benchmark runs end to end (every request completes with status OK; it exits 2 otherwise)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "virtio_blk.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--image-mib", "8", "--seconds", "0.05", "--rounds", "1", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode in (0, 1), result.stderr  # 1 = below the 50 % bar on a loaded machine
+    for row in ("4Ki  read", "4Ki write", "64Ki  read", "64Ki write"):
+        assert row in result.stdout
+    assert "'errors': 0" in result.stdout
