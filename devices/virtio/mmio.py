@@ -108,6 +108,9 @@ class VirtioMmio:
         self.queues = [SplitQueue(index, size) for index, size in enumerate(device.queue_sizes)]
         # vCPU threads (registers) and the event-loop thread (queues) both enter the device.
         self.lock = threading.RLock()
+        # InterruptStatus/ACK have their own lock so the guest's interrupt handler never waits
+        # for a batch of device I/O running under ``lock`` on the event-loop thread.
+        self._irq_lock = threading.Lock()
         self.counters = {"resets": 0, "needs_reset": 0, "interrupts": 0, "notifications": 0}
         self.last_error: str | None = None
         self._notify_fds: list[int] = []
@@ -120,14 +123,18 @@ class VirtioMmio:
         self.driver_features_sel = 0
         self.driver_features = 0
         self.queue_sel = 0
-        self.interrupt_status = 0
         self.config_generation = 0
         for queue in self.queues:
             queue.reset()
-        self.irq.set_level(False)
+        with self._irq_lock:
+            self.interrupt_status = 0
+            self.irq.set_level(False)
 
     # --- the bus interface ----------------------------------------------
     def read(self, offset: int, data: memoryview) -> None:
+        if offset == INTERRUPT_STATUS and len(data) == 4:
+            data[:] = self.interrupt_status.to_bytes(4, "little")  # an int read is atomic; no device lock
+            return
         with self.lock:
             try:
                 if offset >= CONFIG:
@@ -154,6 +161,9 @@ class VirtioMmio:
                     os.eventfd_write(notify_fds[index], 1)
                 except OSError:
                     pass  # closed during shutdown: the kick no longer matters
+            return
+        if offset == INTERRUPT_ACK and len(data) == 4:
+            self._ack(int.from_bytes(data, "little"))
             return
         with self.lock:
             try:
@@ -208,8 +218,7 @@ class VirtioMmio:
             self.counters["notifications"] += 1
             self.queue_notify(value & 0xFFFF)
         elif offset == INTERRUPT_ACK:
-            self.interrupt_status &= ~value
-            self.irq.set_level(self.interrupt_status != 0)
+            self._ack(value)
         elif offset == DEVICE_FEATURES_SEL:
             self.device_features_sel = value
         elif offset == DRIVER_FEATURES_SEL:
@@ -330,9 +339,15 @@ class VirtioMmio:
                 self._interrupt(INTERRUPT_CONFIG_CHANGE)
 
     def _interrupt(self, cause: int) -> None:
-        self.interrupt_status |= cause
-        self.counters["interrupts"] += 1
-        self.irq.set_level(True)
+        with self._irq_lock:
+            self.interrupt_status |= cause
+            self.counters["interrupts"] += 1
+            self.irq.set_level(True)
+
+    def _ack(self, causes: int) -> None:
+        with self._irq_lock:
+            self.interrupt_status &= ~causes
+            self.irq.set_level(self.interrupt_status != 0)
 
     def fail(self, err: BaseException) -> None:
         """The driver broke a rule or serving the device failed: NEEDS_RESET plus a config interrupt."""

@@ -188,3 +188,29 @@ def test_metrics_dict(loop):
     assert {"bytes_written", "errors", "resets", "needs_reset", "interrupts"} <= metrics.keys()
     driver.set_status(0)
     assert driver.transport.metrics()["resets"] == 1
+
+
+def test_interrupt_registers_do_not_wait_for_device_io():
+    """The guest's interrupt handler (a vCPU) must not block behind a batch on the loop thread."""
+    driver = mock_guest(VirtioRng())
+    driver.setup()
+    buf = driver.alloc(16)
+    driver.queues[0].add([(buf, 16, True)])
+    held, release = threading.Event(), threading.Event()
+
+    def busy_device():
+        with driver.transport.lock:  # what a long blk batch looks like from a vCPU
+            held.set()
+            release.wait(5)
+
+    worker = threading.Thread(target=busy_device)
+    worker.start()
+    assert held.wait(5)
+    start = time.monotonic()
+    assert driver.read_reg(mmio.INTERRUPT_STATUS) == mmio.INTERRUPT_USED_BUFFER
+    driver.write_reg(mmio.INTERRUPT_ACK, mmio.INTERRUPT_USED_BUFFER)
+    assert driver.irq_levels[-1] is False
+    elapsed = time.monotonic() - start
+    release.set()
+    worker.join()
+    assert elapsed < 1.0
