@@ -11,8 +11,8 @@ of calibrating it against the PIT (which is unreliable under a software CPU).
 from __future__ import annotations
 
 import ctypes
-import math
 import time
+from fractions import Fraction
 
 from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc
 from unicorn import x86_const as x86
@@ -86,6 +86,21 @@ def tsc_hz() -> int:
     return _tsc_hz
 
 
+def tsc_ratio(tsc: int, crystal_hz: int) -> tuple[int, int]:
+    """EBX/EAX of leaf 0x15 so that crystal x EBX / EAX is the TSC frequency.
+
+    Linux computes ``crystal_khz * EBX / EAX`` in 32-bit arithmetic, so
+    ``crystal_khz * EBX`` must stay below 2**32: the best fraction under that
+    numerator bound is taken (about 1 ppm off for a GHz crystal).
+    """
+    limit = (2**32 - 1) // max(1, crystal_hz // 1000)
+    ratio = Fraction(tsc, crystal_hz)
+    best = ratio.limit_denominator(max(1, int(limit / ratio)))
+    while best.numerator > limit:
+        best = ratio.limit_denominator(max(1, best.denominator - 1))
+    return best.numerator, best.denominator
+
+
 def supported_cpuid(lapic_timer_hz: int) -> list[CpuidEntry]:
     """The table for ``VmOps.supported_cpuid``: real engine behaviour plus TSC/crystal leaves."""
     probe = _Probe()
@@ -104,9 +119,9 @@ def supported_cpuid(lapic_timer_hz: int) -> list[CpuidEntry]:
         entries.append(CpuidEntry(leaf, 0, *_trim(leaf, 0, regs)))
     # TSC: leaf 0x15 = crystal (the LAPIC timer clock, which Linux also takes from here) x EBX / EAX
     tsc = tsc_hz()
-    divisor = math.gcd(tsc, lapic_timer_hz)
+    numerator, denominator = tsc_ratio(tsc, lapic_timer_hz)
     entries = [e for e in entries if e.function not in (0x15, 0x16)]
-    entries.append(CpuidEntry(0x15, 0, lapic_timer_hz // divisor, tsc // divisor, lapic_timer_hz, 0))
+    entries.append(CpuidEntry(0x15, 0, denominator, numerator, lapic_timer_hz, 0))
     mhz = tsc // 1_000_000
     entries.append(CpuidEntry(0x16, 0, mhz, mhz, max(1, lapic_timer_hz // 1_000_000), 0))
     ext_max = probe.cpuid(0x80000000)[0]

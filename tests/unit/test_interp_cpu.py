@@ -991,3 +991,28 @@ def test_exit_round_trip_cost(guest):
     per_exit = (time.perf_counter() - start) / count
     print(f"interp port-I/O exit round trip: {per_exit * 1e6:.1f} us")
     assert per_exit < 0.002
+
+
+def test_self_modifying_code_through_an_alias_is_seen(guest):
+    guest.setup_long_mode()
+    guest.mem.write_int(PD + 8, 8, 0x83)  # 2-4 MiB virtual aliases physical 0-2 MiB
+    sym = guest.load(
+        """
+        .code64
+        call func
+        out %eax, $0xE0
+        movb $2, func + 1           # patch the immediate through the identity mapping
+        call func
+        out %eax, $0xE0
+        movb $3, func + 1 + 0x200000  # and through the alias
+        call func
+        out %eax, $0xE0
+        out %al, $0xf0
+        func:
+        mov $1, %eax
+        ret
+        """
+    )
+    assert sym["func"] < 0x200000
+    exits = guest.run_until_done()
+    assert [v for _, v in outs(exits, 0xE0)] == [1, 2, 3]
