@@ -117,8 +117,8 @@ class Bench:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-mib", type=int, default=256)
-    parser.add_argument("--seconds", type=float, default=1.5, help="approximate device time per measurement")
-    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds per measurement (best is kept)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="approximate device time per measurement")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per measurement (best is kept)")
     parser.add_argument("--dir", default=None, help="where to create the scratch image (default: $TMPDIR)")
     args = parser.parse_args(argv)
 
@@ -131,6 +131,7 @@ def main(argv=None) -> int:
         sectors = args.image_mib << 11
         fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
         print(f"virtio-blk device model vs raw preadv/pwritev, {args.image_mib} MiB image (page cache), batch {BATCH}")
+        print(f"host load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other processes skew both sides)")
         print(f"{'request':>8} {'op':>5} | {'device MB/s':>11} {'req/s':>9} | {'raw MB/s':>9} {'req/s':>9} | ratio")
         worst_64k = None
         for size in (4096, 65536):
