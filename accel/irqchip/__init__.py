@@ -7,6 +7,7 @@ from pyvmm.accel.irqchip.chip import (
     LAPIC_DEFAULT_BASE,
     LAPIC_TIMER_HZ,
     PIT_HZ,
+    PIT_IDENTITY_PIN,
     Irqchip,
     IrqchipError,
 )
@@ -16,6 +17,6 @@ from pyvmm.accel.irqchip.timebase import monotonic_raw, tsc_cpuid_leaves
 
 __all__ = [
     "Irqchip", "IrqchipError", "ISA_IRQ_TO_IOAPIC_PIN", "IOAPIC_PIN_OF_IRQ", "IOAPIC_DEFAULT_BASE",
-    "LAPIC_DEFAULT_BASE", "LAPIC_TIMER_HZ", "PIT_HZ", "IOAPIC_VERSION", "LAPIC_VERSION",
+    "LAPIC_DEFAULT_BASE", "LAPIC_TIMER_HZ", "PIT_HZ", "PIT_IDENTITY_PIN", "IOAPIC_VERSION", "LAPIC_VERSION",
     "monotonic_raw", "tsc_cpuid_leaves",
 ]

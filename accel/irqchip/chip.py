@@ -16,9 +16,11 @@ Interrupt routing (the MP table writer must match ``ISA_IRQ_TO_IOAPIC_PIN``):
 
 * ISA IRQ n (0-15) drives 8259 input n and IOAPIC pin ``ISA_IRQ_TO_IOAPIC_PIN[n]``:
   identity except IRQ0 (PIT) -> pin 2, as on PCs with the MP/MADT override (QEMU routes
-  GSI 0 the same way). ``Irqchip(irq0_pin=0)`` instead matches an MP table with identity
-  routing. IRQ2 is the 8259 cascade and cannot be driven; the 8259's INTR is not wired to
-  an IOAPIC pin (virtual wire mode uses the BSP's LINT0 instead).
+  GSI 0 the same way). IRQ0 drives pin 0 as well (``PIT_IDENTITY_PIN``), so MP/MADT
+  tables with identity routing and no override (what pyvmm writes, as for KVM's default
+  GSI routing) work unchanged: Linux programs only the pin its table names for IRQ0 and
+  leaves the other masked. IRQ2 is the 8259 cascade and cannot be driven; the 8259's
+  INTR is not wired to an IOAPIC pin (virtual wire mode uses the BSP's LINT0 instead).
 * GSI 16-23 drive IOAPIC pins 16-23 only. Inputs are logical levels (True = asserted),
   so the MP table should describe every pin as active-high ("conforming" for ISA).
 * The 8259's INTR goes to every local APIC whose LINT0 is unmasked ExtINT (or that is
@@ -53,10 +55,12 @@ ISA_IRQ_TO_IOAPIC_PIN = {irq: (2 if irq == 0 else irq) for irq in range(16) if i
 #: IOAPIC pins a device can drive: the ISA ones above plus 16-23.
 IOAPIC_PIN_OF_IRQ = {**ISA_IRQ_TO_IOAPIC_PIN, **{gsi: gsi for gsi in range(16, IOAPIC_PIN_COUNT)}}
 PIT_IRQ = 0
+#: IRQ0 also drives this pin, so tables with identity routing (no override) work as well
+PIT_IDENTITY_PIN = 0
 
 __all__ = [
     "Irqchip", "IrqchipError", "ISA_IRQ_TO_IOAPIC_PIN", "IOAPIC_PIN_OF_IRQ", "IOAPIC_DEFAULT_BASE",
-    "LAPIC_DEFAULT_BASE", "LAPIC_TIMER_HZ", "PIT_HZ",
+    "LAPIC_DEFAULT_BASE", "LAPIC_TIMER_HZ", "PIT_HZ", "PIT_IDENTITY_PIN",
 ]
 
 
@@ -77,14 +81,9 @@ class Irqchip:
         *,
         clock: Callable[[], float] = time.monotonic,
         wake: Callable[[int], None] = lambda vcpu_index: None,
-        irq0_pin: int = ISA_IRQ_TO_IOAPIC_PIN[PIT_IRQ],
     ):
         if not 1 <= vcpu_count <= 255:
             raise IrqchipError(f"vcpu_count {vcpu_count} is outside 1..255 (8-bit xAPIC IDs, 0xFF is broadcast)")
-        if irq0_pin not in (0, 2):
-            raise IrqchipError(f"irq0_pin {irq0_pin}: ISA IRQ0 can only go to IOAPIC pin 2 (PC) or 0 (identity)")
-        # an MP table with identity routing (IRQ0 -> pin 0, as Firecracker writes for KVM) needs irq0_pin=0
-        self.pin_of_irq = {**IOAPIC_PIN_OF_IRQ, PIT_IRQ: irq0_pin}
         self.vcpu_count = vcpu_count
         self.clock = clock
         self._wake = wake
@@ -120,7 +119,7 @@ class Irqchip:
 
     # --- interrupt lines ---------------------------------------------------------
     def set_irq_line(self, irq: int, level: bool) -> None:
-        pin = self.pin_of_irq.get(irq)
+        pin = IOAPIC_PIN_OF_IRQ.get(irq)
         if pin is None:
             raise IrqchipError(f"IRQ {irq} cannot be driven (valid: 0, 1, 3-23; IRQ2 is the 8259 cascade)")
         with self._lock:
@@ -134,6 +133,8 @@ class Irqchip:
             if self.pic.output and not before:
                 self._notify_pic_receivers()
         self.ioapic.set_pin(pin, level)
+        if irq == PIT_IRQ:
+            self.ioapic.set_pin(PIT_IDENTITY_PIN, level)
 
     def _notify_pic_receivers(self) -> None:
         for lapic in self.lapics:
@@ -311,7 +312,7 @@ class Irqchip:
         with self._lock:
             now = self.clock()
             if self.pit.take_irq0_edge(now):
-                pin = self.pin_of_irq[PIT_IRQ]
+                pin = ISA_IRQ_TO_IOAPIC_PIN[PIT_IRQ]
                 self._set_line_locked(PIT_IRQ, pin, True)
                 self._set_line_locked(PIT_IRQ, pin, False)
             for lapic in self.lapics:
@@ -334,8 +335,11 @@ class Irqchip:
     def _receives_irq0(self, lapic: LocalApic) -> bool:
         if lapic.accepts_pic() and not self.pic.master.imr & 1:
             return True
-        message = self.ioapic.pin_targets(self.pin_of_irq[PIT_IRQ])
-        return message is not None and lapic.matches(message.logical, message.destination)
+        for pin in (ISA_IRQ_TO_IOAPIC_PIN[PIT_IRQ], PIT_IDENTITY_PIN):
+            message = self.ioapic.pin_targets(pin)
+            if message is not None and lapic.matches(message.logical, message.destination):
+                return True
+        return False
 
     # --- interrupt acknowledge -----------------------------------------------------
     def has_interrupt(self, vcpu_index: int) -> bool:

@@ -190,8 +190,7 @@ class LocalApic:
             return
         bit = 1 << vector
         self.isr &= ~bit
-        if self.tmr & bit:
-            self.tmr &= ~bit
+        if self.tmr & bit:  # TMR keeps the trigger mode until the vector is accepted again
             self.bus.eoi_broadcast(vector)
 
     # --- timer ---------------------------------------------------------------

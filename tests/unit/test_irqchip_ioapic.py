@@ -2,7 +2,7 @@
 
 import pytest
 
-from pyvmm.accel.irqchip import ISA_IRQ_TO_IOAPIC_PIN, Irqchip, IrqchipError
+from pyvmm.accel.irqchip import ISA_IRQ_TO_IOAPIC_PIN, Irqchip
 
 IOAPIC = 0xFEC00000
 LAPIC = 0xFEE00000
@@ -208,11 +208,13 @@ def test_extint_delivery_mode_fetches_the_vector_from_the_pic(chip):
     assert not chip.has_interrupt(1)
 
 
-def test_identity_routing_option_puts_the_pit_on_pin0():
+def test_pit_also_reaches_pin0_for_identity_routed_tables():
+    # pyvmm's MP table and MADT route ISA IRQ0 to pin 0 (no override), as KVM does
     clock = FakeClock()
-    chip = Irqchip(1, clock=clock, irq0_pin=0)
+    chip = Irqchip(1, clock=clock)
     setup_local_apic(chip, 0)
     route(chip, 0, 0x30, dest=0)
+    route(chip, 2, 0x31, dest=0, masked=True)  # IRQ2 (cascade) in such a table: left masked
     chip.pio_write(0, 0x21, 1, 0xFF)
     chip.pio_write(0, 0x43, 1, 0x34)
     chip.pio_write(0, 0x40, 1, 0xA9)
@@ -220,5 +222,4 @@ def test_identity_routing_option_puts_the_pit_on_pin0():
     clock.now = chip.next_deadline(0) + 1e-7
     chip.poll()
     assert chip.ack_interrupt(0) == 0x30
-    with pytest.raises(IrqchipError, match="irq0_pin 1"):
-        Irqchip(1, irq0_pin=1)
+    assert not chip.has_interrupt(0)
