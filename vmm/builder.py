@@ -17,14 +17,15 @@ from pyvmm.devices.legacy.debug_exit import DebugExit
 from pyvmm.devices.legacy.i8042 import I8042
 from pyvmm.devices.legacy.post import PostCode
 from pyvmm.devices.legacy.serial import Serial
-from pyvmm.errors import ConfigError, PyvmmError
+from pyvmm.errors import ConfigError
 from pyvmm.vmm import layout
+from pyvmm.vmm.boot.acpi import write_acpi_tables
 from pyvmm.vmm.boot.bootparams import write_boot_params
 from pyvmm.vmm.boot.cmdline import write_cmdline
 from pyvmm.vmm.boot.e820 import e820_map
 from pyvmm.vmm.boot.initrd import load_initrd
 from pyvmm.vmm.boot.kernel import load_kernel
-from pyvmm.vmm.boot.mptable import write_mptable
+from pyvmm.vmm.boot import mptable
 from pyvmm.vmm.boot.pvh import write_pvh_start_info
 from pyvmm.vmm.bus import MmioBus, PioBus
 from pyvmm.vmm.machine import Machine
@@ -58,6 +59,12 @@ def build_machine(
                 file=config.source,
                 key="machine.vcpus",
             )
+        if vcpu_count > mptable.max_vcpus():
+            raise ConfigError(
+                f"{vcpu_count} vCPUs is more than the {mptable.max_vcpus()} the MP table in the EBDA can describe",
+                file=config.source,
+                key="machine.vcpus",
+            )
 
         memory = GuestMemory.anonymous(layout.ram_layout(config.machine.memory_mib << 20))
         for slot, region in enumerate(memory.regions):
@@ -73,8 +80,11 @@ def build_machine(
         for base, size, device in extra_mmio:
             mmio.insert(device, base, size)
 
-        mode, entry, boot_info = _load_guest(config, memory, vm.name)
-        write_mptable(memory, vcpu_count)
+        # Both the MP table (kernels with CONFIG_X86_MPPARSE) and ACPI's MADT
+        # (Debian's cloud kernel reads only ACPI) describe the CPUs and IOAPIC.
+        mptable.write_mptable(memory, vcpu_count)
+        rsdp = write_acpi_tables(memory, vcpu_count)
+        mode, entry, boot_info = _load_guest(config, memory, rsdp)
 
         loops = []
         for index in range(vcpu_count):
@@ -126,28 +136,31 @@ def _legacy_devices(vm, memory, lifecycle, console_output):
     }
 
 
-def _load_guest(config: VmConfig, memory: GuestMemory, backend: str) -> tuple[str, int, int]:
+def _load_guest(config: VmConfig, memory: GuestMemory, rsdp: int) -> tuple[str, int, int]:
     """Load kernel and initrd and write the boot information. Returns (mode, entry, boot_info)."""
     boot = config.boot
-    try:
-        kernel = load_kernel(memory, str(boot.kernel))
-        initrd = load_initrd(memory, str(boot.initrd), kernel) if boot.initrd else None
-        cmdline_addr, cmdline_size = write_cmdline(memory, boot.cmdline, kernel)
-        e820 = e820_map(memory)
-        if kernel.pvh_entry is not None:
-            info = write_pvh_start_info(
-                memory, cmdline_addr=cmdline_addr, e820=e820, modules=[initrd] if initrd else []
-            )
-            return "pvh32", kernel.pvh_entry, info
-        if kernel.linux64_entry is None:
-            raise ConfigError(
-                "the ELF has neither a PVH entry note nor a usable 64-bit entry point",
-                file=config.source,
-                key="boot.kernel",
-            )
-        info = write_boot_params(
-            memory, kernel=kernel, cmdline_addr=cmdline_addr, cmdline_size=cmdline_size, initrd=initrd, e820=e820
+    kernel = load_kernel(memory, str(boot.kernel))
+    initrd = load_initrd(memory, str(boot.initrd), kernel) if boot.initrd else None
+    cmdline_addr, cmdline_size = write_cmdline(memory, boot.cmdline, kernel)
+    e820 = e820_map(memory)
+    if kernel.pvh_entry is not None:
+        info = write_pvh_start_info(
+            memory, cmdline_addr=cmdline_addr, e820=e820, modules=[initrd] if initrd else [], rsdp_addr=rsdp
         )
-        return "linux64", kernel.linux64_entry, info
-    except PyvmmError:
-        raise
+        return "pvh32", kernel.pvh_entry, info
+    if kernel.linux64_entry is None:
+        raise ConfigError(
+            "the ELF has neither a PVH entry note nor a usable 64-bit entry point",
+            file=config.source,
+            key="boot.kernel",
+        )
+    info = write_boot_params(
+        memory,
+        kernel=kernel,
+        cmdline_addr=cmdline_addr,
+        cmdline_size=cmdline_size,
+        initrd=initrd,
+        e820=e820,
+        rsdp_addr=rsdp,
+    )
+    return "linux64", kernel.linux64_entry, info
