@@ -294,3 +294,18 @@ def test_port_io_round_trip_cost(make_guest):
     per_exit = (time.perf_counter() - start) / count
     print(f"\nport-I/O exit round trip through KvmVcpu.run(): {per_exit * 1e6:.1f} us")
     assert per_exit < 200e-6
+
+
+def test_guest_sees_the_filtered_cpuid(make_guest):
+    from pyvmm.vmm.x86.cpuid import build_cpuid
+
+    # mov eax, 1; cpuid; mov eax, ebx; out 0x515, eax; mov eax, 1; cpuid; mov eax, ecx; out 0x516, eax
+    leaf1_to = lambda reg_to_eax, port: (mov_eax(1) + b"\x0F\xA2" + reg_to_eax + mov_edx(port) + OUT_DX_EAX)
+    guest = make_guest(leaf1_to(b"\x89\xD8", 0x515) + leaf1_to(b"\x89\xC8", 0x516) + JMP_SELF)
+    table = build_cpuid(guest.vm.supported_cpuid(), 0, 2, hypervisor_signature="KVMKVMKVM")
+    guest.vcpu.set_cpuid(table)
+    ebx = int.from_bytes(guest.vcpu.run().data, "little")
+    ecx = int.from_bytes(guest.vcpu.run().data, "little")
+    assert ebx >> 24 == 0 and (ebx >> 16) & 0xFF == 2
+    assert ecx & (1 << 31)  # hypervisor bit
+    assert not ecx & (1 << 3)  # no MONITOR
