@@ -149,6 +149,8 @@ def probe(device: str = DEVICE) -> tuple[bool, str, list[str]]:
         return False, f"cannot open {device}: {err.strerror}", notes
     try:
         version = libc.ioctl(fd, k.KVM_GET_API_VERSION, _ULONG_ZERO)
+        if version < 0:
+            return False, f"{device} is not a KVM device (KVM_GET_API_VERSION: {os.strerror(ffi.errno)})", notes
         if version != k.KVM_API_VERSION:
             return False, f"KVM API version is {version}, pyvmm needs {k.KVM_API_VERSION}", notes
         missing = [name for cap, name in REQUIRED_CAPS.items() if not _check_extension(fd, cap)]

@@ -18,6 +18,7 @@ from pyvmm.accel import kvm
 from pyvmm.accel.ops import (
     CpuidEntry,
     DescriptorTable,
+    EmulationFailure,
     FpuState,
     Interrupted,
     IoIn,
@@ -34,7 +35,8 @@ from pyvmm.vmm.memory import GuestMemory
 from pyvmm.vmm.x86 import msrs
 
 usable, reason, _notes = kvm.probe()
-pytestmark = [pytest.mark.kvm, pytest.mark.skipif(not usable, reason=f"KVM not usable: {reason}")]
+needs_kvm = pytest.mark.skipif(not usable, reason=f"KVM not usable: {reason}")
+pytestmark = pytest.mark.kvm
 
 RAM_SIZE = 0x10000
 GUEST_CODE = 0x1000
@@ -81,9 +83,9 @@ JMP_BACK_3 = b"\xEB\xFD"  # jmp to the 1-byte instruction just before this 2-byt
 
 
 class Guest:
-    def __init__(self, code: bytes, data: bytes = b""):
+    def __init__(self, code: bytes, data: bytes = b"", **vm_options):
         kvm.install_kick_handler()
-        self.vm = kvm.KvmVm()
+        self.vm = kvm.KvmVm(**vm_options)
         self.memory = GuestMemory.anonymous([(0, RAM_SIZE)])
         self.vm.map_memory(0, 0, self.memory.regions[0].buffer)
         self.memory.write(GUEST_CODE, code)
@@ -106,10 +108,12 @@ class Guest:
 
 @pytest.fixture
 def make_guest():
+    if not usable:
+        pytest.skip(f"KVM not usable: {reason}")
     guests = []
 
-    def make(code: bytes, data: bytes = b"") -> Guest:
-        guest = Guest(code, data)
+    def make(code: bytes, data: bytes = b"", **vm_options) -> Guest:
+        guest = Guest(code, data, **vm_options)
         guests.append(guest)
         return guest
 
@@ -118,10 +122,68 @@ def make_guest():
         guest.close()
 
 
+@needs_kvm
 def test_probe_reports_usable_with_notes():
     ok, why, notes = kvm.probe()
     assert ok and why == "usable"
     assert any("vCPUs" in note for note in notes)
+
+
+def test_probe_missing_device(tmp_path):
+    ok, why, _ = kvm.probe(str(tmp_path / "kvm"))
+    assert not ok and "does not exist" in why
+
+
+def test_probe_not_a_kvm_device():
+    ok, why, _ = kvm.probe("/dev/null")
+    assert not ok and "not a KVM device" in why
+
+
+@needs_kvm
+def test_probe_names_each_missing_capability(monkeypatch):
+    real = kvm._check_extension
+    absent = {k.KVM_CAP_IRQCHIP, k.KVM_CAP_IMMEDIATE_EXIT}
+    monkeypatch.setattr(kvm, "_check_extension", lambda fd, cap: 0 if cap in absent else real(fd, cap))
+    ok, why, _ = kvm.probe()
+    assert not ok
+    assert "KVM_CAP_IRQCHIP" in why and "KVM_CAP_IMMEDIATE_EXIT" in why and "KVM_CAP_PIT2" not in why
+
+
+def test_probe_notes_a_pvm_host(monkeypatch, tmp_path):
+    monkeypatch.setattr(kvm, "_PVM_MODULE", str(tmp_path))
+    _, _, notes = kvm.probe(str(tmp_path / "kvm"))
+    assert any("PVM" in note and "emulated" in note for note in notes)
+    monkeypatch.setattr(kvm, "_PVM_MODULE", str(tmp_path / "absent"))
+    _, _, notes = kvm.probe(str(tmp_path / "kvm"))
+    assert not any("PVM" in note for note in notes)
+
+
+def test_request_stop_without_kick_handler_only_sets_immediate_exit(make_guest, monkeypatch):
+    guest = make_guest(JMP_SELF)
+    sent = []
+    monkeypatch.setattr(kvm, "kick_handler_installed", lambda: False)
+    monkeypatch.setattr(kvm.signal, "pthread_kill", lambda *args: sent.append(args))
+    guest.vcpu._in_kvm_run, guest.vcpu.thread_id = True, 12345  # as if another thread were in KVM_RUN
+    guest.vcpu.request_stop()
+    guest.vcpu._in_kvm_run = False
+    assert sent == []  # the signal's default action would kill the process
+    assert guest.vcpu.kvm_run.immediate_exit == 1
+    assert isinstance(guest.vcpu.run(), Interrupted)
+
+
+def test_request_stop_reaches_a_vcpu_in_a_worker_thread(make_guest):
+    guest = make_guest(JMP_SELF)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(guest.vcpu.run()))
+    worker.start()
+    deadline = time.monotonic() + 5
+    while not guest.vcpu._in_kvm_run and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    guest.vcpu.request_stop()
+    worker.join(5)
+    assert not worker.is_alive()
+    assert results == [Interrupted()]
 
 
 def test_out_al_and_out_eax(make_guest):
@@ -309,3 +371,27 @@ def test_guest_sees_the_filtered_cpuid(make_guest):
     assert ebx >> 24 == 0 and (ebx >> 16) & 0xFF == 2
     assert ecx & (1 << 31)  # hypervisor bit
     assert not ecx & (1 << 3)  # no MONITOR
+
+
+POPCNT_EAX_EBX = b"\xF3\x0F\xB8\xC3"  # an instruction KVM's emulator does not implement
+
+
+@pytest.mark.skipif(not kvm.is_pvm_host(), reason="needs a PVM host, where guest CPL0 code goes through KVM's emulator")
+def test_emulation_failure_carries_rip_and_instruction_bytes(make_guest):
+    guest = make_guest(POPCNT_EAX_EBX + JMP_SELF)
+    if not guest.vm.emulation_failure_exits:
+        pytest.skip("KVM_CAP_EXIT_ON_EMULATION_FAILURE is not available")
+    failure = guest.vcpu.run()
+    assert isinstance(failure, EmulationFailure)
+    assert failure.rip == GUEST_CODE
+    assert failure.insn.startswith(POPCNT_EAX_EBX)
+
+
+@pytest.mark.skipif(not kvm.is_pvm_host(), reason="needs a PVM host, where guest CPL0 code goes through KVM's emulator")
+def test_emulation_failure_without_the_capability(make_guest):
+    guest = make_guest(POPCNT_EAX_EBX + JMP_SELF, emulation_failure_exits=False)
+    assert guest.vm.emulation_failure_exits is False
+    failure = guest.vcpu.run()
+    # CPL0 failures still exit; whether the bytes come along depends on the kernel version
+    assert isinstance(failure, EmulationFailure) and failure.rip == GUEST_CODE
+    assert failure.insn == b"" or failure.insn.startswith(POPCNT_EAX_EBX)
