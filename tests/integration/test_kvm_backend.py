@@ -395,3 +395,23 @@ def test_emulation_failure_without_the_capability(make_guest):
     # CPL0 failures still exit; whether the bytes come along depends on the kernel version
     assert isinstance(failure, EmulationFailure) and failure.rip == GUEST_CODE
     assert failure.insn == b"" or failure.insn.startswith(POPCNT_EAX_EBX)
+
+
+def test_long_mode_guest(make_guest):
+    """64-bit entry as the Linux boot path uses it: identity-mapped 2 MiB page, EFER.LME|LMA, CS.L."""
+    mov_rax = b"\x48\xB8" + struct.pack("<Q", 0x1122334455667788)
+    guest = make_guest(mov_rax + mov_edx(0x517) + OUT_DX_EAX + JMP_SELF)
+    memory = guest.memory
+    memory.write_int(0x9000, 8, 0xA000 | 0x3)  # PML4[0] -> PDPT
+    memory.write_int(0xA000, 8, 0xB000 | 0x3)  # PDPT[0] -> PD
+    memory.write_int(0xB000, 8, 0x0 | 0x83)  # PD[0]: 2 MiB page at 0, present, writable
+    sregs = guest.vcpu.get_sregs()
+    sregs.cs = Segment(base=0, limit=0xFFFFFFFF, selector=0x8, type=11, l=True, g=True)
+    sregs.cr3, sregs.cr4 = 0x9000, 0x20  # PAE
+    sregs.cr0 = 0x80000011  # PG | ET | PE
+    sregs.efer = msrs.EFER_LME | msrs.EFER_LMA
+    guest.vcpu.set_sregs(sregs)
+    out = guest.vcpu.run()
+    assert isinstance(out, IoOut) and out.port == 0x517 and bytes(out.data) == struct.pack("<I", 0x55667788)
+    assert guest.vcpu.get_regs().rax == 0x1122334455667788
+    assert guest.vcpu.get_sregs().efer & msrs.EFER_LMA
