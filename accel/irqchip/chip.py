@@ -55,6 +55,9 @@ ISA_IRQ_TO_IOAPIC_PIN = {irq: (2 if irq == 0 else irq) for irq in range(16) if i
 #: IOAPIC pins a device can drive: the ISA ones above plus 16-23.
 IOAPIC_PIN_OF_IRQ = {**ISA_IRQ_TO_IOAPIC_PIN, **{gsi: gsi for gsi in range(16, IOAPIC_PIN_COUNT)}}
 PIT_IRQ = 0
+# LAPIC registers written on every interrupt that cannot move a timer deadline
+_NO_DEADLINE_EFFECT = frozenset((0x80, 0xB0, 0x300, 0x310))  # TPR, EOI, ICR
+
 #: IRQ0 also drives this pin, so tables with identity routing (no override) work as well
 PIT_IDENTITY_PIN = 0
 
@@ -101,6 +104,8 @@ class Irqchip:
         self._lapic_pages = frozenset()
         self._lowest_priority_next = 0
         self._next_due = math.inf  # earliest timer event of any kind, for a lock-free poll()
+        # per vCPU, the earliest deadline a backend may be waiting for (see _recheck_deadlines)
+        self._told = [math.inf] * vcpu_count
         self._refresh_pages()
 
     # --- locking helpers ---------------------------------------------------------
@@ -229,6 +234,7 @@ class Irqchip:
             now = self.clock()
             for i in range(size):
                 self._write_port_byte(now, port + i, (value >> (8 * i)) & 0xFF)
+            self._recheck_deadlines()
         self._flush_wakes()
 
     def _check_access(self, where: int, size: int, kind: str) -> None:
@@ -294,6 +300,8 @@ class Irqchip:
                 # the SDM leaves non-dword APIC writes undefined: they are dropped
                 if byte == 0 and size >= 4:
                     lapic.write(register, value & 0xFFFF_FFFF, self.clock())
+                    if register not in _NO_DEADLINE_EFFECT:
+                        self._recheck_deadlines()
             elif page == IOAPIC_DEFAULT_BASE:
                 if byte == 0 and size >= 4:
                     self.ioapic.write(register, value & 0xFFFF_FFFF)
@@ -301,6 +309,7 @@ class Irqchip:
                     mask = ((1 << (8 * size)) - 1) << (8 * byte)
                     merged = (self.ioapic.read(register) & ~mask) | ((value << (8 * byte)) & mask)
                     self.ioapic.write(register, merged)
+                self._recheck_deadlines()
             elif page not in self._lapic_pages:
                 raise IrqchipError(f"MMIO write at {addr:#x} is not an irqchip address")
         self._flush_wakes()
@@ -324,13 +333,31 @@ class Irqchip:
     def next_deadline(self, vcpu_index: int) -> float | None:
         lapic = self._check_vcpu(vcpu_index)
         with self._lock:
-            due = math.inf
-            if lapic.timer_due is not None and not lapic.lvt[LVT_TIMER] & LVT_MASKED:
-                due = lapic.timer_due
-            pit_due = self.pit.irq0_deadline()
-            if pit_due < due and self._receives_irq0(lapic):
-                due = pit_due
+            due = self._deadline_locked(lapic)
+            self._told[vcpu_index] = due
         return None if due == math.inf else due
+
+    def _deadline_locked(self, lapic: LocalApic) -> float:
+        due = math.inf
+        if lapic.timer_due is not None and not lapic.lvt[LVT_TIMER] & LVT_MASKED:
+            due = lapic.timer_due
+        pit_due = self.pit.irq0_deadline()
+        if pit_due < due and self._receives_irq0(lapic):
+            due = pit_due
+        return due
+
+    def _recheck_deadlines(self) -> None:
+        """After a guest write: wake each vCPU whose next deadline moved earlier than it knew.
+
+        A backend waits (halted, or running until it must stop to ``poll()``) until the
+        ``next_deadline`` it last read; a timer programmed, or unmasked, meanwhile by any
+        vCPU would otherwise wait for the next unrelated wake-up.
+        """
+        for lapic in self.lapics:
+            due = self._deadline_locked(lapic)
+            if due < self._told[lapic.index]:
+                self._wakes.add(lapic.index)
+            self._told[lapic.index] = due
 
     def _receives_irq0(self, lapic: LocalApic) -> bool:
         if lapic.accepts_pic() and not self.pic.master.imr & 1:
@@ -394,3 +421,5 @@ class Irqchip:
                 lapic.reset()
                 self.timer_changed()
             self._refresh_pages()
+            self._recheck_deadlines()
+        self._flush_wakes()

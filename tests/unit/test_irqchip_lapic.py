@@ -348,3 +348,37 @@ def test_device_and_vcpu_threads_lose_no_interrupt_and_no_wake():
     assert missed_wakes == []
     assert handled.count(0x39) == rounds
     assert 0 < handled.count(0x35) <= rounds  # edges coalesce while one is pending in IRR
+
+
+def test_wake_when_a_deadline_appears_or_moves_earlier(clock, woken):
+    """A backend waits until the next_deadline it read; programming a timer must wake it."""
+    chip = Irqchip(2, clock=clock, wake=woken.append)
+    enable(chip, 1)
+    assert chip.next_deadline(1) is None  # the backend of vCPU 1 now waits without a timeout
+    w(chip, 1, TIMER_DIVIDE, 0xB)
+    w(chip, 1, LVT_TIMER, 0xEC)
+    woken.clear()
+    w(chip, 1, TIMER_INITIAL, LAPIC_TIMER_HZ)  # 1 s
+    assert woken == [1]
+    assert chip.next_deadline(1) == pytest.approx(clock.now + 1)
+    woken.clear()
+    w(chip, 1, TIMER_INITIAL, 2 * LAPIC_TIMER_HZ)  # later: the backend wakes at 1 s anyway
+    assert woken == []
+    w(chip, 1, TIMER_INITIAL, LAPIC_TIMER_HZ // 2)  # earlier than what it knew: wake
+    assert woken == [1]
+    woken.clear()
+    w(chip, 1, EOI, 0)
+    assert woken == []
+
+
+def test_wake_when_the_pit_is_programmed_or_unmasked(clock, woken):
+    chip = Irqchip(2, clock=clock, wake=woken.append)
+    for cpu in (0, 1):
+        assert chip.next_deadline(cpu) is None
+    chip.pio_write(0, 0x21, 1, 0xFF)  # IRQ0 masked in the PIC: no deadline for anyone
+    chip.pio_write(0, 0x43, 1, 0x34)
+    chip.pio_write(0, 0x40, 1, 0x9C)
+    chip.pio_write(0, 0x40, 1, 0x2E)
+    assert woken == []
+    chip.pio_write(0, 0x21, 1, 0xFE)  # unmasked: the BSP (LINT0 ExtINT) now has a deadline
+    assert woken == [0]

@@ -228,6 +228,8 @@ def test_pit_irq0_periodic_reaches_ioapic_and_pic(clock):
     out(chip, 0x40, 0x9C)
     out(chip, 0x40, 0x2E)  # 11932: 100 Hz
     start = clock.now
+    assert woken == [0]  # a deadline appeared for the BSP: its backend must re-read it
+    woken.clear()
     assert chip.next_deadline(0) == pytest.approx(start + 11932 / PIT_HZ)
     chip.poll()
     assert not chip.has_interrupt(0)
