@@ -214,6 +214,18 @@ def test_rep_outsb_returns_each_access(make_guest):
     assert guest.vcpu.get_regs().rcx == 0
 
 
+def test_rep_insb_fills_each_access_before_reentry(make_guest):
+    mov_edi = b"\xBF" + struct.pack("<I", GUEST_DATA + 0x10)
+    guest = make_guest(mov_edx(0x518) + mov_edi + mov_ecx(3) + b"\xF3\x6C" + OUT_DX_AL + JMP_SELF)  # rep insb
+    for value in b"abc":
+        access = guest.vcpu.run()
+        assert isinstance(access, IoIn) and access.port == 0x518 and len(access.data) == 1
+        access.data[0] = value
+    marker = guest.vcpu.run()
+    assert isinstance(marker, IoOut) and marker.port == 0x518
+    assert guest.memory.read(GUEST_DATA + 0x10, 3) == b"abc"
+
+
 def test_mmio_read_and_write_round_trip(make_guest):
     guest = make_guest(load_eax_from(UNMAPPED) + store_eax_to(UNMAPPED + 8) + JMP_SELF)
     read = guest.vcpu.run()
