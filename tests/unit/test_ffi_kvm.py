@@ -116,7 +116,7 @@ OFFSETS = [
 
 IOCTLS = sorted(name for name in dir(kvm) if name.startswith("KVM_") and name[4:].startswith((
     "GET_", "SET_", "CREATE_", "CHECK_", "RUN", "IRQ_LINE", "IRQFD", "IOEVENTFD", "ENABLE_CAP", "SIGNAL_MSI",
-    "KVMCLOCK_CTRL")) and name not in ("KVM_SYSTEM_EVENT_",))
+    "KVMCLOCK_CTRL")))
 
 CONSTANT_PREFIXES = ("KVM_EXIT_", "KVM_CAP_", "KVM_INTERNAL_ERROR_", "KVM_SYSTEM_EVENT_", "KVM_MEM_", "KVM_PIT_",
                      "KVM_IRQFD_FLAG_", "KVM_IOEVENTFD_FLAG_", "KVM_IRQ_ROUTING_", "KVM_IRQCHIP_", "KVM_GUESTDBG_",
