@@ -124,8 +124,9 @@ def test_no_topology_leaf_beyond_the_max_basic_leaf():
     assert not [e for e in result if e.function in (0xB, 0x1F)]
 
 
-def test_kvm_signature_keeps_kvm_leaves():
-    table = c.build_cpuid(host_table(), 0, 1, hypervisor_signature="KVMKVMKVM")
+@pytest.mark.parametrize("signature", ["KVMKVMKVM", "KVMKVMKVM\0\0\0"])
+def test_kvm_signature_keeps_kvm_leaves(signature):
+    table = c.build_cpuid(host_table(), 0, 1, hypervisor_signature=signature)
     assert get(table, 0x40000000).ebx == int.from_bytes(b"KVMK", "little")
     assert get(table, 0x40000001).eax == 0x01007AFB
 

@@ -99,7 +99,8 @@ def build_cpuid(
 ) -> list[CpuidEntry]:
     """The CPUID table of vCPU ``vcpu_index`` (also its APIC ID) in a VM of ``vcpu_count`` vCPUs.
 
-    ``hypervisor_signature``: the 0x40000000 vendor string; ``"KVMKVMKVM"`` keeps
+    ``hypervisor_signature``: the 0x40000000 vendor string (up to 12 bytes, NUL-padded);
+    ``"KVMKVMKVM"`` keeps
     KVM's paravirtual leaves (only the KVM backend may pass it), another string
     presents just that signature, ``None`` drops the hypervisor leaves.
     """
@@ -107,6 +108,8 @@ def build_cpuid(
         raise ConfigError(f"vCPU index {vcpu_index} is outside 0..{vcpu_count - 1}")
     if vcpu_count > 255:
         raise ConfigError(f"{vcpu_count} vCPUs do not fit the 8-bit xAPIC ID of CPUID leaf 1")
+    if hypervisor_signature is not None:
+        hypervisor_signature = hypervisor_signature.rstrip("\0")  # "KVMKVMKVM\0\0\0" is the same signature
     by_key = {(e.function, e.index): e for e in supported}
     amd = _vendor(by_key) in ("AuthenticAMD", "HygonGenuine")
     result: list[CpuidEntry] = []
