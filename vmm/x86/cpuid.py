@@ -99,10 +99,9 @@ def build_cpuid(
 ) -> list[CpuidEntry]:
     """The CPUID table of vCPU ``vcpu_index`` (also its APIC ID) in a VM of ``vcpu_count`` vCPUs.
 
-    ``hypervisor_signature``: the 0x40000000 vendor string (up to 12 bytes, NUL-padded);
-    ``"KVMKVMKVM"`` keeps
-    KVM's paravirtual leaves (only the KVM backend may pass it), another string
-    presents just that signature, ``None`` drops the hypervisor leaves.
+    ``hypervisor_signature``: the 0x40000000 vendor string (up to 12 bytes, NUL-padded).
+    ``"KVMKVMKVM"`` keeps KVM's paravirtual leaves (only the KVM backend may pass it),
+    another string presents just that signature, ``None`` drops the hypervisor leaves.
     """
     if not 0 <= vcpu_index < vcpu_count:
         raise ConfigError(f"vCPU index {vcpu_index} is outside 0..{vcpu_count - 1}")
