@@ -383,7 +383,9 @@ class KvmVm:
 
 
 def create_vm(vcpu_count: int, **options) -> KvmVm:
-    """The entry point ``pyvmm.accel.open_vm`` uses."""
+    """The entry point ``pyvmm.accel.open_vm`` uses; also installs the kick handler when on the main thread."""
+    if threading.current_thread() is threading.main_thread():
+        install_kick_handler()
     vm = KvmVm(**options)
     if vcpu_count > vm.max_vcpus:
         vm.close()

@@ -427,3 +427,15 @@ def test_long_mode_guest(make_guest):
     assert isinstance(out, IoOut) and out.port == 0x517 and bytes(out.data) == struct.pack("<I", 0x55667788)
     assert guest.vcpu.get_regs().rax == 0x1122334455667788
     assert guest.vcpu.get_sregs().efer & msrs.EFER_LMA
+
+
+@needs_kvm
+def test_create_vm_installs_the_kick_handler_and_checks_the_vcpu_count():
+    vm = kvm.create_vm(1)
+    try:
+        assert kvm.kick_handler_installed()
+        assert vm.name == "kvm" and vm.max_vcpus >= 1
+    finally:
+        vm.close()
+    with pytest.raises(AccelError, match="vCPUs requested"):
+        kvm.create_vm(vm.max_vcpus + 1)
