@@ -8,11 +8,21 @@ when someone calls ``poll()``. A backend's loop is, per vCPU::
     chip.poll()
     if guest_if and chip.has_interrupt(i): vector = chip.ack_interrupt(i); deliver it
     if halted: sleep until chip.next_deadline(i) or until ``wake(i)`` is called
+    if running: stop the guest at chip.next_deadline(i) or at ``wake(i)`` to poll again
+
+``wake(i)`` means "look again": vCPU i may have a new interrupt, NMI, INIT or SIPI,
+or its ``next_deadline`` moved earlier than the value it last returned (a timer
+was programmed or unmasked, possibly by another vCPU). It can be called from any
+thread, including vCPU i's own, from inside ``pio_write``/``mmio_write``.
 
 Locking: one ``threading.Lock`` guards all models (vCPU threads and device threads
 call in concurrently); ``wake`` callbacks run after it is released.
 
-Interrupt routing (the MP table writer must match ``ISA_IRQ_TO_IOAPIC_PIN``):
+Time: every counter is computed from ``clock()`` when read (see ``timebase`` for how
+a backend keeps the guest's TSC consistent with it). TSC-deadline mode and x2APIC are
+not offered: a backend that cannot trap RDMSR/WRMSR cannot emulate their MSRs.
+
+Interrupt routing:
 
 * ISA IRQ n (0-15) drives 8259 input n and IOAPIC pin ``ISA_IRQ_TO_IOAPIC_PIN[n]``:
   identity except IRQ0 (PIT) -> pin 2, as on PCs with the MP/MADT override (QEMU routes
