@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import struct
+import threading
+import time
 
 from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc, UcError
 from unicorn import x86_const as x86
@@ -60,6 +62,22 @@ DESC_G = 1 << 23
 
 _SEGMENT = struct.Struct("<I4xQII")
 
+# struct uc_struct (uc_priv.h): the run of fields
+#   u32 target_page_size, u32 target_page_align, u64 qemu_host_page_size,
+#   u64 qemu_real_host_page_size, int qemu_icache_linesize, int context_content,
+#   int cpu_context_size, u64 next_pc, bool hook_insert, bool first_tb,
+#   bool no_exit_request, bool init_done
+# is found by its values; no_exit_request is 50 bytes after its start.
+_UC_ANCHOR = struct.Struct("<IIQQiii")
+NO_EXIT_REQUEST_FROM_ANCHOR = 50
+INIT_DONE_FROM_ANCHOR = 51
+
+# HLT leaves no trace in the CPU state unicorn exposes: emu_start returns OK as for a stop.
+# QEMU's CPUState.halted says it (set by hlt, cleared by every emu_start). Offsets:
+UC_CPU_POINTER = 0x1B8  # uc_struct.cpu
+CPU_HALTED = 0x8198  # CPUState.halted (u32)
+CPU_UC_POINTER = 0x81A8  # CPUState.uc, points back to the uc_struct
+
 
 class Blob:
     """A saved context, patched in place and loaded back with ``restore``."""
@@ -104,6 +122,50 @@ class Blob:
 
     def restore(self) -> None:
         self.uc.context_restore(self.context)
+
+
+def disable_midblock_exits(uc: Uc) -> None:
+    """Make ``emu_stop`` take effect only at translation-block boundaries.
+
+    unicorn 2.1.4 checks for a pending stop after *every guest memory access*
+    and then restarts the current instruction from its beginning: a stop from
+    another thread landing after the store of ``add [mem], 1``, ``lock xadd``
+    or ``cmpxchg`` re-executes it (measured: ~1 in 3 stops of an ``add [mem]``
+    loop), which corrupts a guest (Linux's preempt count, alternatives). The
+    engine's own ``no_exit_request`` switch (meant for ARM IT blocks) turns
+    those checks off at translation time; the check at each block's start
+    stays, and there the guest state is exact. Call before anything is
+    translated.
+    """
+    base = ctypes.cast(uc._uch, ctypes.c_void_p).value
+    size = 0x4000
+    raw = ctypes.string_at(base, size)
+    context_bytes = uc.context_save().size
+    found = []
+    for offset in range(0, size - 64, 4):
+        page, align, host_page, real_page, _, content, cpu_context = _UC_ANCHOR.unpack_from(raw, offset)
+        if page == 4096 and align == 4095 and host_page == real_page == 4096 and content == 1:
+            if 0 < cpu_context < context_bytes:
+                found.append(offset)
+    if len(found) != 1:
+        _fail(f"uc_struct run-state fields not found ({len(found)} candidates)")
+    flags = base + found[0]
+    if ctypes.c_uint8.from_address(flags + INIT_DONE_FROM_ANCHOR).value != 1:
+        _fail("uc_struct init_done is not where expected")
+    if ctypes.c_uint8.from_address(flags + NO_EXIT_REQUEST_FROM_ANCHOR).value != 0:
+        _fail("uc_struct no_exit_request is not where expected")
+    ctypes.c_uint8.from_address(flags + NO_EXIT_REQUEST_FROM_ANCHOR).value = 1
+
+
+def halted_flag(uc: Uc) -> ctypes.c_uint32:
+    """QEMU's ``CPUState.halted`` of this engine: 1 after ``hlt`` until the next emu_start."""
+    base = ctypes.cast(uc._uch, ctypes.c_void_p).value
+    cpu = ctypes.c_uint64.from_address(base + UC_CPU_POINTER).value
+    if not cpu or ctypes.c_uint64.from_address(cpu + CPU_UC_POINTER).value != base:
+        _fail("CPUState is not where expected")
+    if (ctypes.c_int32.from_address(cpu).value, ctypes.c_int32.from_address(cpu + 4).value) != (1, 1):
+        _fail("CPUState nr_cores/nr_threads are not where expected")
+    return ctypes.c_uint32.from_address(cpu + CPU_HALTED)
 
 
 def compute_hflags(old: int, cr0: int, efer: int, cs_flags: int, ss_flags: int, bases_nonzero: bool, vm86: bool) -> int:
@@ -231,3 +293,49 @@ def _verify_layout() -> None:
     tsc = (uc.reg_read(x86.UC_X86_REG_EDX) << 32) | uc.reg_read(x86.UC_X86_REG_EAX)
     if tsc < (1 << 60):
         _fail("TSC offset does not match")
+    _verify_stops_are_exact()
+
+
+def _verify_stops_are_exact() -> None:
+    """Stops from another thread must never re-execute an ``add [mem], 1``."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    page = ctypes.create_string_buffer(0x2000)
+    uc.mem_map_ptr(0, 0x2000, UC_PROT_ALL, ctypes.addressof(page))
+    disable_midblock_exits(uc)
+    uc.ctl_exits_enabled(True)
+    uc.ctl_set_exits([])
+    page[0x100:0x10C] = bytes.fromhex("48ffc1 ff042500100000 ebf2")  # 1: inc rcx; incl [0x1000]; jmp 1b
+    done = threading.Event()
+
+    def kick():
+        while not done.is_set():
+            uc.emu_stop()
+            time.sleep(0.00005)
+
+    kicker = threading.Thread(target=kick, daemon=True)
+    kicker.start()
+    rip = 0x100
+    try:
+        for _ in range(300):
+            uc.emu_start(rip, 0)
+            rip = uc.reg_read(x86.UC_X86_REG_RIP)
+    finally:
+        done.set()
+        kicker.join()
+    count = struct.unpack_from("<I", page, 0x1000)[0]
+    if count != uc.reg_read(x86.UC_X86_REG_RCX) & 0xFFFFFFFF:
+        _fail(f"stops re-execute instructions ({count} increments for {uc.reg_read(x86.UC_X86_REG_RCX)} loops)")
+    # The halted flag: 0 after those stops, 1 after hlt, 0 again after a stop.
+    halted = halted_flag(uc)
+    if halted.value != 0:
+        _fail("CPUState.halted is set after a stop")
+    page[0x200:0x202] = b"\x90\xf4"
+    uc.emu_start(0x200, 0)
+    if halted.value != 1 or uc.reg_read(x86.UC_X86_REG_RIP) != 0x202:
+        _fail("CPUState.halted is not set by hlt")
+    timer = threading.Timer(0.01, uc.emu_stop)
+    timer.start()
+    uc.emu_start(0x100, 0)  # the counting loop again, until the timer's stop
+    timer.join()
+    if halted.value != 0:
+        _fail("CPUState.halted is not cleared by emu_start")

@@ -170,13 +170,14 @@ class InterpVcpu:
         self._epoch = 0  # incremented each time emu_start returns
         self._irq_window_due: float | None = None
         self._kicked_deadline: float | None = None
-        self._kick_issued = False
         self.exits_posted = 0
 
         # With "exits" enabled (and none set) emu_start ignores ``until``. Without it, unicorn
         # translates until-1 on every start, and in 32-bit paged mode that failed walk overwrites CR2.
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
+        ctx.disable_midblock_exits(uc)  # async stops must land only between blocks (see context.py)
+        self._halted_flag = ctx.halted_flag(uc)
         uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, x86.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, x86.UC_X86_INS_OUT)
@@ -471,7 +472,6 @@ class InterpVcpu:
         self._pending = None
         with self._cond:
             self._in_emu = True
-            self._kick_issued = False
             self._cond.notify_all()
         error = None
         try:
@@ -486,7 +486,6 @@ class InterpVcpu:
             with self._cond:
                 self._in_emu = False
                 self._epoch += 1
-                kicked = self._kick_issued
                 self._cond.notify_all()
         pending = self._pending
         if self._replacement is not None:
@@ -504,26 +503,15 @@ class InterpVcpu:
                 return self._internal_error(f"unicorn: {error}"), True
             if error is not None:
                 return self._internal_error(f"{type(error).__name__}: {error}"), True
-            new_rip = uc.reg_read(x86.UC_X86_REG_RIP)
-            if self._after_hlt(new_rip, kicked):
+            # OK is returned both for hlt and for a stop; QEMU's CPUState.halted tells them apart
+            if self._halted_flag.value == 1:
                 self._halted = True
                 return None, True
-            return None, new_rip != rip
+            return None, uc.reg_read(x86.UC_X86_REG_RIP) != rip
         except system.TripleFault:
             return self._triple_fault(), True
         except system.Unsupported as err:
             return self._internal_error(str(err)), True
-
-    def _after_hlt(self, rip: int, kicked: bool) -> bool:
-        """An OK return from emu_start after ``hlt`` looks like a stop: the byte before RIP tells."""
-        state = system.MachineState(self.uc)
-        byte = state.read_bytes(state.segs[ctx.CS][1] + rip - 1, 1)
-        if byte != b"\xf4":
-            return False
-        # A kick landing right after an instruction whose last byte is 0xF4 would look the same;
-        # then only an unacknowledged kick with no reason to stop makes it ambiguous: prefer "halted"
-        # only when the guest can be woken (IF=1), else keep running.
-        return not kicked or bool(state.rflags & system.IF)
 
     def _handle_pending(self, pending):
         uc = self.uc
@@ -586,7 +574,6 @@ class InterpVcpu:
                 with cond:
                     if self._epoch != epoch or not self._in_emu or self._closing:
                         break
-                    self._kick_issued = True
                 self.uc.emu_stop()
                 with cond:
                     if self._epoch != epoch or not self._in_emu or self._closing:
