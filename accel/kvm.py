@@ -93,6 +93,10 @@ _U32 = struct.Struct("=I")
 
 _HALT = Halt()
 _INTERRUPTED = Interrupted()
+_new = tuple.__new__
+_IO_IN, _IO_OUT, _MMIO_READ, _MMIO_WRITE = IoIn, IoOut, MmioRead, MmioWrite
+_ioctl_noarg = k.ioctl_noarg
+_KVM_RUN = k.KVM_RUN
 _TRIPLE_FAULT = Shutdown("triple fault")
 
 
@@ -432,6 +436,7 @@ class KvmVcpu:
         self._run_buffer = ffi.from_buffer(self._mmap)
         self.kvm_run = ffi.cast("struct kvm_run *", self._run_buffer)
         self._pending: deque = deque()  # the remaining accesses of a string I/O exit
+        self._views: dict[tuple[int, int], memoryview] = {}  # (offset, size) -> view of kvm_run
         #: the thread inside run(), and whether it is inside KVM_RUN (for request_stop's kick)
         self.thread_id: int | None = None
         self._in_kvm_run = False
@@ -446,7 +451,7 @@ class KvmVcpu:
             return pending.popleft()
         self.thread_id = threading.get_ident()
         self._in_kvm_run = True
-        ret = libc.ioctl(self.fd, k.KVM_RUN, _ULONG_ZERO)
+        ret = _ioctl_noarg(self.fd, _KVM_RUN, 0)
         self._in_kvm_run = False
         if ret < 0:
             err = ffi.errno
@@ -456,18 +461,23 @@ class KvmVcpu:
             raise _fail(f"KVM_RUN (vCPU {self.index})", err) from OSError(err, os.strerror(err))
         page = self._page
         reason = _U32.unpack_from(page, _EXIT_REASON_OFF)[0]
+        # Exits are built with tuple.__new__ (half the cost of the NamedTuple
+        # constructor) around cached views of kvm_run's data area: a view is
+        # valid until the next run(), which is all the run loop needs.
         if reason == 2:  # KVM_EXIT_IO
             direction, size, port, count, offset = _IO_STRUCT.unpack_from(page, _IO_OFF)
             if count == 1:
-                if direction:
-                    return IoOut(port, page[offset : offset + size].tobytes())
-                return IoIn(port, page[offset : offset + size])
+                view = self._views.get((offset, size))
+                if view is None:
+                    view = self._views[(offset, size)] = page[offset : offset + size]
+                return _new(_IO_OUT if direction else _IO_IN, (port, view))
             return self._string_io(direction, size, port, count, offset)
         if reason == 6:  # KVM_EXIT_MMIO
             addr, length, is_write = _MMIO_STRUCT.unpack_from(page, _MMIO_OFF)
-            if is_write:
-                return MmioWrite(addr, page[_MMIO_DATA_OFF : _MMIO_DATA_OFF + length].tobytes())
-            return MmioRead(addr, page[_MMIO_DATA_OFF : _MMIO_DATA_OFF + length])
+            view = self._views.get((_MMIO_DATA_OFF, length))
+            if view is None:
+                view = self._views[(_MMIO_DATA_OFF, length)] = page[_MMIO_DATA_OFF : _MMIO_DATA_OFF + length]
+            return _new(_MMIO_WRITE if is_write else _MMIO_READ, (addr, view))
         return self._slow_exit(reason)
 
     def _string_io(self, direction: int, size: int, port: int, count: int, offset: int) -> VcpuExit:

@@ -10,6 +10,10 @@ of exactly the access size. The run loop fills it in place (for KVM it is a view
 into ``kvm_run``) and the backend completes the instruction on the next
 ``run()``. No backend-specific call is needed to complete an access.
 
+An exit's ``data`` (reads and writes alike) may be a view of a buffer the
+backend reuses: it is valid until the next ``run()`` of that vCPU. A device
+that keeps written data must copy it (``bytes(data)``).
+
 Register state uses plain mutable dataclasses with x86 architectural names, so
 that state can move between backends (KVM -> interpreter -> KVM).
 """

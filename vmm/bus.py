@@ -17,6 +17,9 @@ from typing import Protocol
 from pyvmm.errors import PyvmmError
 
 
+_MAX_CACHED_ADDRESSES = 4096
+
+
 class BusError(PyvmmError):
     """A device range that cannot be inserted."""
 
@@ -34,6 +37,9 @@ class Bus:
         self._entries: list[tuple[int, int, BusDevice]] = []  # (base, end, device), sorted by base
         self.unhandled_reads = 0
         self.unhandled_writes = 0
+        # addr -> (device, offset) for addresses seen before: the exit path
+        # mostly hits a handful of registers, and a dict lookup beats bisect.
+        self._hits: dict[int, tuple[BusDevice, int]] = {}
 
     def insert(self, device: BusDevice, base: int, size: int) -> None:
         end = base + size
@@ -50,6 +56,7 @@ class Bus:
                 )
         self._bases.insert(i, base)
         self._entries.insert(i, (base, end, device))
+        self._hits.clear()
 
     def find(self, addr: int) -> tuple[BusDevice, int] | None:
         """The device covering ``addr`` and the offset of ``addr`` in its range."""
@@ -60,8 +67,16 @@ class Bus:
                 return device, addr - base
         return None
 
-    def read(self, addr: int, data: memoryview) -> None:
+    def _lookup(self, addr: int) -> tuple[BusDevice, int] | None:
         hit = self.find(addr)
+        if hit is not None:
+            if len(self._hits) >= _MAX_CACHED_ADDRESSES:
+                self._hits.clear()
+            self._hits[addr] = hit
+        return hit
+
+    def read(self, addr: int, data: memoryview) -> None:
+        hit = self._hits.get(addr) or self._lookup(addr)
         if hit is None:
             self.unhandled_reads += 1
             data[:] = b"\xff" * len(data)
@@ -69,7 +84,7 @@ class Bus:
             hit[0].read(hit[1], data)
 
     def write(self, addr: int, data) -> None:
-        hit = self.find(addr)
+        hit = self._hits.get(addr) or self._lookup(addr)
         if hit is None:
             self.unhandled_writes += 1
         else:
