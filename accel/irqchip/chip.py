@@ -330,10 +330,11 @@ class Irqchip:
             return
         with self._lock:
             now = self.clock()
-            if self.pit.take_irq0_edge(now):
-                pin = ISA_IRQ_TO_IOAPIC_PIN[PIT_IRQ]
-                self._set_line_locked(PIT_IRQ, pin, True)
-                self._set_line_locked(PIT_IRQ, pin, False)
+            edges = self.pit.take_irq0_edges(now)
+            if edges:
+                absorbed = self._irq0_pending()
+                self._pulse_irq0()
+                self.pit.owe_irq0_edges(edges - 1 + absorbed)
             for lapic in self.lapics:
                 if lapic.timer_expire(now):
                     self._wakes.add(lapic.index)
@@ -369,6 +370,26 @@ class Irqchip:
                 self._wakes.add(lapic.index)
             self._told[lapic.index] = due
 
+    def _pulse_irq0(self) -> None:
+        pin = ISA_IRQ_TO_IOAPIC_PIN[PIT_IRQ]
+        self._set_line_locked(PIT_IRQ, pin, True)
+        self._set_line_locked(PIT_IRQ, pin, False)
+
+    def _irq0_vectors(self) -> set[int]:
+        """Vectors the IOAPIC sends for IRQ0 (its unmasked edge pins 2 and 0)."""
+        vectors = set()
+        for pin in (ISA_IRQ_TO_IOAPIC_PIN[PIT_IRQ], PIT_IDENTITY_PIN):
+            message = self.ioapic.pin_targets(pin)
+            if message is not None and not message.level and message.delivery_mode in (DM_FIXED, DM_LOWEST):
+                vectors.add(message.vector)
+        return vectors
+
+    def _irq0_pending(self) -> bool:
+        """Is an earlier IRQ0 still waiting to be taken (so a new edge would merge into it)?"""
+        if self.pic.master.irr & 1 and not self.pic.master.imr & 1:
+            return True
+        return any(lapic.irr >> vector & 1 for vector in self._irq0_vectors() for lapic in self.lapics)
+
     def _receives_irq0(self, lapic: LocalApic) -> bool:
         if lapic.accepts_pic() and not self.pic.master.imr & 1:
             return True
@@ -390,9 +411,14 @@ class Irqchip:
         lapic = self._check_vcpu(vcpu_index)
         with self._lock:
             vector = lapic.acknowledge()
+            irq0 = vector is not None and self.pit.irq0_backlog and vector in self._irq0_vectors()
             if vector is None and self.pic.output and (lapic.extint_pending or lapic.accepts_pic()):
                 lapic.extint_pending = False
                 vector = self.pic.acknowledge()
+                irq0 = self.pic.last_irq == PIT_IRQ
+            if irq0 and self.pit.take_owed_irq0_edge():
+                self._pulse_irq0()  # an owed tick, taken after this one's EOI
+        self._flush_wakes()
         return vector
 
     def has_nmi(self, vcpu_index: int) -> bool:

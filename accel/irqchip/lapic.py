@@ -26,6 +26,8 @@ from typing import Protocol
 from pyvmm.accel.irqchip.ioapic import DM_EXTINT, DM_FIXED, DM_INIT, DM_LOWEST, DM_NMI, DM_SIPI, DM_SMI, ApicMessage
 
 LAPIC_TIMER_HZ = 25_000_000
+#: missed periodic-timer expiries are re-delivered one per acknowledge, up to this much time
+TICK_BACKLOG_LIMIT_S = 0.5
 LAPIC_VERSION = 0x00050014  # version 0x14 (integrated xAPIC), max LVT entry 5
 LAPIC_DEFAULT_BASE = 0xFEE0_0000
 
@@ -96,6 +98,7 @@ class LocalApic:
         self.timer_start: float | None = None  # clock time of the last (re)base
         self.timer_base_ticks = 0  # ticks already counted at timer_start (a divide change rebases)
         self.timer_due: float | None = None
+        self.timer_backlog = 0  # periodic expiries owed to the guest (see timer_expire)
         self.nmi_pending = False
         self.extint_pending = False
 
@@ -182,6 +185,12 @@ class LocalApic:
         bit = 1 << vector
         self.irr &= ~bit
         self.isr |= bit
+        if self.timer_backlog:
+            lvt = self.lvt[LVT_TIMER]
+            if vector == lvt & 0xFF and lvt & LVT_TIMER_PERIODIC and not lvt & LVT_MASKED:
+                self.timer_backlog -= 1
+                self.irr |= bit  # the next owed tick, taken after this one's EOI
+                self.tmr &= ~bit
         return vector
 
     def eoi(self) -> None:
@@ -232,17 +241,33 @@ class LocalApic:
             self.timer_due = due if elapsed < initial and due > now else None
 
     def timer_expire(self, now: float) -> bool:
-        """Advance past ``now``: True if an expiry happened and the LVT lets it interrupt."""
+        """Advance past ``now``: True if an expiry happened and the LVT lets it interrupt.
+
+        Periodic mode keeps count of expiries the guest did not get (a late ``poll()``,
+        or the previous one still pending in IRR) and re-delivers them one at a time as
+        the guest acknowledges the timer vector, as KVM re-injects lost PIT ticks: a
+        kernel with a periodic tick counts jiffies per interrupt, and lost ticks make its
+        clocksource watchdog reject the TSC. The backlog is bounded (TICK_BACKLOG_LIMIT_S).
+        """
         if self.timer_due is None or now < self.timer_due:
             return False
-        if self.lvt[LVT_TIMER] & LVT_TIMER_PERIODIC:
-            self._timer_rearm(now)  # late polls merge several periods into one interrupt
+        lvt = self.lvt[LVT_TIMER]
+        missed = 0
+        if lvt & LVT_TIMER_PERIODIC:
+            period = self.timer_initial * self.timer_divisor() / LAPIC_TIMER_HZ
+            missed = int((now - self.timer_due) / period)
+            self._timer_rearm(now)
         else:
             self.timer_due = None
-        lvt = self.lvt[LVT_TIMER]
         if lvt & LVT_MASKED:
             return False
-        return self.accept_fixed(lvt & 0xFF, False)
+        vector = lvt & 0xFF
+        if self.irr & (1 << vector):
+            missed += 1  # the previous expiry has not been taken yet
+        if missed and lvt & LVT_TIMER_PERIODIC:
+            limit = int(TICK_BACKLOG_LIMIT_S * LAPIC_TIMER_HZ / (self.timer_initial * self.timer_divisor()))
+            self.timer_backlog = min(limit, self.timer_backlog + missed)
+        return self.accept_fixed(vector, False)
 
     # --- registers -------------------------------------------------------------
     def read(self, offset: int, now: float) -> int:
@@ -311,12 +336,14 @@ class LocalApic:
                 entry |= LVT_MASKED
             self.lvt[index] = entry
             if index == LVT_TIMER:
+                self.timer_backlog = 0
                 self._timer_rearm(now)
                 self.bus.timer_changed()
         elif offset == REG_TIMER_INITIAL:
             self.timer_initial = value & 0xFFFF_FFFF
             self.timer_start = now if self.timer_initial else None
             self.timer_base_ticks = 0
+            self.timer_backlog = 0
             self._timer_rearm(now)
             self.bus.timer_changed()
         elif offset == REG_TIMER_DIVIDE:
@@ -325,6 +352,7 @@ class LocalApic:
                 self.timer_base_ticks = self.timer_elapsed(now)
                 self.timer_start = now
             self.timer_divide = value & 0xB
+            self.timer_backlog = 0
             if self.timer_start is not None:
                 self._timer_rearm(now)
                 self.bus.timer_changed()

@@ -168,6 +168,7 @@ class DualPic:
         self.slave = Pic8259(ELCR_WRITABLE[1])
         self.master.slave_master = True
         self.output = False  # the master's INT pin
+        self.last_irq = -1  # the ISA IRQ the last acknowledge delivered (-1: spurious)
 
     def _update(self) -> None:
         self.master.set_input(CASCADE_IRQ, self.slave.pending_irq() >= 0)
@@ -184,6 +185,7 @@ class DualPic:
     def acknowledge(self) -> int:
         """The INTA cycle: the vector to run now (IRQ7/IRQ15's vector if the request vanished)."""
         irq = self.master.pending_irq()
+        self.last_irq = -1
         if irq < 0:
             vector = self.master.irq_base + 7  # spurious IRQ7, ISR untouched
         elif irq == CASCADE_IRQ:
@@ -192,11 +194,13 @@ class DualPic:
             if slave_irq >= 0:
                 self.slave.acknowledge(slave_irq)
                 vector = self.slave.irq_base + slave_irq
+                self.last_irq = 8 + slave_irq
             else:
                 vector = self.slave.irq_base + 7  # spurious IRQ15
         else:
             self.master.acknowledge(irq)
             vector = self.master.irq_base + irq
+            self.last_irq = irq
         self._update()
         return vector
 

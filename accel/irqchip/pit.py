@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 
 PIT_HZ = 1_193_182
+TICK_BACKLOG_LIMIT_S = 0.5  # owed periodic IRQ0 edges are capped at this much time
 PIT_PORTS = frozenset((0x40, 0x41, 0x42, 0x43))
 PORT_SYSTEM_CONTROL_B = 0x61  # bit 0 gate 2, bit 1 speaker data, bit 4 refresh toggle, bit 5 OUT2
 REFRESH_PERIOD = 15.085e-6  # port 0x61 bit 4 toggles at this rate (DRAM refresh request)
@@ -133,21 +134,17 @@ class PitChannel:
             edge = n + 1
         return self.start + edge / PIT_HZ
 
-    def take_edges(self, now: float) -> bool:
-        """Consume the rising edges of OUT up to ``now``: True if at least one happened.
-
-        Several periods passed since the last call are merged into one edge (a late
-        poll cannot raise more than one interrupt; the guest's timekeeping copes).
-        """
+    def take_edges(self, now: float) -> int:
+        """Consume the rising edges of OUT up to ``now``: how many happened (0 if none)."""
         due = self.next_edge_time()
         if due is None or now < due:
-            return False
-        d = self.ticks(now)
+            return 0
         if self.mode in (2, 3):
-            self.edges_done = max(self.edges_done + 1, d // self.reload)
-        else:
-            self.edges_done = 1
-        return True
+            passed = max(self.edges_done + 1, self.ticks(now) // self.reload)
+            count, self.edges_done = passed - self.edges_done, passed
+            return count
+        self.edges_done = 1
+        return 1
 
     # --- guest programming -----------------------------------------------
     def control(self, value: int) -> None:
@@ -243,6 +240,7 @@ class Pit:
         # channels 0 and 1 have their gates tied high; channel 2's is port 0x61 bit 0
         self.channels = [PitChannel(True), PitChannel(True), PitChannel(False)]
         self.port61 = 0  # bits 0-3 as last written
+        self.irq0_backlog = 0  # periodic channel 0 edges the guest is still owed
 
     def read_port(self, now: float, port: int) -> int:
         if port == PORT_SYSTEM_CONTROL_B:
@@ -261,6 +259,8 @@ class Pit:
             self._control(now, value)
         else:
             self.channels[port - 0x40].write_count(now, value)
+            if port == 0x40:
+                self.irq0_backlog = 0
 
     def _control(self, now: float, value: int) -> None:
         select = value >> 6
@@ -278,10 +278,30 @@ class Pit:
             channel.latch_count(now)
         else:
             channel.control(value)
+            if select == 0:
+                self.irq0_backlog = 0
 
     def irq0_deadline(self) -> float:
         due = self.channels[0].next_edge_time()
         return math.inf if due is None else due
 
-    def take_irq0_edge(self, now: float) -> bool:
+    def take_irq0_edges(self, now: float) -> int:
+        """Rising edges of OUT0 since the last call (the owner raises IRQ0 once for them)."""
         return self.channels[0].take_edges(now)
+
+    def owe_irq0_edges(self, missed: int) -> None:
+        """Edges the guest did not get: beyond the first of a late poll, or merged into a
+        still-pending IRQ0. The owner re-raises IRQ0 once per acknowledge of an IRQ0
+        vector while any are owed (KVM's PIT "reinject" policy): a kernel with a periodic
+        PIT tick counts one jiffy per interrupt, and lost ones make its clocksource
+        watchdog reject the TSC. Only periodic modes owe edges; the debt is bounded."""
+        channel = self.channels[0]
+        if missed > 0 and channel.mode in (2, 3):
+            limit = int(TICK_BACKLOG_LIMIT_S * PIT_HZ / channel.reload)
+            self.irq0_backlog = min(limit, self.irq0_backlog + missed)
+
+    def take_owed_irq0_edge(self) -> bool:
+        if self.irq0_backlog and self.channels[0].mode in (2, 3) and self.channels[0].start is not None:
+            self.irq0_backlog -= 1
+            return True
+        return False

@@ -223,3 +223,19 @@ def test_pit_also_reaches_pin0_for_identity_routed_tables():
     chip.poll()
     assert chip.ack_interrupt(0) == 0x30
     assert not chip.has_interrupt(0)
+
+
+def test_owed_pit_ticks_through_the_ioapic(chip):
+    clock = chip.clock
+    route(chip, 2, 0x30, dest=0x01, logical=True)
+    chip.pio_write(0, 0x21, 1, 0xFF)
+    chip.pio_write(0, 0x43, 1, 0x34)
+    chip.pio_write(0, 0x40, 1, 0xA9)
+    chip.pio_write(0, 0x40, 1, 0x04)  # 1193 input clocks per tick
+    clock.now += 3.5 * 1193 / 1_193_182  # three ticks due, polled late once
+    chip.poll()
+    taken = 0
+    while chip.ack_interrupt(0) == 0x30:
+        taken += 1
+        lapic_write(chip, 0, EOI, 0)
+    assert taken == 3

@@ -125,13 +125,30 @@ def test_periodic_timer_and_late_poll(chip, clock):
         w(chip, 1, EOI, 0)
     clock.now = start + 0.0125  # half-way through the fourth period
     assert r(chip, 1, TIMER_CURRENT) == pytest.approx(initial * 7 // 8, abs=2)
-    clock.now = start + 0.0305  # several periods late: one interrupt, back on the grid
+    clock.now = start + 0.0305  # four expiries late: all four delivered, one per EOI
     chip.poll()
-    assert chip.ack_interrupt(1) == 0xEC
-    assert not chip.has_interrupt(1)
-    assert chip.next_deadline(1) == pytest.approx(start + 0.032)
+    assert chip.next_deadline(1) == pytest.approx(start + 0.032)  # back on the grid
+    for _ in range(4):
+        assert chip.ack_interrupt(1) == 0xEC
+        assert not chip.has_interrupt(1)
+        w(chip, 1, EOI, 0)
+    assert chip.ack_interrupt(1) is None
     w(chip, 1, TIMER_INITIAL, 0)  # writing 0 stops it
     assert chip.next_deadline(1) is None
+
+
+def test_owed_periodic_ticks_are_bounded_and_forgotten_on_reprogramming(chip, clock):
+    w(chip, 0, TIMER_DIVIDE, 0xB)
+    w(chip, 0, LVT_TIMER, PERIODIC | 0xEC)
+    w(chip, 0, TIMER_INITIAL, LAPIC_TIMER_HZ // 1000)  # 1 ms
+    clock.now += 10.0  # ten seconds without a poll (a paused VM)
+    chip.poll()
+    assert chip.lapics[0].timer_backlog == 500  # capped at TICK_BACKLOG_LIMIT_S worth
+    w(chip, 0, TIMER_INITIAL, LAPIC_TIMER_HZ // 1000)
+    assert chip.lapics[0].timer_backlog == 0
+    assert chip.ack_interrupt(0) == 0xEC  # the one already pending in IRR stays
+    w(chip, 0, EOI, 0)
+    assert chip.ack_interrupt(0) is None
 
 
 def test_masked_timer_counts_without_interrupting(chip, clock):

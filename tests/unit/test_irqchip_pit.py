@@ -238,13 +238,44 @@ def test_pit_irq0_periodic_reaches_ioapic_and_pic(clock):
     assert woken == [0]
     assert chip.ack_interrupt(0) == 0x30
     out(chip, 0x20, 0x20)
-    # three periods late: one interrupt, and the next deadline is back on the grid
+    # three periods late: three ticks owed, taken one after another's EOI (a periodic
+    # tick counts jiffies per interrupt); the next deadline is back on the grid
     clock.ticks(3 * 11932 + 10)
     chip.poll()
+    assert chip.next_deadline(0) == pytest.approx(start + 5 * 11932 / PIT_HZ)
+    for _ in range(3):
+        assert chip.ack_interrupt(0) == 0x30
+        assert not chip.has_interrupt(0)  # the next owed tick waits for the EOI
+        out(chip, 0x20, 0x20)
+    assert not chip.has_interrupt(0)
+    assert chip.pit.irq0_backlog == 0
+
+
+def test_pit_ticks_merged_into_a_pending_irq0_are_owed(clock):
+    chip = Irqchip(1, clock=clock)
+    for port, value in ((0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0xFE)):
+        out(chip, port, value)
+    out(chip, 0x43, 0x34)
+    out(chip, 0x40, 100)
+    out(chip, 0x40, 0)
+    clock.ticks(0.5)  # off the tick edges
+    for _ in range(4):  # the guest has interrupts disabled for four periods, polled on time
+        clock.ticks(100)
+        chip.poll()
+    taken = 0
+    while chip.ack_interrupt(0) is not None:
+        taken += 1
+        out(chip, 0x20, 0x20)
+    assert taken == 4
+    # reprogramming the PIT forgets what was owed
+    clock.ticks(350)
+    chip.poll()
+    out(chip, 0x43, 0x34)
+    out(chip, 0x40, 100)
+    out(chip, 0x40, 0)
     assert chip.ack_interrupt(0) == 0x30
     out(chip, 0x20, 0x20)
-    assert not chip.has_interrupt(0)
-    assert chip.next_deadline(0) == pytest.approx(start + 5 * 11932 / PIT_HZ)
+    assert chip.ack_interrupt(0) is None
 
 
 def test_pit_mode0_oneshot_fires_once(chip, clock):
