@@ -95,9 +95,9 @@ class Console:
                 self._cond.wait(remaining)
 
     def wait_for_line(self, text: str, timeout: float | None = None) -> str:
-        """Wait for a line containing ``text``; return the whole line."""
-        match = self.wait_for(re.compile(rb"[^\n]*" + re.escape(text.encode()) + rb"[^\n]*"), timeout)
-        return match.group(0).decode("utf-8", "replace").rstrip("\r")
+        """Wait for a complete line (newline-terminated) containing ``text``; return it without the newline."""
+        match = self.wait_for(re.compile(rb"[^\n]*" + re.escape(text.encode()) + rb"[^\n]*\n"), timeout)
+        return match.group(0).decode("utf-8", "replace").rstrip("\r\n")
 
 
 class VM:
