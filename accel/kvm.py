@@ -163,10 +163,9 @@ def probe(device: str = DEVICE) -> tuple[bool, str, list[str]]:
         if not _check_extension(fd, k.KVM_CAP_EXIT_ON_EMULATION_FAILURE):
             notes.append("no KVM_CAP_EXIT_ON_EMULATION_FAILURE: emulation failures cannot be handed to the interpreter")
         max_vcpus = _check_extension(fd, k.KVM_CAP_MAX_VCPUS) or _check_extension(fd, k.KVM_CAP_NR_VCPUS)
-        notes.append(f"up to {max_vcpus} vCPUs")
     finally:
         os.close(fd)
-    return True, "usable", notes
+    return True, f"{device}, KVM API {version}, all required capabilities, up to {max_vcpus} vCPUs", notes
 
 
 # --------------------------------------------------------------------------

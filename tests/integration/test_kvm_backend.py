@@ -125,8 +125,9 @@ def make_guest():
 @needs_kvm
 def test_probe_reports_usable_with_notes():
     ok, why, notes = kvm.probe()
-    assert ok and why == "usable"
-    assert any("vCPUs" in note for note in notes)
+    assert ok and why.startswith("/dev/kvm, KVM API 12, all required capabilities, up to ")
+    assert why.endswith(" vCPUs")
+    assert any("PVM host" in note for note in notes) == kvm.is_pvm_host()
 
 
 def test_probe_missing_device(tmp_path):
