@@ -8,6 +8,7 @@ wrong, in one line. Paths are relative to the config file's folder (or to
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +39,31 @@ class BootConfig:
 
 
 @dataclass
+class DriveConfig:
+    path: Path
+    read_only: bool = False
+    serial: str | None = None
+
+
+@dataclass
+class NetConfig:
+    tap: str
+    mac: str | None = None
+
+
+@dataclass
 class VmConfig:
     machine: MachineConfig
     boot: BootConfig
+    drives: list[DriveConfig] = field(default_factory=list)
+    nets: list[NetConfig] = field(default_factory=list)
+    rng: bool = False
     #: where the config came from, for error messages
     source: str = "<config>"
+
+    @property
+    def virtio_device_count(self) -> int:
+        return len(self.drives) + len(self.nets) + int(self.rng)
 
 
 # key -> (expected python types, description for errors)
@@ -58,7 +79,25 @@ _SCHEMA = {
         "initrd": ((str,), "a path string"),
         "cmdline": ((str,), "a string"),
     },
+    "drive": {
+        "path": ((str,), "a path string"),
+        "read_only": ((bool,), "true or false"),
+        "serial": ((str,), "a string"),
+    },
+    "net": {
+        "tap": ((str,), "a string"),
+        "mac": ((str,), 'a string like "52:54:00:12:34:56"'),
+    },
+    "rng": {
+        "enabled": ((bool,), "true or false"),
+    },
 }
+#: sections written as arrays of tables ([[drive]])
+_ARRAY_SECTIONS = ("drive", "net")
+MAX_VIRTIO_DEVICES = 17  # IOAPIC pins 5-23 less 8 (RTC) and 12 (PS/2 mouse): one line per device
+VIRTIO_BLK_SERIAL_MAX = 20  # bytes in the GET_ID answer
+IFNAMSIZ = 16
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 
 def load_config(path: str | os.PathLike) -> VmConfig:
@@ -93,15 +132,15 @@ def config_from_dict(data: dict, *, base_dir: str | os.PathLike = ".", source: s
     for table in data:
         if table not in _SCHEMA:
             fail(table, f"unknown section; expected one of: {', '.join(_SCHEMA)}")
-        if not isinstance(data[table], dict):
+        if table in _ARRAY_SECTIONS:
+            if not isinstance(data[table], list) or not all(isinstance(t, dict) for t in data[table]):
+                fail(table, f"must be an array of tables ([[{table}]])")
+            for i, entry in enumerate(data[table]):
+                _check_keys(entry, table, f"{table}[{i}]", fail)
+        elif not isinstance(data[table], dict):
             fail(table, "must be a table")
-        for key, value in data[table].items():
-            if key not in _SCHEMA[table]:
-                fail(f"{table}.{key}", f"unknown key; expected one of: {', '.join(_SCHEMA[table])}")
-            types, description = _SCHEMA[table][key]
-            # bool is an int subclass: `vcpus = true` must not pass as 1
-            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-                fail(f"{table}.{key}", f"must be {description}, not {_toml_type(value)}")
+        else:
+            _check_keys(data[table], table, table, fail)
 
     machine_data = data.get("machine", {})
     machine = MachineConfig()
@@ -135,7 +174,54 @@ def config_from_dict(data: dict, *, base_dir: str | os.PathLike = ".", source: s
     bad = [c for c in cmdline if not (0x20 <= ord(c) < 0x7F)]
     if bad:
         fail("boot.cmdline", f"contains a non-printable or non-ASCII character {bad[0]!r}")
-    return VmConfig(machine=machine, boot=BootConfig(kernel=kernel, initrd=initrd, cmdline=cmdline), source=source)
+    config = VmConfig(machine=machine, boot=BootConfig(kernel=kernel, initrd=initrd, cmdline=cmdline), source=source)
+
+    for i, entry in enumerate(data.get("drive", [])):
+        key = f"drive[{i}]"
+        if "path" not in entry:
+            fail(f"{key}.path", "missing: name the disk image file")
+        drive = DriveConfig(path=_existing_file(base_dir, entry["path"], source, f"{key}.path"))
+        drive.read_only = entry.get("read_only", False)
+        if not drive.read_only and not os.access(drive.path, os.W_OK):
+            fail(f"{key}.path", f"image not writable (permission denied): {drive.path}; set read_only = true")
+        if "serial" in entry:
+            drive.serial = entry["serial"]
+            if len(drive.serial.encode()) > VIRTIO_BLK_SERIAL_MAX or not drive.serial.isascii():
+                fail(f"{key}.serial", f"must be at most {VIRTIO_BLK_SERIAL_MAX} ASCII characters")
+        if any(d.path == drive.path for d in config.drives):
+            fail(f"{key}.path", f"{drive.path} is already used by another drive")
+        config.drives.append(drive)
+
+    for i, entry in enumerate(data.get("net", [])):
+        key = f"net[{i}]"
+        if "tap" not in entry:
+            fail(f"{key}.tap", "missing: name the TAP device (existing, or created when running as root)")
+        net = NetConfig(tap=entry["tap"], mac=entry.get("mac"))
+        if not net.tap or len(net.tap.encode()) >= IFNAMSIZ or "/" in net.tap or any(c.isspace() for c in net.tap):
+            fail(f"{key}.tap", f"{net.tap!r} is not a valid interface name (1-{IFNAMSIZ - 1} characters, no '/' or spaces)")
+        if net.mac is not None:
+            if not _MAC.match(net.mac):
+                fail(f"{key}.mac", f"{net.mac!r} is not a MAC address like 52:54:00:12:34:56")
+            if int(net.mac[:2], 16) & 1:
+                fail(f"{key}.mac", f"{net.mac} is a multicast address; a NIC needs a unicast one")
+        if any(n.tap == net.tap for n in config.nets):
+            fail(f"{key}.tap", f"{net.tap} is already used by another net device")
+        config.nets.append(net)
+
+    config.rng = data.get("rng", {}).get("enabled", "rng" in data)
+    if config.virtio_device_count > MAX_VIRTIO_DEVICES:
+        fail("drive", f"{config.virtio_device_count} virtio devices; at most {MAX_VIRTIO_DEVICES} fit the interrupt lines")
+    return config
+
+
+def _check_keys(table: dict, schema: str, where: str, fail) -> None:
+    for key, value in table.items():
+        if key not in _SCHEMA[schema]:
+            fail(f"{where}.{key}", f"unknown key; expected one of: {', '.join(_SCHEMA[schema])}")
+        types, description = _SCHEMA[schema][key]
+        # bool is an int subclass: `vcpus = true` must not pass as 1
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            fail(f"{where}.{key}", f"must be {description}, not {_toml_type(value)}")
 
 
 def parse_accel(value, *, source: str = "<command line>", key: str = "machine.accel") -> list[str]:

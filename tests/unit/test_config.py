@@ -153,3 +153,76 @@ def test_parse_accel_expands_auto_and_dedups():
     assert parse_accel("auto") == ["kvm", "hvf", "whpx", "interp"]
     assert parse_accel(["interp", "auto"]) == ["interp", "kvm", "hvf", "whpx"]
     assert parse_accel("kvm") == ["kvm"]
+
+
+def test_virtio_sections(tmp_path, kernel_file):
+    (tmp_path / "disk.img").write_bytes(bytes(4096))
+    (tmp_path / "ro.img").write_bytes(bytes(4096))
+    cfg = load_config(
+        write(
+            tmp_path,
+            '[boot]\nkernel = "vmlinux"\n'
+            '[[drive]]\npath = "disk.img"\nserial = "disk0"\n'
+            '[[drive]]\npath = "ro.img"\nread_only = true\n'
+            '[[net]]\ntap = "tap0"\nmac = "52:54:00:12:34:56"\n'
+            "[rng]\nenabled = true\n",
+        )
+    )
+    assert [(d.path.name, d.read_only, d.serial) for d in cfg.drives] == [("disk.img", False, "disk0"), ("ro.img", True, None)]
+    assert [(n.tap, n.mac) for n in cfg.nets] == [("tap0", "52:54:00:12:34:56")]
+    assert cfg.rng is True
+    assert cfg.virtio_device_count == 4
+
+
+def test_rng_section_alone_enables_it(tmp_path, kernel_file):
+    assert load_config(write(tmp_path, '[boot]\nkernel = "vmlinux"\n[rng]\n')).rng is True
+    assert load_config(write(tmp_path, '[boot]\nkernel = "vmlinux"\n[rng]\nenabled = false\n')).rng is False
+    assert load_config(write(tmp_path, '[boot]\nkernel = "vmlinux"\n')).rng is False
+
+
+@pytest.mark.parametrize(
+    "extra, key, problem",
+    [
+        ("[drive]\npath = 'disk.img'\n", "drive", "array of tables"),
+        ("[[drive]]\nread_only = true\n", "drive[0].path", "missing"),
+        ("[[drive]]\npath = 'nope.img'\n", "drive[0].path", "file not found"),
+        ("[[drive]]\npath = 'disk.img'\ncache = 'none'\n", "drive[0].cache", "unknown key"),
+        ("[[drive]]\npath = 'disk.img'\nread_only = 1\n", "drive[0].read_only", "true or false"),
+        ("[[drive]]\npath = 'disk.img'\nserial = '123456789012345678901'\n", "drive[0].serial", "at most 20"),
+        ("[[drive]]\npath = 'disk.img'\n[[drive]]\npath = 'disk.img'\n", "drive[1].path", "already used"),
+        ("[[net]]\nmac = '52:54:00:12:34:56'\n", "net[0].tap", "missing"),
+        ("[[net]]\ntap = 'a-very-long-tap-name'\n", "net[0].tap", "not a valid interface name"),
+        ("[[net]]\ntap = 'tap0'\nmac = '52:54:00:12:34'\n", "net[0].mac", "not a MAC address"),
+        ("[[net]]\ntap = 'tap0'\nmac = '01:00:5e:00:00:01'\n", "net[0].mac", "multicast"),
+        ("[[net]]\ntap = 'tap0'\n[[net]]\ntap = 'tap0'\n", "net[1].tap", "already used"),
+        ("[rng]\nenabled = 'yes'\n", "rng.enabled", "true or false"),
+        ("[rng]\nsource = '/dev/random'\n", "rng.source", "unknown key"),
+    ],
+)
+def test_virtio_errors(tmp_path, kernel_file, extra, key, problem):
+    (tmp_path / "disk.img").write_bytes(bytes(4096))
+    path = write(tmp_path, '[boot]\nkernel = "vmlinux"\n' + extra)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == key
+    assert problem in info.value.problem
+    assert "\n" not in str(info.value)
+
+
+def test_too_many_virtio_devices(tmp_path, kernel_file):
+    drives = ""
+    for i in range(18):
+        (tmp_path / f"d{i}.img").write_bytes(bytes(512))
+        drives += f"[[drive]]\npath = 'd{i}.img'\n"
+    with pytest.raises(ConfigError, match="at most 17"):
+        load_config(write(tmp_path, '[boot]\nkernel = "vmlinux"\n' + drives))
+
+
+def test_unwritable_image_needs_read_only(tmp_path, kernel_file, monkeypatch):
+    (tmp_path / "disk.img").write_bytes(bytes(4096))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if mode == os.W_OK else real_access(p, mode))
+    with pytest.raises(ConfigError, match="not writable.*read_only = true"):
+        load_config(write(tmp_path, '[boot]\nkernel = "vmlinux"\n[[drive]]\npath = "disk.img"\n'))
+    cfg = load_config(write(tmp_path, '[boot]\nkernel = "vmlinux"\n[[drive]]\npath = "disk.img"\nread_only = true\n'))
+    assert cfg.drives[0].read_only
