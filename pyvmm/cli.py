@@ -138,6 +138,8 @@ def _run(vm, timeout: float | None) -> int:
         counts = machine.exit_counts()
         if counts:
             log.info("exits: %s", ", ".join(f"{kind} {count}" for kind, count in sorted(counts.items(), key=lambda kv: -kv[1])))
+        for name, metrics in machine.device_metrics().items():
+            log.info("%s: %s", name, ", ".join(f"{k} {v}" for k, v in metrics.items() if k != "device"))
         if status.error is not None:
             print(f"pyvmm: error: {status.error}", file=sys.stderr)
         return status.code

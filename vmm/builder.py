@@ -17,6 +17,11 @@ from pyvmm.devices.legacy.debug_exit import DebugExit
 from pyvmm.devices.legacy.i8042 import I8042
 from pyvmm.devices.legacy.post import PostCode
 from pyvmm.devices.legacy.serial import Serial
+from pyvmm.devices.virtio.blk import VirtioBlock
+from pyvmm.devices.virtio.mmio import QUEUE_NOTIFY, VirtioMmio, cmdline_entry
+from pyvmm.devices.virtio.net import VirtioNet
+from pyvmm.devices.virtio.rng import VirtioRng
+from pyvmm.devices.virtio.tap import TapBackend
 from pyvmm.errors import ConfigError
 from pyvmm.vmm import layout
 from pyvmm.vmm.boot.acpi import write_acpi_tables
@@ -28,6 +33,7 @@ from pyvmm.vmm.boot.kernel import load_kernel
 from pyvmm.vmm.boot import mptable
 from pyvmm.vmm.boot.pvh import write_pvh_start_info
 from pyvmm.vmm.bus import MmioBus, PioBus
+from pyvmm.vmm.events import EventLoop
 from pyvmm.vmm.machine import Machine
 from pyvmm.vmm.memory import GuestMemory
 from pyvmm.vmm.vcpu import Lifecycle, VcpuLoop
@@ -52,6 +58,8 @@ def build_machine(
         log.info("accelerator %s skipped: %s", probe.name, probe.reason)
     log.info("accelerator: %s", vm.name)
     memory = None
+    virtio: list[VirtioMmio] = []
+    events = None
     try:
         if vcpu_count > vm.max_vcpus:
             raise ConfigError(
@@ -80,11 +88,17 @@ def build_machine(
         for base, size, device in extra_mmio:
             mmio.insert(device, base, size)
 
+        cmdline = config.boot.cmdline
+        if config.virtio_device_count:
+            events = EventLoop("virtio")
+            virtio, entries = _virtio_devices(config, vm, memory, mmio, events)
+            cmdline = " ".join([cmdline, *entries])
+
         # Both the MP table (kernels with CONFIG_X86_MPPARSE) and ACPI's MADT
         # (Debian's cloud kernel reads only ACPI) describe the CPUs and IOAPIC.
         mptable.write_mptable(memory, vcpu_count)
         rsdp = write_acpi_tables(memory, vcpu_count)
-        mode, entry, boot_info = _load_guest(config, memory, rsdp)
+        mode, entry, boot_info = _load_guest(config, memory, rsdp, cmdline)
 
         loops = []
         for index in range(vcpu_count):
@@ -97,6 +111,8 @@ def build_machine(
                 vcpu.set_regs(regs)
             loops.append(VcpuLoop(vcpu, pio, mmio, lifecycle))
         lifecycle.on_stop(lambda: [loop.vcpu.request_stop() for loop in loops])
+        all_devices = {name: entry[0] for name, entry in devices.items()}
+        all_devices.update((t.name, t) for t in virtio)
         return Machine(
             vm=vm,
             memory=memory,
@@ -104,10 +120,16 @@ def build_machine(
             mmio=mmio,
             lifecycle=lifecycle,
             loops=loops,
-            devices={name: entry[0] for name, entry in devices.items()},
+            devices=all_devices,
+            virtio=virtio,
+            events=events,
             rejected_accels=rejected,
         )
     except BaseException:
+        for transport in virtio:
+            transport.close()
+        if events is not None:
+            events.close()
         vm.close()
         if memory is not None:
             memory.close()
@@ -136,12 +158,48 @@ def _legacy_devices(vm, memory, lifecycle, console_output):
     }
 
 
-def _load_guest(config: VmConfig, memory: GuestMemory, rsdp: int) -> tuple[str, int, int]:
+def _virtio_devices(config: VmConfig, vm, memory: GuestMemory, mmio: MmioBus, events: EventLoop):
+    """One virtio-mmio window and interrupt line per device: drives, then NICs, then the RNG.
+
+    Returns the transports and the kernel command-line entries that announce them.
+    """
+    models = []
+    for i, drive in enumerate(config.drives):
+        models.append((f"virtio-blk{i}", lambda d=drive: VirtioBlock.open(d.path, read_only=d.read_only, serial=d.serial)))
+    for i, net in enumerate(config.nets):
+        models.append((f"virtio-net{i}", lambda n=net: VirtioNet(TapBackend(n.tap), mac=n.mac)))
+    if config.rng:
+        models.append(("virtio-rng", VirtioRng))
+    transports, entries = [], []
+    try:
+        for n, (name, make) in enumerate(models):
+            base = layout.VIRTIO_MMIO_BASE + n * layout.VIRTIO_MMIO_SIZE
+            irq = layout.virtio_irqs()[n]
+            transport = VirtioMmio(make(), memory, IrqLine(irq, vm.set_irq_line), name=name)
+            transports.append(transport)
+            entries.append(cmdline_entry(base, irq))
+            mmio.insert(transport, base, layout.VIRTIO_MMIO_SIZE)
+            notify_fds = transport.attach(events)
+            # Where the hypervisor can, queue notifications reach the event loop
+            # without a vCPU exit (KVM ioeventfd: datamatch = queue index).
+            ioeventfd = getattr(vm, "ioeventfd", None)
+            if ioeventfd is not None:
+                for index, fd in enumerate(notify_fds):
+                    ioeventfd(base + QUEUE_NOTIFY, 4, fd, datamatch=index)
+            log.info("%s at %#x, IRQ %d", name, base, irq)
+    except BaseException:
+        for transport in transports:
+            transport.close()
+        raise
+    return transports, entries
+
+
+def _load_guest(config: VmConfig, memory: GuestMemory, rsdp: int, cmdline: str) -> tuple[str, int, int]:
     """Load kernel and initrd and write the boot information. Returns (mode, entry, boot_info)."""
     boot = config.boot
     kernel = load_kernel(memory, str(boot.kernel))
     initrd = load_initrd(memory, str(boot.initrd), kernel) if boot.initrd else None
-    cmdline_addr, cmdline_size = write_cmdline(memory, boot.cmdline, kernel)
+    cmdline_addr, cmdline_size = write_cmdline(memory, cmdline, kernel)
     e820 = e820_map(memory)
     if kernel.pvh_entry is not None:
         info = write_pvh_start_info(

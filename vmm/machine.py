@@ -22,6 +22,9 @@ class Machine:
     lifecycle: Lifecycle
     loops: list[VcpuLoop] = field(default_factory=list)
     devices: dict[str, object] = field(default_factory=dict)
+    #: virtio-mmio transports, and the event loop that runs their I/O
+    virtio: list = field(default_factory=list)
+    events: object | None = None
     #: backends skipped while choosing this one, with their reasons
     rejected_accels: list = field(default_factory=list)
     _closed: bool = False
@@ -35,6 +38,8 @@ class Machine:
         if self._started:
             return
         self._started = True
+        if self.events is not None:
+            self.events.start()  # device I/O must be served before the guest can notify
         for loop in self.loops:
             loop.start()
 
@@ -66,6 +71,10 @@ class Machine:
                 total[kind.__name__] = total.get(kind.__name__, 0) + count
         return total
 
+    def device_metrics(self) -> dict[str, dict]:
+        """Per virtio device: requests, bytes, errors, resets."""
+        return {transport.name: transport.metrics() for transport in self.virtio}
+
     def close(self) -> None:
         if self._closed:
             return
@@ -73,10 +82,14 @@ class Machine:
             self.stop()
         self._closed = True
         alive = any(loop.thread is not None and loop.thread.is_alive() for loop in self.loops)
+        if self.events is not None:
+            self.events.stop()
         for device in self.devices.values():
             close = getattr(device, "close", None)
             if close:
                 close()
+        if self.events is not None:
+            self.events.close()
         if alive:
             # A vCPU thread stuck in the hypervisor still uses the fds and memory.
             log.warning("vCPU threads still running; leaving the VM's resources to process exit")
