@@ -68,6 +68,7 @@ from pyvmm.errors import AccelError
 NEVER = 1 << 63  # a non-canonical "until": emulation never stops there
 IRQ_WINDOW_RECHECK = 0.001  # an interrupt pending while IF=0 is retried this often (s)
 KICK_REPEAT = 0.0002  # emu_stop is repeated this often until the loop acknowledges (s)
+STALE_DEADLINE_RETRY = 0.001  # a timer deadline still in the past after poll() is retried this often (s)
 
 MSR_TSC = 0x10
 MSR_APIC_BASE = 0x1B
@@ -169,7 +170,9 @@ class InterpVcpu:
         self._in_emu = False
         self._epoch = 0  # incremented each time emu_start returns
         self._irq_window_due: float | None = None
-        self._kicked_deadline: float | None = None
+        self._kicked_deadline: float | None = None  # kicker: the past deadline it last stopped the engine for
+        self._kicked_at = 0.0
+        self._sleep_stale_due: float | None = None
         self.exits_posted = 0
 
         # With "exits" enabled (and none set) emu_start ignores ``until``. Without it, unicorn
@@ -427,19 +430,29 @@ class InterpVcpu:
                 self.uc.ctl_flush_tb()  # other vCPUs may have written the trampoline
 
     def _sleep(self) -> None:
-        """hlt / wait-for-SIPI: block until woken, stopped or the next timer deadline (never spin)."""
+        """hlt / wait-for-SIPI: block until woken, stopped or the next timer deadline (never spin).
+
+        A deadline already in the past returns at once the first time (the loop
+        polls the chip); if poll() left it in the past, it is retried no more
+        often than every STALE_DEADLINE_RETRY rather than ignored, so a timer can
+        never be lost.
+        """
         chip = self._chip
         with self._cond:
             while not (self._wakeup or self._stop_requested or self._closing):
                 due = None if self._wait_for_sipi else chip.next_deadline(self.index)
+                timeout = None
                 if due is not None:
                     timeout = due - chip.clock()
                     if timeout <= 0:
-                        if due != self._kicked_deadline:
-                            self._kicked_deadline = due
+                        if due != self._sleep_stale_due:
+                            self._sleep_stale_due = due
                             break
-                        due = None  # a deadline poll() did not consume: wait for a wake instead
-                self._cond.wait(None if due is None else max(timeout, 0))
+                        timeout = STALE_DEADLINE_RETRY
+                        self._sleep_stale_due = None  # after this wait, poll again
+                self._cond.wait(timeout)
+                if timeout is not None and not self._wakeup and due is not None and due - chip.clock() <= 0:
+                    break
             self._wakeup = False
 
     def _inject(self):
@@ -562,11 +575,12 @@ class InterpVcpu:
                         due = self._irq_window_due
                     if due is not None:
                         timeout = due - chip.clock()
-                        if timeout <= 0 and due != self._kicked_deadline:
-                            self._kicked_deadline = due
-                            break
                         if timeout <= 0:
-                            due = None
+                            now = chip.clock()
+                            if due != self._kicked_deadline or now - self._kicked_at >= STALE_DEADLINE_RETRY:
+                                self._kicked_deadline, self._kicked_at = due, now
+                                break
+                            timeout = STALE_DEADLINE_RETRY  # not consumed by poll() yet: retry, never drop
                     cond.wait(None if due is None else timeout)
                 self._kick = False
                 epoch = self._epoch
