@@ -25,7 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-LOAD_ADDR = 0x100000
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from elfgen import pvh_elf  # noqa: E402  (shared with the tests)
+
 BENCH_PORT = 0x510
 BENCH_MMIO = 0xD800_0000
 
@@ -45,35 +47,6 @@ def guest_code(exits: int) -> bytes:
             b"\xf4",  # hlt
         ]
     )
-
-
-def pvh_elf(code: bytes) -> bytes:
-    """A minimal ELF32 with one PT_LOAD at LOAD_ADDR and the Xen PVH entry note."""
-    note = struct.pack("<III", 4, 4, 18) + b"Xen\0" + struct.pack("<I", LOAD_ADDR)
-    ehsize, phsize = 52, 32
-    note_off = ehsize + 2 * phsize
-    code_off = (note_off + len(note) + 15) & ~15
-    header = struct.pack(
-        "<16sHHIIIIIHHHHHH",
-        b"\x7fELF\x01\x01\x01" + bytes(9),
-        2,  # ET_EXEC
-        3,  # EM_386
-        1,
-        LOAD_ADDR,
-        ehsize,
-        0,
-        0,
-        ehsize,
-        phsize,
-        2,
-        40,
-        0,
-        0,
-    )
-    load = struct.pack("<IIIIIIII", 1, code_off, LOAD_ADDR, LOAD_ADDR, len(code), len(code), 5, 0x1000)
-    pnote = struct.pack("<IIIIIIII", 4, note_off, 0, 0, len(note), len(note), 4, 4)
-    body = header + load + pnote + note
-    return body + bytes(code_off - len(body)) + code
 
 
 C_LOOP = r"""

@@ -1,0 +1,92 @@
+"""`pyvmm boot` end states: exit statuses and one-line messages for fatal guest errors."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import GUESTS
+from elfgen import JMP_SELF, OUT_F4_AL, UD2, mov_al, pvh_elf
+from pyvmm import accel
+
+BACKENDS = ["kvm", "interp"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    probe = accel.probe(request.param)
+    if not probe.usable:
+        pytest.skip(f"{request.param} not usable here: {probe.reason}")
+    return request.param
+
+
+def boot(tmp_path, backend, code=None, *, kernel=None, args=(), extra="", env=None, timeout=60):
+    if kernel is None:
+        kernel = tmp_path / "guest.elf"
+        kernel.write_bytes(pvh_elf(code))
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[machine]\nmemory_mib = 32\naccel = "{backend}"\n{extra}[boot]\nkernel = "{kernel}"\n')
+    return subprocess.run(
+        [sys.executable, "-m", "pyvmm", "boot", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+
+
+def test_triple_fault_is_a_one_line_error(tmp_path, backend):
+    # ud2 with no IDT: #UD cannot be delivered -> double fault -> triple fault
+    result = boot(tmp_path, backend, UD2)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert re.fullmatch(r"pyvmm: error: guest error \(vcpu 0, rip 0x[0-9a-f]+\): triple fault \(the vCPU shut down\)", lines[0])
+
+
+def test_timeout_stops_a_spinning_guest(tmp_path, backend):
+    result = boot(tmp_path, backend, JMP_SELF, args=["--timeout", "1"])
+    assert result.returncode == 124
+    assert "timed out" not in result.stdout
+
+
+def test_debug_exit_value_is_the_status(tmp_path, backend):
+    result = boot(tmp_path, backend, mov_al(77) + OUT_F4_AL)
+    assert result.returncode == 77
+    assert result.stderr == ""
+
+
+def test_quiet_and_verbose(tmp_path, backend):
+    quiet = boot(tmp_path, backend, kernel=GUESTS / "hello.elf", args=["-q"])
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    verbose = boot(tmp_path, backend, kernel=GUESTS / "hello.elf", args=["-v"])
+    assert f"accelerator: {backend}" in verbose.stderr
+    assert "VM ended after" in verbose.stderr
+
+
+def test_log_level_from_the_environment(tmp_path, backend):
+    import os
+
+    env = dict(os.environ, PYVMM_LOG="info")
+    result = boot(tmp_path, backend, kernel=GUESTS / "hello.elf", env=env)
+    assert "VM ended after" in result.stderr
+
+
+def test_kvm_emulation_failure_without_fallback_names_bytes_and_rip(tmp_path):
+    from pyvmm.accel import kvm
+
+    if not accel.probe("kvm").usable or not kvm.is_pvm_host():
+        pytest.skip("needs a PVM KVM host, where KVM's emulator cannot run popcnt at CPL0")
+    # popcnt eax, eax at CPL0: emulated by KVM on PVM, and its emulator does not know it
+    result = boot(tmp_path, "kvm", b"\xf3\x0f\xb8\xc0" + mov_al(0) + OUT_F4_AL, extra="fallback = false\n")
+    assert result.returncode == 1
+    line = result.stderr.strip()
+    assert re.fullmatch(
+        r"pyvmm: error: guest error \(vcpu 0, rip 0x100000\): the hypervisor cannot emulate the instruction "
+        r"\(bytes: f3 0f b8 c0 [0-9a-f ]+\) and the fallback is off",
+        line,
+    ), line
