@@ -148,6 +148,10 @@ def _trim(leaf: int, index: int, regs: tuple[int, int, int, int]) -> tuple[int, 
     elif leaf == 7 and index == 0:
         eax = 0
         ebx &= ~LEAF7_EBX_REMOVE
+        # TSC_ADJUST: the engine has no such MSR, so it reads 0 and the TSC never moves under it,
+        # which is exactly what Linux checks; with invariant TSC it lets Linux trust the TSC
+        # without the jiffies watchdog (which a descheduled software CPU can trip).
+        ebx |= 1 << 1
         ecx = edx = 0
     elif leaf == 0xD:
         if index == 0:

@@ -66,7 +66,11 @@ from pyvmm.accel.ops import (
 from pyvmm.errors import AccelError
 
 NEVER = 1 << 63  # a non-canonical "until": emulation never stops there
-IRQ_WINDOW_RECHECK = 0.001  # an interrupt pending while IF=0 is retried this often (s)
+# An interrupt pending while IF=0 (or in an interrupt shadow): unicorn has no hook on sti/popf/iret,
+# so the engine is stopped again after a delay that starts short (spin-lock sections are brief)
+# and doubles up to a cap (long cli sections then cost little).
+IRQ_WINDOW_FIRST = 0.00002
+IRQ_WINDOW_MAX = 0.001
 KICK_REPEAT = 0.0002  # emu_stop is repeated this often until the loop acknowledges (s)
 STALE_DEADLINE_RETRY = 0.001  # a timer deadline still in the past after poll() is retried this often (s)
 
@@ -170,6 +174,7 @@ class InterpVcpu:
         self._in_emu = False
         self._epoch = 0  # incremented each time emu_start returns
         self._irq_window_due: float | None = None
+        self._irq_window_delay = IRQ_WINDOW_FIRST
         self._kicked_deadline: float | None = None  # kicker: the past deadline it last stopped the engine for
         self._kicked_at = 0.0
         self._sleep_stale_due: float | None = None
@@ -470,8 +475,10 @@ class InterpVcpu:
                 if vector is not None:
                     system.deliver(uc, vector, external=True)
                 self._irq_window_due = None
+                self._irq_window_delay = IRQ_WINDOW_FIRST
             else:
-                self._irq_window_due = chip.clock() + IRQ_WINDOW_RECHECK
+                self._irq_window_due = chip.clock() + self._irq_window_delay
+                self._irq_window_delay = min(self._irq_window_delay * 2, IRQ_WINDOW_MAX)
             return None
         except system.TripleFault:
             return self._triple_fault()
