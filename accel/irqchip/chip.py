@@ -67,6 +67,7 @@ IOAPIC_PIN_OF_IRQ = {**ISA_IRQ_TO_IOAPIC_PIN, **{gsi: gsi for gsi in range(16, I
 PIT_IRQ = 0
 # LAPIC registers written on every interrupt that cannot move a timer deadline
 _NO_DEADLINE_EFFECT = frozenset((0x80, 0xB0, 0x300, 0x310))  # TPR, EOI, ICR
+_UNBLOCKING = frozenset((0x80, 0xB0))  # TPR, EOI: may make a pending vector deliverable
 
 #: IRQ0 also drives this pin, so tables with identity routing (no override) work as well
 PIT_IDENTITY_PIN = 0
@@ -310,6 +311,10 @@ class Irqchip:
                 # the SDM leaves non-dword APIC writes undefined: they are dropped
                 if byte == 0 and size >= 4:
                     lapic.write(register, value & 0xFFFF_FFFF, self.clock())
+                    if register in _UNBLOCKING and lapic.deliverable_vector() >= 0:
+                        # an EOI or a lower TPR let a waiting IRR vector through: the guest
+                        # takes it at its next instruction boundary with IF set
+                        self._wakes.add(vcpu_index)
                     if register not in _NO_DEADLINE_EFFECT:
                         self._recheck_deadlines()
             elif page == IOAPIC_DEFAULT_BASE:

@@ -399,3 +399,22 @@ def test_wake_when_the_pit_is_programmed_or_unmasked(clock, woken):
     assert woken == []
     chip.pio_write(0, 0x21, 1, 0xFE)  # unmasked: the BSP (LINT0 ExtINT) now has a deadline
     assert woken == [0]
+
+
+def test_eoi_or_tpr_that_unblocks_a_pending_vector_wakes(chip, woken):
+    ipi(chip, 0, 0, 0x50)
+    assert chip.ack_interrupt(0) == 0x50
+    ipi(chip, 0, 0, 0x51)  # same class: waits in IRR behind 0x50
+    assert not chip.has_interrupt(0)
+    woken.clear()
+    w(chip, 0, EOI, 0)
+    assert woken == [0]  # a backend running the guest must stop to deliver 0x51
+    w(chip, 0, TPR, 0x60)
+    assert chip.ack_interrupt(0) is None
+    woken.clear()
+    w(chip, 0, TPR, 0)
+    assert woken == [0]
+    assert chip.ack_interrupt(0) == 0x51
+    woken.clear()
+    w(chip, 0, EOI, 0)  # nothing left: no wake
+    assert woken == []
