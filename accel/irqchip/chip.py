@@ -65,12 +65,13 @@ ISA_IRQ_TO_IOAPIC_PIN = {irq: (2 if irq == 0 else irq) for irq in range(16) if i
 #: IOAPIC pins a device can drive: the ISA ones above plus 16-23.
 IOAPIC_PIN_OF_IRQ = {**ISA_IRQ_TO_IOAPIC_PIN, **{gsi: gsi for gsi in range(16, IOAPIC_PIN_COUNT)}}
 PIT_IRQ = 0
-# LAPIC registers written on every interrupt that cannot move a timer deadline
-_NO_DEADLINE_EFFECT = frozenset((0x80, 0xB0, 0x300, 0x310))  # TPR, EOI, ICR
-_UNBLOCKING = frozenset((0x80, 0xB0))  # TPR, EOI: may make a pending vector deliverable
-
 #: IRQ0 also drives this pin, so tables with identity routing (no override) work as well
 PIT_IDENTITY_PIN = 0
+
+# LAPIC registers written on every interrupt that cannot move a timer deadline: TPR, EOI, ICR
+_NO_DEADLINE_EFFECT = frozenset((0x80, 0xB0, 0x300, 0x310))
+# TPR, EOI: may make a vector waiting in IRR deliverable
+_UNBLOCKING = frozenset((0x80, 0xB0))
 
 __all__ = [
     "Irqchip", "IrqchipError", "ISA_IRQ_TO_IOAPIC_PIN", "IOAPIC_PIN_OF_IRQ", "IOAPIC_DEFAULT_BASE",
