@@ -94,7 +94,7 @@ _SCHEMA = {
 }
 #: sections written as arrays of tables ([[drive]])
 _ARRAY_SECTIONS = ("drive", "net")
-MAX_VIRTIO_DEVICES = 17  # IOAPIC pins 5-23 less 8 (RTC) and 12 (PS/2 mouse): one line per device
+MAX_VIRTIO_DEVICES = 8  # one interrupt line each: IOAPIC GSIs 16-23 (vmm/layout.py)
 VIRTIO_BLK_SERIAL_MAX = 20  # bytes in the GET_ID answer
 IFNAMSIZ = 16
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")

@@ -89,15 +89,16 @@ def build_machine(
             mmio.insert(device, base, size)
 
         cmdline = config.boot.cmdline
+        windows = []  # (base, size, gsi) of each virtio-mmio device, for the ACPI DSDT
         if config.virtio_device_count:
             events = EventLoop("virtio")
-            virtio, entries = _virtio_devices(config, vm, memory, mmio, events)
-            cmdline = " ".join([cmdline, *entries])
+            virtio, windows = _virtio_devices(config, vm, memory, mmio, events)
+            cmdline = " ".join([cmdline, *(cmdline_entry(base, gsi) for base, _, gsi in windows)])
 
         # Both the MP table (kernels with CONFIG_X86_MPPARSE) and ACPI's MADT
         # (Debian's cloud kernel reads only ACPI) describe the CPUs and IOAPIC.
         mptable.write_mptable(memory, vcpu_count)
-        rsdp = write_acpi_tables(memory, vcpu_count)
+        rsdp = write_acpi_tables(memory, vcpu_count, windows)
         mode, entry, boot_info = _load_guest(config, memory, rsdp, cmdline)
 
         loops = []
@@ -161,7 +162,7 @@ def _legacy_devices(vm, memory, lifecycle, console_output):
 def _virtio_devices(config: VmConfig, vm, memory: GuestMemory, mmio: MmioBus, events: EventLoop):
     """One virtio-mmio window and interrupt line per device: drives, then NICs, then the RNG.
 
-    Returns the transports and the kernel command-line entries that announce them.
+    Returns the transports and their windows ``(base, size, gsi)``.
     """
     models = []
     for i, drive in enumerate(config.drives):
@@ -170,14 +171,14 @@ def _virtio_devices(config: VmConfig, vm, memory: GuestMemory, mmio: MmioBus, ev
         models.append((f"virtio-net{i}", lambda n=net: VirtioNet(TapBackend(n.tap), mac=n.mac)))
     if config.rng:
         models.append(("virtio-rng", VirtioRng))
-    transports, entries = [], []
+    transports, windows = [], []
     try:
         for n, (name, make) in enumerate(models):
             base = layout.VIRTIO_MMIO_BASE + n * layout.VIRTIO_MMIO_SIZE
             irq = layout.virtio_irqs()[n]
             transport = VirtioMmio(make(), memory, IrqLine(irq, vm.set_irq_line), name=name)
             transports.append(transport)
-            entries.append(cmdline_entry(base, irq))
+            windows.append((base, layout.VIRTIO_MMIO_SIZE, irq))
             mmio.insert(transport, base, layout.VIRTIO_MMIO_SIZE)
             notify_fds = transport.attach(events)
             # Where the hypervisor can, queue notifications reach the event loop
@@ -191,7 +192,7 @@ def _virtio_devices(config: VmConfig, vm, memory: GuestMemory, mmio: MmioBus, ev
         for transport in transports:
             transport.close()
         raise
-    return transports, entries
+    return transports, windows
 
 
 def _load_guest(config: VmConfig, memory: GuestMemory, rsdp: int, cmdline: str) -> tuple[str, int, int]:

@@ -43,8 +43,10 @@ IRQ_KEYBOARD = 1
 IRQ_COM2 = 3
 IRQ_COM1 = 4
 IRQ_RTC = 8
-IRQ_VIRTIO_FIRST = 5  # virtio devices take 5, 6, 7, 9, 10, 11, ... (skipping 8 and 12)
 IOAPIC_PINS = 24
+# virtio devices take the IOAPIC-only GSIs 16-23: level-triggered, active-high
+# (declared so in the DSDT), with no ISA edge-triggered defaults to override.
+VIRTIO_GSIS = tuple(range(16, IOAPIC_PINS))
 
 # --- port I/O ------------------------------------------------------------
 PORT_COM1 = 0x3F8
@@ -62,5 +64,5 @@ def ram_layout(memory_size: int) -> list[tuple[int, int]]:
 
 
 def virtio_irqs():
-    """IRQ lines free for virtio-mmio devices, in order."""
-    return [irq for irq in range(IRQ_VIRTIO_FIRST, IOAPIC_PINS) if irq not in (IRQ_RTC, 12)]
+    """Interrupt lines (GSIs) for virtio-mmio devices, in order."""
+    return list(VIRTIO_GSIS)

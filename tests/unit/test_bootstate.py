@@ -453,7 +453,7 @@ def test_debian_kernel_on_qemu_uses_our_madt(tmp_path):
     import shutil
     import subprocess
 
-    from pyvmm.vmm.boot.acpi import ACPI_START, MADT_ADDR
+    from pyvmm.vmm.boot.acpi import ACPI_START
 
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
@@ -462,7 +462,10 @@ def test_debian_kernel_on_qemu_uses_our_madt(tmp_path):
     if not (vmlinux.exists() and initrd.exists()):
         pytest.skip(f"{ASSETS} has no vmlinux/initramfs.cpio.gz: run scripts/fetch-test-kernel first")
     low = GuestMemory.from_buffers([(0, bytearray(layout.HIGH_MEMORY))])
-    write_acpi_tables(low, 2)
+    xsdt_addr = struct.unpack_from("<Q", low.read(write_acpi_tables(low, 2), 36), 24)[0]
+    _, xsdt = read_sdt(low, xsdt_addr)
+    pointers = struct.unpack_from(f"<{(len(xsdt) - 36) // 8}Q", xsdt, 36)
+    madt_addr = next(p for p in pointers if read_sdt(low, p)[0] == b"APIC")
     blob = tmp_path / "acpi.bin"
     blob.write_bytes(low.read(ACPI_START, 0x400))
     cmd = [
@@ -480,7 +483,74 @@ def test_debian_kernel_on_qemu_uses_our_madt(tmp_path):
         except subprocess.TimeoutExpired:
             if attempt:
                 pytest.fail("QEMU did not finish booting the kernel in 60 s, twice")
-    assert f"ACPI: APIC 0x{MADT_ADDR:016X}" in out, out[-3000:]
+    assert f"ACPI: APIC 0x{madt_addr:016X}" in out, out[-3000:]
+    assert "ACPI: FACP 0x" in out and "ACPI: DSDT 0x" in out  # the hardware-reduced FADT and its DSDT are accepted
     assert "ACPI: Using ACPI (MADT) for SMP configuration information" in out
     assert "smp: Brought up 1 node, 2 CPUs" in out, out[-3000:]
     assert "pyvmm-init: hello ok" in out and "pyvmm-init: done" in out
+
+
+def _xsdt_tables(mem, rsdp_addr):
+    xsdt_addr = struct.unpack_from("<Q", mem.read(rsdp_addr, 36), 24)[0]
+    _, xsdt = read_sdt(mem, xsdt_addr)
+    pointers = struct.unpack_from(f"<{(len(xsdt) - 36) // 8}Q", xsdt, 36)
+    return {read_sdt(mem, p)[0]: (p, read_sdt(mem, p)[1]) for p in pointers}
+
+
+def test_fadt_is_hardware_reduced_and_points_at_the_dsdt(mem):
+    tables = _xsdt_tables(mem, write_acpi_tables(mem, 1))
+    assert set(tables) == {b"FACP", b"APIC"}  # the DSDT is reached through the FADT only
+    _, fadt = tables[b"FACP"]
+    assert len(fadt) == 276 and fadt[8] == 6  # ACPI 6.x FADT
+    dsdt_addr = struct.unpack_from("<Q", fadt, 140)[0]
+    assert read_sdt(mem, dsdt_addr)[0] == b"DSDT"
+    assert struct.unpack_from("<I", fadt, 40)[0] == dsdt_addr  # DSDT
+    assert struct.unpack_from("<Q", fadt, 140)[0] == dsdt_addr  # X_DSDT
+    flags = struct.unpack_from("<I", fadt, 112)[0]
+    assert flags & (1 << 20)  # HW_REDUCED_ACPI
+    boot_arch = struct.unpack_from("<H", fadt, 109)[0]
+    assert boot_arch & 0b10  # an i8042 is present (Linux would skip it otherwise)
+    assert fadt[108] == 0x32  # CMOS century register
+
+
+def test_dsdt_describes_each_virtio_mmio_device(mem):
+    devices = [(0xD0000000, 0x1000, 16), (0xD0001000, 0x1000, 17)]
+    tables = _xsdt_tables(mem, write_acpi_tables(mem, 2, devices))
+    _, dsdt = read_sdt(mem, struct.unpack_from("<Q", tables[b"FACP"][1], 140)[0])
+    aml = dsdt[36:]
+    assert aml[0] == 0x10 and b"\\_SB_" in aml[:8]  # Scope (\_SB)
+    assert aml.count(b"\x5b\x82") == 3 + 2  # Device() blocks: COM1, KBD, RTC and the two virtio windows
+    assert aml.count(b"_HID\x0dLNRO0005\x00") == 2
+    # hardware-reduced ACPI has no legacy PIC: the ISA devices must carry their IRQs in _CRS
+    assert b"_HID\x0dPNP0501\x00" in aml and struct.pack("<BHBBI", 0x89, 6, 3, 1, 4) in aml  # COM1, IRQ 4 edge
+    assert b"_HID\x0dPNP0303\x00" in aml and struct.pack("<BHBBI", 0x89, 6, 3, 1, 1) in aml  # i8042, IRQ 1
+    assert b"_HID\x0dPNP0B00\x00" in aml and struct.pack("<BBHHBB", 0x47, 1, 0x70, 0x70, 1, 2) in aml  # RTC
+    for index, (base, size, gsi) in enumerate(devices):
+        assert f"V{index:03X}".encode() in aml
+        assert struct.pack("<BHBII", 0x86, 9, 1, base, size) in aml  # Memory32Fixed(ReadWrite, base, size)
+        assert struct.pack("<BHBBI", 0x89, 6, 1, 1, gsi) in aml  # Interrupt(level, active-high) {gsi}
+    # the scope's PkgLength covers exactly the rest of the table
+    from pyvmm.vmm.boot.acpi import _pkg_length
+
+    body_len = len(aml) - 1
+    for extra in range(4):
+        encoded = _pkg_length(body_len - 1 - extra)
+        if len(encoded) == 1 + extra:
+            assert aml[1 : 2 + extra] == encoded
+            break
+
+
+@pytest.mark.parametrize("length", [0, 1, 0x3E, 0x3F, 0x40, 0xFFF, 0x1000, 0xFFFFF])
+def test_aml_pkg_length_encoding(length):
+    from pyvmm.vmm.boot.acpi import _pkg_length
+
+    encoded = _pkg_length(length)
+    total = length + len(encoded)  # PkgLength counts itself
+    lead = encoded[0]
+    extra = lead >> 6
+    assert len(encoded) == 1 + extra
+    if extra == 0:
+        assert lead == total
+    else:
+        value = (lead & 0xF) | int.from_bytes(encoded[1:], "little") << 4
+        assert value == total
