@@ -101,6 +101,48 @@ _GPR_FIELDS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
                "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")  # fmt: skip
 
 
+class EngineLock:
+    """Lets one vCPU's engine run at a time, handing over in FIFO order.
+
+    unicorn emulates LOCK-prefixed instructions (``lock cmpxchg``, ``xadd``,
+    ``inc``) as plain load/modify/store sequences, so two engines running in
+    parallel on shared guest memory break the guest's spinlocks and atomics
+    (Linux then sees e.g. TSC warps in its TSC sync check). A waiting vCPU asks
+    the running one to stop after ``SLICE`` seconds; stops land between
+    translation blocks, so every instruction is atomic with respect to the
+    others. A vCPU parked in an I/O exit or asleep in ``hlt`` does not hold it.
+    """
+
+    SLICE = 0.002
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._owner = None
+        self._queue: list = []
+
+    def acquire(self, vcpu) -> None:
+        with self._cond:
+            if self._owner is None and not self._queue:
+                self._owner = vcpu
+                return
+            self._queue.append(vcpu)
+            if self._owner is not None:
+                self._owner.end_slice_soon()
+            while self._owner is not None or self._queue[0] is not vcpu:
+                self._cond.wait()
+            self._queue.pop(0)
+            self._owner = vcpu
+            if self._queue:  # others queued behind while nobody owned it: they get the next slice
+                vcpu.end_slice_soon()
+
+    def release(self, vcpu) -> None:
+        with self._cond:
+            if self._owner is vcpu:
+                self._owner = None
+                if self._queue:
+                    self._cond.notify_all()
+
+
 class _Closing(Exception):
     """Raised inside a hook to unwind ``emu_start`` when the vCPU is closed."""
 
@@ -139,8 +181,9 @@ def cache_to_segment(selector: int, base: int, limit: int, flags: int) -> Segmen
 
 
 class InterpVcpu:
-    def __init__(self, vm, index: int, cpuid: list[CpuidEntry]):
+    def __init__(self, vm, index: int, cpuid: list[CpuidEntry], engine_lock: EngineLock | None = None):
         self.index = index
+        self._engine_lock = engine_lock
         self._vm = vm
         self._chip = vm.irqchip
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
@@ -175,6 +218,7 @@ class InterpVcpu:
         self._epoch = 0  # incremented each time emu_start returns
         self._irq_window_due: float | None = None
         self._irq_window_delay = IRQ_WINDOW_FIRST
+        self._slice_due: float | None = None  # another vCPU waits for the engine lock
         self._kicked_deadline: float | None = None  # kicker: the past deadline it last stopped the engine for
         self._kicked_at = 0.0
         self._sleep_stale_due: float | None = None
@@ -256,10 +300,15 @@ class InterpVcpu:
             self.uc.emu_stop()
             return False
         self._in_hook = True
+        lock = self._engine_lock
+        if lock is not None:
+            lock.release(self)  # parked mid-instruction: other vCPUs may run meanwhile
         try:
             self._post(exit_value)
         finally:
             self._in_hook = False
+            if lock is not None:
+                lock.acquire(self)
         if self._state_replaced:
             self._state_replaced = False
             self._replacement = self.uc.context_save()
@@ -346,6 +395,13 @@ class InterpVcpu:
             self._stop_requested = True
             self._kick = self._wakeup = True
             self._cond.notify_all()
+
+    def end_slice_soon(self) -> None:
+        """Another vCPU waits for the engine lock: stop after one time slice."""
+        with self._cond:
+            if self._slice_due is None:
+                self._slice_due = self._chip.clock() + EngineLock.SLICE
+                self._cond.notify_all()
 
     def wake(self) -> None:
         """The irqchip's ``wake`` callback (any thread): something may be deliverable now."""
@@ -490,6 +546,9 @@ class InterpVcpu:
         uc = self.uc
         rip = uc.reg_read(x86.UC_X86_REG_RIP)
         self._pending = None
+        lock = self._engine_lock
+        if lock is not None:
+            lock.acquire(self)
         with self._cond:
             self._in_emu = True
             self._cond.notify_all()
@@ -503,9 +562,12 @@ class InterpVcpu:
         except Exception as err:  # an irqchip error raised inside a hook
             error = err
         finally:
+            if lock is not None:
+                lock.release(self)
             with self._cond:
                 self._in_emu = False
                 self._epoch += 1
+                self._slice_due = None
                 self._cond.notify_all()
         pending = self._pending
         if self._replacement is not None:
@@ -578,8 +640,9 @@ class InterpVcpu:
                     if self._kick:
                         break
                     due = chip.next_deadline(self.index)
-                    if self._irq_window_due is not None and (due is None or self._irq_window_due < due):
-                        due = self._irq_window_due
+                    for extra in (self._irq_window_due, self._slice_due):
+                        if extra is not None and (due is None or extra < due):
+                            due = extra
                     if due is not None:
                         timeout = due - chip.clock()
                         if timeout <= 0:

@@ -81,6 +81,10 @@ class InterpVm:
             irqchip = Irqchip(vcpu_count, wake=self._wake)
         self.irqchip = irqchip
         self._supported: list[CpuidEntry] | None = None
+        from pyvmm.accel.interp.vcpu import EngineLock
+
+        # one engine at a time when there are several (see EngineLock)
+        self._engine_lock = EngineLock() if vcpu_count > 1 else None
 
     def _wake(self, vcpu_index: int) -> None:
         vcpu = self.vcpus.get(vcpu_index)
@@ -127,7 +131,7 @@ class InterpVm:
             raise AccelError("interp", f"vCPU index {index} is outside 0..{self.vcpu_count - 1}")
         if index in self.vcpus:
             raise AccelError("interp", f"vCPU {index} already exists")
-        vcpu = InterpVcpu(self, index, self._default_cpuid(index))
+        vcpu = InterpVcpu(self, index, self._default_cpuid(index), self._engine_lock)
         self.vcpus[index] = vcpu
         return vcpu
 
