@@ -8,7 +8,6 @@ are exercised end to end on unicorn.
 from __future__ import annotations
 
 import shutil
-import struct
 import subprocess
 import tempfile
 import threading
@@ -1016,3 +1015,164 @@ def test_self_modifying_code_through_an_alias_is_seen(guest):
     assert sym["func"] < 0x200000
     exits = guest.run_until_done()
     assert [v for _, v in outs(exits, 0xE0)] == [1, 2, 3]
+
+
+def test_sysenter_sysexit_round_trip_32bit():
+    g = Guest()
+    try:
+        g.setup_protected32()
+        # GDT for SYSENTER_CS = 0x08: 0x08 code0, 0x10 data0, 0x18 code3, 0x20 data3
+        for i, entry in enumerate(
+            [0, descriptor(0, 0xFFFFF, 0x9A, 0xC), descriptor(0, 0xFFFFF, 0x92, 0xC),
+             descriptor(0, 0xFFFFF, 0xFA, 0xC), descriptor(0, 0xFFFFF, 0xF2, 0xC)]
+        ):  # fmt: skip
+            g.mem.write_int(GDT + 8 * i, 8, entry)
+        sregs = g.vcpu.get_sregs()
+        sregs.gdt = DescriptorTable(GDT, 5 * 8 - 1)
+        g.vcpu.set_sregs(sregs)
+        sym = g.load(
+            """
+            .code32
+            mov $0x174, %ecx            # SYSENTER_CS
+            mov $0x08, %eax
+            xor %edx, %edx
+            wrmsr
+            mov $0x175, %ecx            # SYSENTER_ESP
+            mov $0x90000, %eax
+            wrmsr
+            mov $0x176, %ecx            # SYSENTER_EIP
+            mov $entry, %eax
+            wrmsr
+            pushl $0x23                 # iret to ring 3 (IOPL 3)
+            pushl $0x70000
+            pushl $0x3202
+            pushl $0x1B
+            pushl $user
+            iret
+            entry:
+            mov %cs, %ax
+            out %ax, $0xE0
+            mov %esp, %eax
+            out %eax, $0xE2
+            pushf
+            pop %eax
+            out %eax, $0xE4             # IF cleared by sysenter
+            mov $after, %edx            # sysexit: EIP = EDX, ESP = ECX
+            mov $0x6FFF0, %ecx
+            sysexit
+            user:
+            sysenter
+            after:
+            mov %cs, %ax
+            out %ax, $0xE6
+            mov %esp, %eax
+            out %al, $0xf0
+            """
+        )
+        exits = g.run_until_done()
+        o = dict(outs(exits))
+        assert o[0xE0] == 0x08 and o[0xE2] == 0x90000 and not o[0xE4] & 0x200
+        assert o[0xE6] == 0x1B and o[PORT_DONE] == 0xF0
+        assert sym["after"] > sym["user"]
+    finally:
+        g.close()
+
+
+def test_real_mode_software_and_external_interrupts_use_the_ivt(guest):
+    blob, sym = assemble(
+        """
+        .code16
+        start:
+        xor %ax, %ax
+        mov %ax, %ss
+        mov $0x7000, %sp
+        movw $(h21 - start), 0x21 * 4      # IVT entry 0x21 -> 0x2000:h21
+        movw $0x2000, 0x21 * 4 + 2
+        movw $(h08 - start), 0x08 * 4
+        movw $0x2000, 0x08 * 4 + 2
+        int $0x21
+        out %al, $0xE1
+        sti
+        1: jmp 1b
+        h21:
+        mov $0x21, %al
+        out %al, $0xE0
+        iret
+        h08:
+        mov $0x08, %al
+        out %al, $0xE0
+        pushf
+        pop %ax
+        out %ax, $0xE2                     # IF cleared on entry
+        mov %sp, %ax
+        out %ax, $0xf0
+        """,
+        base=0,
+    )
+    guest.mem.write(0x20000, blob)
+    sregs = guest.vcpu.get_sregs()
+    sregs.cs = Segment(base=0x20000, limit=0xFFFF, selector=0x2000, type=11)
+    sregs.ds = Segment(base=0, limit=0xFFFF, selector=0, type=3)
+    guest.vcpu.set_sregs(sregs)
+    guest.vcpu.set_regs(Regs(rip=0, rflags=2))
+    assert outs([guest.vcpu.run()]) == [(0xE0, 0x21)]
+    assert outs([guest.vcpu.run()]) == [(0xE1, 0x21)]
+    guest.chip.raise_vector(0x08)
+    exits = guest.run_until_done()
+    o = dict(outs(exits))
+    assert o[0xE0] == 0x08 and not o[0xE2] & 0x200
+    assert o[PORT_DONE] == 0x7000 - 6  # FLAGS, CS, IP pushed
+
+
+def test_two_vcpus_lock_incl_is_atomic():
+    chip = FakeChip(vcpu_count=2)
+    g = Guest(chip=chip, vcpus=2)
+    try:
+        ap = g.vm.create_vcpu(1)
+        g.setup_long_mode()
+        ap.set_sregs(g.vcpu.get_sregs())
+        g.load(
+            """
+            .code64
+            mov $3000000, %ecx          # long enough that both engines overlap (~0.1 s each)
+            1: lock incl 0x8000
+            dec %ecx
+            jnz 1b
+            out %al, $0xf0
+            """
+        )
+        ap._wait_for_sipi = False  # start the AP directly in long mode for this test
+        ap.set_regs(Regs(rip=CODE, rsp=STACK_TOP - 0x1000, rflags=2))
+        results = []
+        threads = [threading.Thread(target=lambda v=v: results.append(v.run())) for v in (g.vcpu, ap)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert [outs([r])[0][0] for r in results] == [PORT_DONE, PORT_DONE]
+        # unicorn emulates "lock incl" as load/add/store: two engines running at once lose about
+        # half the increments; the backend's engine lock makes every instruction atomic
+        assert g.mem.read_int(0x8000, 4) == 6000000
+    finally:
+        g.close()
+
+
+def test_state_set_at_an_io_exit_replaces_the_rest_of_the_instruction(guest):
+    guest.setup_long_mode()
+    sym = guest.load(
+        """
+        .code64
+        out %al, $0x90              # the VMM "resets" the vCPU here
+        out %al, $0x91              # never reached
+        reset_target:
+        out %al, $0xf0
+        """
+    )
+    exit_value = guest.vcpu.run()
+    assert outs([exit_value]) == [(0x90, 0)]
+    regs = guest.vcpu.get_regs()
+    regs.rip = sym["reset_target"]
+    regs.rax = 0x42
+    guest.vcpu.set_regs(regs)
+    exits = guest.run_until_done()
+    assert outs(exits) == [(PORT_DONE, 0x42)]
