@@ -65,6 +65,7 @@ from pyvmm.accel.ops import (
 )
 from pyvmm.errors import AccelError
 
+PHYS_ADDR_LIMIT = 1 << 40  # CPUID 0x80000008: 40 physical address bits
 NEVER = 1 << 63  # a non-canonical "until": emulation never stops there
 # An interrupt pending while IF=0 (or in an interrupt shadow): unicorn has no hook on sti/popf/iret,
 # so the engine is stopped again after a delay that starts short (spin-lock sections are brief)
@@ -267,7 +268,8 @@ class InterpVcpu:
                 self._mapped_slots.add(slot)
             ram.append((guest_addr, guest_addr + size))
         ram.sort()
-        top = max([1 << 32] + [end for _, end in ram])
+        # every other guest-physical address up to the 40 physical address bits CPUID reports
+        top = max([PHYS_ADDR_LIMIT] + [end for _, end in ram])
         cursor = 0
         for start, end in ram + [(top, top)]:
             if start > cursor:
@@ -281,6 +283,8 @@ class InterpVcpu:
 
     def _post(self, exit_value):
         """Hand ``exit_value`` to run() and wait until the VMM calls run() again."""
+        if self._closing:
+            raise _Closing()
         self._exit = exit_value
         self.exits_posted += 1
         self._to_vmm.release()
@@ -296,7 +300,7 @@ class InterpVcpu:
         stops; the rest of the current translation block runs on regardless
         (unicorn cannot abandon it), with its I/O dropped.
         """
-        if self._replacement is not None:
+        if self._replacement is not None or self._closing:
             self.uc.emu_stop()
             return False
         self._in_hook = True
@@ -305,6 +309,9 @@ class InterpVcpu:
             lock.release(self)  # parked mid-instruction: other vCPUs may run meanwhile
         try:
             self._post(exit_value)
+        except _Closing:
+            self.uc.emu_stop()  # unwound by the loop once emu_start returns (it checks _closing)
+            return False
         finally:
             self._in_hook = False
             if lock is not None:
@@ -569,6 +576,8 @@ class InterpVcpu:
                 self._epoch += 1
                 self._slice_due = None
                 self._cond.notify_all()
+        if self._closing:
+            raise _Closing()
         pending = self._pending
         if self._replacement is not None:
             uc.context_restore(self._replacement)

@@ -869,20 +869,19 @@ def test_request_stop_interrupts_running_and_pending(guest):
     assert sym["spin"] <= rip <= sym["spin"] + 2
 
 
-def test_invalid_state_is_internal_error(guest):
+def test_what_cannot_be_emulated_is_internal_error_with_rip_and_bytes(guest):
     guest.setup_long_mode()
-    guest.load(".code64\n jmp *%rax\n")
-    regs = guest.vcpu.get_regs()
-    regs.rax = 0x3FFFFF000000  # far beyond RAM and the MMIO window: not mappable
-    guest.vcpu.set_regs(regs)
     sregs = guest.vcpu.get_sregs()
-    guest.mem.write_int(PDPT + 8 * 255, 8, 0x3FC0000000 | 0x83)  # 1 GiB page at 255 GiB -> unmapped phys
+    sregs.idt = DescriptorTable(IDT, 8 * 8 - 1)
     guest.vcpu.set_sregs(sregs)
-    regs.rax = 255 << 30
-    guest.vcpu.set_regs(regs)
+    guest.setup_protected32()  # 32-bit protected mode: IDT entries are 8 bytes
+    guest.mem.write_int(IDT + 6 * 8, 8, (0x85 << 40) | (0x30 << 16))  # #UD -> a task gate
+    guest.load(".code32\n nop\n ud2\n")
     exit_value = guest.vcpu.run()
     assert isinstance(exit_value, InternalError)
-    assert exit_value.rip == 255 << 30
+    assert exit_value.rip == CODE + 1
+    assert "task gate" in exit_value.reason
+    assert "0f 0b" in exit_value.detail
 
 
 # --------------------------------------------------------------------------
@@ -1176,3 +1175,22 @@ def test_state_set_at_an_io_exit_replaces_the_rest_of_the_instruction(guest):
     guest.vcpu.set_regs(regs)
     exits = guest.run_until_done()
     assert outs(exits) == [(PORT_DONE, 0x42)]
+
+
+def test_mmio_above_4g_exits(guest):
+    guest.setup_long_mode()
+    guest.mem.write_int(PDPT + 8 * 8, 8, (8 << 30) | 0x83)  # virtual 8 GiB -> physical 8 GiB, no RAM there
+    guest.load(
+        """
+        .code64
+        movabs $0x200000010, %rbx
+        mov (%rbx), %eax
+        mov %eax, 4(%rbx)
+        out %al, $0xf0
+        """
+    )
+    exits = guest.run_until_done(lambda e: 0x5A)
+    assert [(type(e).__name__, e.addr) for e in exits if isinstance(e, (MmioRead, MmioWrite))] == [
+        ("MmioRead", 0x200000010),
+        ("MmioWrite", 0x200000014),
+    ]
