@@ -1,7 +1,37 @@
 """The bundled interpreter backend (``accel = "interp"``): a software x86-64 CPU on unicorn 2.1.4.
 
-``InterpVm`` implements ``VmOps`` and its vCPUs ``VcpuOps`` (accel/ops.py) with a
-userspace irqchip (accel/irqchip). ``probe()`` reports whether it can run here.
+``InterpVm`` implements ``VmOps`` and its vCPUs ``VcpuOps`` (accel/ops.py) over
+the same guest memory the VMM allocates (``mem_map_ptr``, no copy), with the
+userspace irqchip (accel/irqchip) serving the PIC/PIT/LAPIC/IOAPIC inside the
+backend, as KVM's in-kernel irqchip does. ``probe()`` says whether it can run.
+
+Modules:
+    context  offsets into unicorn's saved context and engine structures, all
+             verified at start-up (``verify_layout``), and the two engine fixes:
+             stops only between translation blocks, and HLT detection
+    system   what unicorn leaves out: IDT delivery (real/protected/long mode,
+             IST, TSS stack switches, #DF/triple fault), syscall, sysenter,
+             a page walker for the backend's own guest-virtual accesses
+    cpuid    the CPUID table the engine really executes, TSC frequency
+    vcpu     the engine thread, exit hand-off, injection, HLT sleep, kicker
+    vm       ``InterpVm`` and ``probe``
+
+Measured here (2 cores): a port-I/O exit round trip through ``run()`` costs
+~21 us; Debian's 6.1 cloud kernel boots to its initramfs /init and reboots in
+~3-5 s (64-bit entry or PVH, 1 or 2 vCPUs).
+
+Limits (unicorn 2.1.4 has no hooks for them):
+    * RDMSR/WRMSR execute natively: unknown MSRs read 0, writes are dropped,
+      never #GP; IA32_APIC_BASE reads 0 in the guest (Linux 6.1 x86_64 only
+      tests its x2APIC bit, so it boots; the VMM's get/set_msrs use the chip).
+    * NMIs are delivered without NMI blocking until IRET (IRET is not hookable).
+    * An interrupt pending while IF=0 is retried after 20 us .. 1 ms (there is
+      no hook on STI/POPF/IRET).
+    * MMIO wider than 4 bytes is split in 4-byte exits; instruction fetch from
+      MMIO reads through exits; writes to read-only slots end in InternalError.
+    * vCPUs run one at a time (LOCK-prefixed instructions are not atomic across
+      engines); self-modifying code written by one vCPU is seen by another
+      only after it re-translates (INIT/SIPI flush; others do not).
 """
 
 from pyvmm.accel.interp.vm import InterpVm, probe

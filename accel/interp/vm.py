@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import os
 import threading
 
 from pyvmm.accel.ops import CpuidEntry
@@ -28,9 +27,12 @@ def _verify_once() -> None:
 def probe() -> tuple[bool, str, list[str]]:
     """For ``pyvmm check``: (usable, reason, notes)."""
     notes = [
-        "software x86-64 CPU on unicorn (QEMU TCG 5.0): no AVX, no x2APIC, no TSC-deadline, no PMU",
-        "RDMSR/WRMSR run natively: unimplemented MSRs read 0 and ignore writes; IA32_APIC_BASE reads 0",
-        "SMP engines share memory but emulate LOCK-prefixed instructions without host atomics",
+        "software x86-64 CPU on unicorn 2.1.4 (QEMU 5.0 TCG); Intel CPUID without AVX/AVX2/FMA, x2APIC, "
+        "TSC-deadline, MONITOR, XSAVEC/XSAVES, PCID/INVPCID, PMU; TSC = host TSC, frequency in CPUID 0x15",
+        "RDMSR/WRMSR run natively (no hooks): unimplemented MSRs read 0 and ignore writes; IA32_APIC_BASE "
+        "reads 0 to the guest (Linux 6.1 x86_64 boots regardless); get/set_msrs see the irqchip's value",
+        "several vCPUs run one at a time (2 ms slices): LOCK-prefixed instructions are not atomic across engines",
+        "MMIO accesses wider than 4 bytes reach the VMM as 4-byte pieces; writes to read-only slots are errors",
     ]
     try:
         import unicorn
@@ -67,7 +69,8 @@ class InterpVm:
 
     def __init__(self, vcpu_count: int = 1, *, irqchip=None):
         _verify_once()
-        self.max_vcpus = max(1, min(255, (os.cpu_count() or 1) * 8))
+        # xAPIC IDs are 8 bits (0xFF is broadcast); engines are serialized, so host cores do not limit it
+        self.max_vcpus = 254
         if not 1 <= vcpu_count <= self.max_vcpus:
             raise AccelError("interp", f"vcpu_count {vcpu_count} is outside 1..{self.max_vcpus}")
         self.vcpu_count = vcpu_count
