@@ -1,0 +1,54 @@
+"""Architecture rules the folder tree promises, checked on the source (no imports executed)."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def sources(folder: str):
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+def test_devices_never_import_accel():
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if m.startswith("pyvmm.accel"))
+        for path in sources("devices")
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_guest_memory_is_a_leaf():
+    ours = {m for m in imported_modules(ROOT / "vmm" / "memory.py") if m.startswith("pyvmm")}
+    assert ours <= {"pyvmm.errors"}
+
+
+def test_ffi_declares_only():
+    for path in sources("ffi"):
+        ours = {m for m in imported_modules(path) if m.startswith("pyvmm")}
+        assert not ours, f"{path.name} imports {ours}: ffi/ holds C declarations only"
+
+
+def test_every_package_folder_is_installed():
+    """pyproject's explicit package list must name every folder with an __init__.py."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    mapping = {"pyvmm": "pyvmm", "accel": "pyvmm.accel", "ffi": "pyvmm.ffi", "vmm": "pyvmm.vmm", "devices": "pyvmm.devices"}
+    found = set()
+    for top, package in mapping.items():
+        for init in (ROOT / top).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / top)
+            found.add(".".join([package, *rel.parts]))
+    assert found == listed, f"missing from pyproject: {found - listed}; listed but absent: {listed - found}"
