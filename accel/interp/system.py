@@ -67,11 +67,32 @@ class Unsupported(Exception):
     """Guest state this backend cannot emulate (task gates, virtual-8086 mode): an internal error."""
 
 
+class GuestRam:
+    """Zero-copy reads of guest RAM for the backend's page walks (much cheaper than uc.mem_read).
+
+    Writes still go through ``uc.mem_write`` so QEMU sees them (self-modifying-code tracking).
+    """
+
+    def __init__(self, regions: list[tuple[int, memoryview]] = ()):
+        self.regions = [(start, start + len(view), view) for start, view in regions]
+
+    def read(self, addr: int, size: int) -> int | None:
+        for start, end, view in self.regions:
+            if start <= addr and addr + size <= end:
+                return int.from_bytes(view[addr - start : addr - start + size], "little")
+        return None
+
+
+_NO_RAM = GuestRam()
+
+
 class MachineState:
     """The registers delivery needs, read once from a stopped engine (one context save)."""
 
-    def __init__(self, uc):
+    def __init__(self, uc, ram: GuestRam = _NO_RAM):
         self.uc = uc
+        self.ram = ram
+        self._tlb: dict[tuple[int, bool, bool], int] = {}  # (page, write, user) -> physical page
         self.rip, self.rsp, self.rflags, self.cr0, self.cr3, self.cr4 = uc.reg_read_batch(_GPRS)
         self.efer = uc.reg_read(x86.UC_X86_REG_MSR, MSR_EFER)
         self.blob = ctx.Blob(uc)
@@ -105,6 +126,14 @@ class MachineState:
 
     def translate(self, linear: int, write: bool, user: bool) -> int:
         """Guest-physical address of ``linear``, raising #PF / #GP as the CPU would."""
+        key = (linear >> 12, write, user)
+        page = self._tlb.get(key)
+        if page is None:
+            page = self._walk(linear & ~0xFFF, write, user) & ~0xFFF
+            self._tlb[key] = page
+        return page | (linear & 0xFFF)
+
+    def _walk(self, linear: int, write: bool, user: bool) -> int:
         cr0, cr4 = self.cr0, self.cr4
         if not cr0 & 0x80000000:
             return linear & 0xFFFFFFFF if not self.long_mode else linear
@@ -160,6 +189,9 @@ class MachineState:
         return (entry & frame_mask) | (linear & ((1 << page_bits) - 1))
 
     def _read_phys(self, addr: int, size: int) -> int:
+        value = self.ram.read(addr, size)
+        if value is not None:
+            return value
         try:
             return int.from_bytes(self.uc.mem_read(addr, size), "little")
         except UcError as err:
@@ -182,7 +214,20 @@ class MachineState:
         return out
 
     def write_linear(self, linear: int, size: int, value: int, user: bool = False) -> None:
-        data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        self.write_bytes(linear, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"), user)
+
+    def write_bytes(self, linear: int, data: bytes, user: bool = False) -> None:
+        size = len(data)
+        # translate every page first: a fault must leave memory untouched, as on hardware
+        first = self.translate(linear, True, user)
+        if (linear & 0xFFF) + size <= 0x1000:
+            try:
+                self.uc.mem_write(first, data)
+            except UcError as err:
+                raise Unsupported(f"guest write at physical {first:#x} is not RAM") from err
+            return
+        for offset in range(0x1000 - (linear & 0xFFF), size, 0x1000):
+            self.translate(linear + offset, True, user)
         pos = 0
         while pos < size:
             chunk = min(size - pos, 0x1000 - ((linear + pos) & 0xFFF))
@@ -257,7 +302,7 @@ class MachineState:
 
 
 def deliver(uc, vector: int, *, error_code: int | None = None, software: bool = False,
-            external: bool = False, cr2: int | None = None) -> None:  # fmt: skip
+            external: bool = False, cr2: int | None = None, ram: GuestRam = _NO_RAM) -> None:  # fmt: skip
     """Deliver ``vector`` through the guest IDT, escalating nested faults.
 
     ``software`` is an ``int n``/``int3``/``into`` (gate DPL checked, RIP already
@@ -266,7 +311,7 @@ def deliver(uc, vector: int, *, error_code: int | None = None, software: bool = 
     """
     first_vector = None
     while True:
-        state = MachineState(uc)
+        state = MachineState(uc, ram)
         try:
             _deliver_once(state, vector, error_code, software, external, cr2)
             return
@@ -368,14 +413,14 @@ def _deliver_long(state: MachineState, vector, code, software, ext) -> None:
     if code is not None:
         frame.append(code)
     user = new_cpl == 3
-    for value in frame:
-        rsp = (rsp - 8) & 0xFFFFFFFFFFFFFFFF
-        try:
-            state.write_linear(rsp, 8, value, user)
-        except Fault as fault:
-            if fault.vector == GP:  # a non-canonical stack is a stack fault
-                raise Fault(SS_FAULT, ext) from None
-            raise
+    rsp = (rsp - 8 * len(frame)) & 0xFFFFFFFFFFFFFFFF
+    block = b"".join(v.to_bytes(8, "little") for v in reversed(frame))  # lowest address first
+    try:
+        state.write_bytes(rsp, block, user)  # one write per page touched
+    except Fault as fault:
+        if fault.vector == GP:  # a non-canonical stack is a stack fault
+            raise Fault(SS_FAULT, ext) from None
+        raise
     rflags = state.rflags & ~(TF | NT | RF | VM)
     if gate_type == 0xE:
         rflags &= ~IF
@@ -447,7 +492,7 @@ def _deliver_protected(state: MachineState, vector, code, software, ext) -> None
 
 def do_syscall(uc, next_rip: int) -> None:
     """``syscall`` (64-bit mode): unicorn only called the hook and skipped the instruction."""
-    state = MachineState(uc)
+    state = MachineState(uc)  # touches no guest memory
     if not state.efer & EFER_SCE or not state.code64:
         state.rip = next_rip - 2
         state.uc.reg_write(x86.UC_X86_REG_RIP, next_rip - 2)

@@ -191,6 +191,7 @@ class InterpVcpu:
         self._mapped_slots: set[int] = set()
         self._mmio_holes: list[tuple[int, int]] = []
         self._memory_changed = True
+        self._ram = system.GuestRam()
         self._cpuid = CpuidTable(cpuid)
         self._msr_shadow: dict[int, int] = {}
         self._cr8 = 0
@@ -268,6 +269,9 @@ class InterpVcpu:
                 self._mapped_slots.add(slot)
             ram.append((guest_addr, guest_addr + size))
         ram.sort()
+        self._ram = system.GuestRam(
+            [(guest_addr, memoryview(self._vm.slot_view(slot))) for slot, (guest_addr, _, _, _) in self._vm.slots.items()]
+        )
         # every other guest-physical address up to the 40 physical address bits CPUID reports
         top = max([PHYS_ADDR_LIMIT] + [end for _, end in ram])
         cursor = 0
@@ -528,7 +532,7 @@ class InterpVcpu:
         chip, index, uc = self._chip, self.index, self.uc
         try:
             if chip.has_nmi(index) and chip.ack_nmi(index):
-                system.deliver(uc, system.NMI, external=True)
+                system.deliver(uc, system.NMI, external=True, ram=self._ram)
                 return None
             if not chip.has_interrupt(index):
                 self._irq_window_due = None
@@ -536,7 +540,7 @@ class InterpVcpu:
             if self._interrupts_enabled() and not ctx.Blob(uc).hflags & ctx.HF_INHIBIT_IRQ:
                 vector = chip.ack_interrupt(index)
                 if vector is not None:
-                    system.deliver(uc, vector, external=True)
+                    system.deliver(uc, vector, external=True, ram=self._ram)
                 self._irq_window_due = None
                 self._irq_window_delay = IRQ_WINDOW_FIRST
             else:
@@ -589,7 +593,7 @@ class InterpVcpu:
                 return self._handle_pending(pending), True
             if isinstance(error, UcError):
                 if error.errno == UC_ERR_INSN_INVALID:
-                    system.deliver(uc, system.UD)
+                    system.deliver(uc, system.UD, ram=self._ram)
                     return None, True
                 return self._internal_error(f"unicorn: {error}"), True
             if error is not None:
@@ -610,13 +614,13 @@ class InterpVcpu:
         try:
             if kind == "exception":
                 _, vector, error_code, software, cr2 = pending
-                system.deliver(uc, vector, error_code=error_code, software=software, cr2=cr2)
+                system.deliver(uc, vector, error_code=error_code, software=software, cr2=cr2, ram=self._ram)
             elif kind == "syscall":
                 system.do_syscall(uc, uc.reg_read(x86.UC_X86_REG_RIP))
             elif kind == "sysenter":
                 system.do_sysenter(uc, uc.reg_read(x86.UC_X86_REG_RIP))
         except system.Fault as fault:
-            system.deliver(uc, fault.vector, error_code=fault.error_code, cr2=fault.cr2)
+            system.deliver(uc, fault.vector, error_code=fault.error_code, cr2=fault.cr2, ram=self._ram)
         return None
 
     def _triple_fault(self):
@@ -625,7 +629,7 @@ class InterpVcpu:
 
     def _internal_error(self, reason: str) -> InternalError:
         try:
-            state = system.MachineState(self.uc)
+            state = system.MachineState(self.uc, self._ram)
             insn = state.read_bytes(state.segs[ctx.CS][1] + state.rip, 15)
             rip = state.rip
         except Exception:  # noqa: BLE001 - a report must not fail

@@ -108,6 +108,10 @@ class InterpVm:
         for vcpu in self.vcpus.values():
             vcpu._memory_changed = True
 
+    def slot_view(self, slot: int) -> memoryview:
+        """A byte view of a mapped slot's host memory (for the backend's own page walks)."""
+        return memoryview(self._buffers[slot]).cast("B")
+
     def supported_cpuid(self) -> list[CpuidEntry]:
         if self._supported is None:
             from pyvmm.accel.interp.cpuid import supported_cpuid
