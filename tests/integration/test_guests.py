@@ -152,3 +152,63 @@ def test_bzimage_64bit_entry(tmp_path, backend):
     result = boot(tmp_path, backend, "hello-bz.bzimage", cmdline="console=ttyS0 from=bz")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "Hello from bzImage guest\ncmdline: console=ttyS0 from=bz\nhello-bz ok\n"
+
+
+# --- 64-bit guests (long64.inc): exceptions, ring 3, the LAPIC timer, instructions PVM cannot emulate ---
+
+
+def fallback_available() -> bool:
+    """pyvmm can hand instructions KVM cannot emulate to the interpreter (accel/fallback.py)."""
+    import importlib.util
+
+    return importlib.util.find_spec("pyvmm.accel.fallback") is not None
+
+
+def on_pvm_kvm(backend) -> bool:
+    """KVM here runs guest CPL0 code in its instruction emulator, which lacks some instructions."""
+    from pyvmm.accel import kvm
+
+    return backend == "kvm" and kvm.is_pvm_host()
+
+
+def guest_symbol(guest, name) -> int:
+    """Address of a symbol in a committed guest ELF (its symbol table is kept)."""
+    from elftools.elf.elffile import ELFFile
+
+    with (GUESTS / guest).open("rb") as stream:
+        symbols = ELFFile(stream).get_section_by_name(".symtab").get_symbol_by_name(name)
+    assert symbols, f"{name} not in {guest}"
+    return symbols[0]["st_value"]
+
+
+def assert_emulation_failure(result, guest, insn_symbol, first_bytes):
+    """`pyvmm boot` ended with the one-line error naming the instruction's bytes and RIP."""
+    assert result.returncode == 1, result.stdout + result.stderr
+    rip = guest_symbol(guest, insn_symbol)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("pyvmm: error:")]
+    assert len(lines) == 1, result.stderr
+    assert re.fullmatch(
+        rf"pyvmm: error: guest error \(vcpu 0, rip {rip:#x}\): the hypervisor cannot emulate the instruction "
+        rf"\(bytes: {first_bytes}( [0-9a-f]{{2}})*\) and the fallback is off",
+        lines[0],
+    ), lines[0]
+
+
+EXCEPTION_LINES = ["exc: ud ok", "exc: gp ok", "exc: pf ok", "exc: de ok", "exc: bp ok", "exc: int80 ok"]
+
+
+def test_exceptions_reach_the_guest_idt(tmp_path, backend):
+    if on_pvm_kvm(backend) and not fallback_available():
+        pytest.skip("int3 and int $0x80 at CPL0 need pyvmm.accel.fallback on a PVM host")
+    result = boot(tmp_path, backend, "exceptions.elf")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == EXCEPTION_LINES + ["exceptions ok"]
+
+
+def test_exceptions_without_fallback_stop_at_int3_on_pvm(tmp_path):
+    if not on_pvm_kvm("kvm") or not accel.probe("kvm").usable:
+        pytest.skip("needs KVM on a PVM host, where int3 at CPL0 cannot be emulated")
+    result = boot(tmp_path, "kvm", "exceptions.elf", extra="fallback = false\n")
+    # faults raised by the hardware or the emulator reach the IDT; the int3 does not
+    assert result.stdout.splitlines() == EXCEPTION_LINES[:4]
+    assert_emulation_failure(result, "exceptions.elf", "bp_insn", "cc")
