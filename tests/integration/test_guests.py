@@ -227,3 +227,52 @@ def test_ring3_round_trips(tmp_path, backend):
             pytest.xfail(f"KVM on a PVM host: ring-3 system calls do not reach the guest kernel: {result.stdout!r}")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines() == RING3_LINES
+
+
+EMUFAIL_INSNS = ["cmpxchg16b", "popcnt", "xsave", "int3"]
+# the first instruction of each check that KVM's emulator lacks, and its bytes: lock cmpxchg16b (%rsi),
+# popcnt %rbx,%rcx, xgetbv (it has xsetbv), int3
+EMUFAIL_FIRST_INSN = {
+    "cmpxchg16b": ("cmpxchg16b_success_insn", "f0 48 0f c7 0e"),
+    "popcnt": ("popcnt_insn", "f3 48 0f b8 cb"),
+    "xsave": ("xgetbv_insn", "0f 01 d0"),
+    "int3": ("int3_insn", "cc"),
+}
+
+
+def emufail_results(stdout):
+    """{insn: "ok" | "skipped"} from the guest's per-instruction lines."""
+    return dict(re.findall(r"^emufail: (\w+) (ok|skipped)", stdout, re.MULTILINE))
+
+
+def test_emufail_instructions_on_the_interpreter(tmp_path):
+    if not accel.probe("interp").usable:
+        pytest.skip("the interpreter is not usable here")
+    result = boot(tmp_path, "interp", "emufail.elf")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # the interpreter's CPU model has every feature: nothing is skipped
+    assert result.stdout.splitlines() == [f"emufail: {insn} ok" for insn in EMUFAIL_INSNS] + ["emufail ok"]
+
+
+def test_emufail_instructions_on_kvm_with_the_fallback(tmp_path):
+    if not accel.probe("kvm").usable:
+        pytest.skip("KVM not usable here")
+    if on_pvm_kvm("kvm") and not fallback_available():
+        pytest.skip("on a PVM host these instructions need pyvmm.accel.fallback")
+    result = boot(tmp_path, "kvm", "emufail.elf")
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = emufail_results(result.stdout)
+    assert list(results) == EMUFAIL_INSNS and results["int3"] == "ok"
+    assert result.stdout.endswith("emufail ok\n")
+
+
+def test_emufail_without_fallback_names_the_first_instruction_on_pvm(tmp_path):
+    if not accel.probe("kvm").usable or not on_pvm_kvm("kvm"):
+        pytest.skip("needs KVM on a PVM host, whose emulator lacks these instructions")
+    result = boot(tmp_path, "kvm", "emufail.elf", extra="fallback = false\n")
+    results = emufail_results(result.stdout)
+    # everything before the first instruction the guest really executes was skipped (no CPUID bit)
+    first = next(insn for insn in EMUFAIL_INSNS if insn not in results)
+    assert all(results[insn] == "skipped" for insn in results), result.stdout
+    symbol, first_bytes = EMUFAIL_FIRST_INSN[first]
+    assert_emulation_failure(result, "emufail.elf", symbol, first_bytes)
