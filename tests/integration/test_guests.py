@@ -276,3 +276,9 @@ def test_emufail_without_fallback_names_the_first_instruction_on_pvm(tmp_path):
     assert all(results[insn] == "skipped" for insn in results), result.stdout
     symbol, first_bytes = EMUFAIL_FIRST_INSN[first]
     assert_emulation_failure(result, "emufail.elf", symbol, first_bytes)
+
+
+def test_apic_timer_one_shot_and_periodic(tmp_path, backend):
+    result = boot(tmp_path, backend, "apictimer.elf")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == ["apictimer: one-shot ok", "apictimer: periodic ok", "apictimer ok"]
