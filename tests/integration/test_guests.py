@@ -282,3 +282,30 @@ def test_apic_timer_one_shot_and_periodic(tmp_path, backend):
     result = boot(tmp_path, backend, "apictimer.elf")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines() == ["apictimer: one-shot ok", "apictimer: periodic ok", "apictimer ok"]
+
+
+def test_exceptions_in_32bit_protected_mode(tmp_path, backend):
+    cmdline = "console=ttyS0"
+    if on_pvm_kvm(backend):
+        if not fallback_available():
+            pytest.skip("32-bit iret, int3 and int $0x80 at CPL0 need pyvmm.accel.fallback on a PVM host")
+        cmdline += " paging=0"  # 32-bit paging triple-faults there (test below)
+    result = boot(tmp_path, backend, "exceptions32.elf", cmdline=cmdline)
+    assert result.returncode == 0, result.stdout + result.stderr
+    pf_line = "exc: pf skipped (paging=0)" if "paging=0" in cmdline else "exc: pf ok"
+    assert result.stdout.splitlines() == [pf_line if line == "exc: pf ok" else line for line in EXCEPTION_LINES] + [
+        "exceptions32 ok"
+    ]
+
+
+def test_32bit_paging_on_pvm(tmp_path):
+    if not accel.probe("kvm").usable or not on_pvm_kvm("kvm"):
+        pytest.skip("needs KVM on a PVM host")
+    result = boot(tmp_path, "kvm", "exceptions32.elf")
+    rip = guest_symbol("exceptions32.elf", "paging_on")
+    if result.returncode == 1 and f"rip {rip:#x}): triple fault" in result.stderr:
+        pytest.xfail("KVM on a PVM host: setting CR0.PG in 32-bit protected mode (PAE) shuts the vCPU down")
+    if not fallback_available():
+        pytest.skip("past paging, 32-bit iret at CPL0 needs pyvmm.accel.fallback on a PVM host")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.endswith("exc: pf ok\nexc: de ok\nexc: bp ok\nexc: int80 ok\nexceptions32 ok\n")
