@@ -1194,3 +1194,81 @@ def test_mmio_above_4g_exits(guest):
         ("MmioRead", 0x200000010),
         ("MmioWrite", 0x200000014),
     ]
+
+
+def test_whole_vcpu_state_moves_to_another_engine_mid_run():
+    """What a fallback manager does: stop at an instruction boundary, copy every piece of state
+    to a fresh vCPU over the same memory, continue there (ring 3, SSE, FS/GS bases, syscall MSRs)."""
+    first = Guest()
+    try:
+        first.setup_long_mode(user_pages=True)
+        sym = first.load(
+            """
+            .code64
+            mov $0xC0000081, %ecx
+            xor %eax, %eax
+            mov $0x001B0008, %edx
+            wrmsr
+            mov $0xC0000082, %ecx
+            lea entry(%rip), %rax
+            xor %edx, %edx
+            wrmsr
+            mov $0xC0000084, %ecx
+            mov $0x200, %eax
+            wrmsr
+            xor %eax, %eax
+            mov %eax, %fs               # a null FS selector, as Linux uses: iretq to ring 3 keeps its base
+            mov $0xC0000100, %ecx       # FS base
+            mov $0x7000, %eax
+            wrmsr
+            mov $0x1234, %eax
+            movd %eax, %xmm3
+            push $0x23
+            push $0x70000
+            push $0x3202
+            push $0x2B
+            lea user(%rip), %rax
+            push %rax
+            iretq
+            entry:
+            add $1, %r12
+            sysretq
+            user:
+            xor %r12d, %r12d
+            1: syscall
+            cmp $5000, %r12             # each syscall is emulated by the backend: ~0.1 ms
+            jb 1b
+            movd %xmm3, %eax
+            add %fs:0, %eax
+            out %eax, $0xf0
+            """
+        )
+        first.mem.write_int(0x7000, 4, 0x100000)
+        thread, result = run_async(first.vcpu)
+        time.sleep(0.1)
+        first.vcpu.request_stop()
+        thread.join(5)
+        assert isinstance(result["exit"], Interrupted)
+        vcpu = first.vcpu
+        regs, sregs, fpu = vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_fpu()
+        msr_ids = [0xC0000080, 0xC0000081, 0xC0000082, 0xC0000084, 0xC0000100, 0xC0000101, 0xC0000102, 0x277]
+        msrs = vcpu.get_msrs(msr_ids)
+        assert 0 < regs.r12 < 5000, "stopped in the middle of the loop"
+        second_vm = InterpVm(1, irqchip=FakeChip())
+        try:
+            region = first.mem.regions[0]
+            second_vm.map_memory(0, 0, region.buffer)
+            moved = second_vm.create_vcpu(0)
+            moved.set_msrs(msrs)
+            moved.set_sregs(sregs)
+            moved.set_fpu(fpu)
+            moved.set_regs(regs)
+            assert moved.get_regs() == regs and moved.get_sregs() == sregs and moved.get_msrs(msr_ids) == msrs
+            exit_value = moved.run()
+            assert outs([exit_value]) == [(PORT_DONE, 0x101234)]
+            assert moved.get_regs().r12 == 5000
+            assert moved.get_sregs().cs.dpl == 3
+        finally:
+            second_vm.close()
+    finally:
+        first.close()
