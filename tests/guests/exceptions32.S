@@ -17,8 +17,9 @@
 # `paging=0` on the command line leaves paging off and prints "exc: pf skipped (paging=0)"
 # instead of the #PF check.
 # On KVM on a PVM host, 32-bit iret, int3 and `int $0x80` at CPL0 need pyvmm's fallback to
-# the interpreter, and turning on 32-bit paging (PAE or not) was seen to triple-fault.
+# the interpreter, and setting CR0.PG in 32-bit protected mode (PAE or not) raises #GP.
 # A test should expect:
+#     paging on                 (without paging=0)
 #     exc: ud ok
 #     exc: gp ok
 #     exc: pf ok
@@ -58,6 +59,18 @@
     .code32
     .globl main
 main:
+    xorl %edi, %edi                     # vectors 0-31 -> exc_stubs, 0x80 -> int80_handler
+    movl $exc_stubs, %esi
+1:  call set_gate
+    addl $16, %esi
+    incl %edi
+    cmpl $32, %edi
+    jb 1b
+    movl $0x80, %edi
+    movl $int80_handler, %esi
+    call set_gate
+    lidt idt_desc
+
     movl $paging_key, %esi
     call cmdline_get
     testl %eax, %eax
@@ -67,7 +80,7 @@ main:
     jc 2f
     movl %eax, paging
     testl %eax, %eax
-    jz idt_setup
+    jz checks
 2:  movl $page_directories + PDE_P, %eax # PDPT[0..3] -> the four page directories
     xorl %ecx, %ecx
 1:  movl %eax, pdpt(,%ecx,8)
@@ -92,19 +105,9 @@ main:
     orl $0x80010000, %eax               # PG | WP
 paging_on:
     movl %eax, %cr0
+    PRINT paging_msg
 
-idt_setup:
-    xorl %edi, %edi                     # vectors 0-31 -> exc_stubs, 0x80 -> int80_handler
-    movl $exc_stubs, %esi
-1:  call set_gate
-    addl $16, %esi
-    incl %edi
-    cmpl $32, %edi
-    jb 1b
-    movl $0x80, %edi
-    movl $int80_handler, %esi
-    call set_gate
-    lidt idt_desc
+checks:
 
 # --- #UD ---
     call exc_clear
@@ -240,6 +243,7 @@ exc_common:
     movl $0, exc_resume
 3:  popal
     addl $8, %esp
+exc_iret:
     iret
 
 # page_fault: record the error code and CR2; map the page read-only, then writable.
@@ -281,6 +285,7 @@ gp_msg:    .asciz "exc: gp ok\n"
 pf_msg:    .asciz "exc: pf ok\n"
 pf_skipped_msg: .asciz "exc: pf skipped (paging=0)\n"
 paging_key: .asciz "paging="
+paging_msg: .asciz "paging on\n"
 de_msg:    .asciz "exc: de ok\n"
 bp_msg:    .asciz "exc: bp ok\n"
 int80_msg: .asciz "exc: int80 ok\n"

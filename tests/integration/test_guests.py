@@ -292,20 +292,22 @@ def test_exceptions_in_32bit_protected_mode(tmp_path, backend):
         cmdline += " paging=0"  # 32-bit paging triple-faults there (test below)
     result = boot(tmp_path, backend, "exceptions32.elf", cmdline=cmdline)
     assert result.returncode == 0, result.stdout + result.stderr
-    pf_line = "exc: pf skipped (paging=0)" if "paging=0" in cmdline else "exc: pf ok"
-    assert result.stdout.splitlines() == [pf_line if line == "exc: pf ok" else line for line in EXCEPTION_LINES] + [
-        "exceptions32 ok"
-    ]
+    if "paging=0" in cmdline:
+        expected = [line.replace("exc: pf ok", "exc: pf skipped (paging=0)") for line in EXCEPTION_LINES]
+    else:
+        expected = ["paging on"] + EXCEPTION_LINES
+    assert result.stdout.splitlines() == expected + ["exceptions32 ok"]
 
 
 def test_32bit_paging_on_pvm(tmp_path):
     if not accel.probe("kvm").usable or not on_pvm_kvm("kvm"):
         pytest.skip("needs KVM on a PVM host")
-    result = boot(tmp_path, "kvm", "exceptions32.elf")
-    rip = guest_symbol("exceptions32.elf", "paging_on")
-    if result.returncode == 1 and f"rip {rip:#x}): triple fault" in result.stderr:
-        pytest.xfail("KVM on a PVM host: setting CR0.PG in 32-bit protected mode (PAE) shuts the vCPU down")
-    if not fallback_available():
-        pytest.skip("past paging, 32-bit iret at CPL0 needs pyvmm.accel.fallback on a PVM host")
+    result = boot(tmp_path, "kvm", "exceptions32.elf", extra="fallback = false\n")
+    # Seen: CR0.PG without long mode raises #GP (so "paging on" is never printed), and the
+    # handler's 32-bit iret is not emulated.
+    iret = guest_symbol("exceptions32.elf", "exc_iret")
+    failed_at_iret = f"rip {iret:#x}): the hypervisor cannot emulate the instruction (bytes: cf" in result.stderr
+    if result.returncode == 1 and failed_at_iret and result.stdout == "":
+        pytest.xfail("KVM on a PVM host: setting CR0.PG in 32-bit protected mode raises #GP")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.endswith("exc: pf ok\nexc: de ok\nexc: bp ok\nexc: int80 ok\nexceptions32 ok\n")
+    assert result.stdout.startswith("paging on\n") and "exc: pf ok\n" in result.stdout
