@@ -16,9 +16,12 @@ Modules:
     vcpu     the engine thread, exit hand-off, injection, HLT sleep, kicker
     vm       ``InterpVm`` and ``probe``
 
-Measured here (2 cores): a port-I/O exit round trip through ``run()`` costs
-~21 us; Debian's 6.1 cloud kernel boots to its initramfs /init and reboots in
-~3-5 s (64-bit entry or PVH, 1 or 2 vCPUs).
+Measured here (2 shared cores): a port-I/O or MMIO exit round trip through
+``run()`` costs 7-8 us idle (~21 us under load); an exception or interrupt
+delivered through the IDT and returned from costs ~110 us, an emulated
+``syscall`` + ``sysretq`` ~100 us (both handled in Python between engine runs);
+Debian's 6.1 cloud kernel boots to its initramfs /init and reboots in ~3-5 s
+(64-bit entry or PVH, 1 or 2 vCPUs), also through ``pyvmm boot``.
 
 Limits (unicorn 2.1.4 has no hooks for them):
     * RDMSR/WRMSR execute natively: unknown MSRs read 0, writes are dropped,
