@@ -53,6 +53,10 @@ def assert_booted_to_init(result, vcpus: int):
     version = (ASSETS / "kernel-version").read_text().strip()
     assert f"Linux version {version}" in out
     assert f"smp: Brought up 1 node, {vcpus} CPU" in out
+    # pyvmm's ACPI tables (vmm/boot/acpi.py) describe the machine: Debian's kernel has no MP-table parser
+    assert "ACPI: Using ACPI (MADT) for SMP configuration information" in out
+    assert "ACPI: FACP 0x" in out and "ACPI: DSDT 0x" in out
+    assert "pnp: PnP ACPI: found 3 devices" in out  # COM1, the i8042 and the RTC from the DSDT
     # the command run by init, and its output
     assert f"\n{version}\n" in out.replace("\r", "")  # `uname -r` from pyvmm.cmd=hello
     assert "pyvmm-init: hello ok" in out
