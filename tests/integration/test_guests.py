@@ -311,3 +311,33 @@ def test_32bit_paging_on_pvm(tmp_path):
         pytest.xfail("KVM on a PVM host: setting CR0.PG in 32-bit protected mode raises #GP")
     # paging works here: test_exceptions_in_32bit_protected_mode no longer needs paging=0
     assert result.stdout.startswith("paging on\n"), result.stdout + result.stderr
+
+
+# The same guests under QEMU (TCG) as a reference CPU: the guests themselves are right.
+QEMU_EXPECTED = {
+    "exceptions.elf": EXCEPTION_LINES + ["exceptions ok"],
+    "exceptions32.elf": ["paging on"] + EXCEPTION_LINES + ["exceptions32 ok"],
+    "ring3.elf": RING3_LINES,
+    "emufail.elf": [f"emufail: {insn} ok" for insn in EMUFAIL_INSNS] + ["emufail ok"],
+    "apictimer.elf": ["apictimer: one-shot ok", "apictimer: periodic ok", "apictimer ok"],
+}
+
+
+@pytest.mark.parametrize("guest", sorted(QEMU_EXPECTED))
+def test_new_guests_under_qemu(guest):
+    import shutil
+
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 not installed")
+    # -cpu max: POPCNT and XSAVE for emufail; isa-debug-exit exits with (status << 1) | 1
+    result = subprocess.run(
+        ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-M", "pc", "-m", "128", "-display", "none",
+         "-serial", "stdio", "-monitor", "none", "-no-reboot", "-net", "none",
+         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-kernel", str(GUESTS / guest), "-append", ""],
+        capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    output = result.stdout.decode(errors="replace")
+    if not output and result.stderr:
+        pytest.skip(f"QEMU did not start: {result.stderr.decode(errors='replace')[:200]}")
+    assert output.splitlines() == QEMU_EXPECTED[guest]
+    assert result.returncode == 1  # debug-exit status 0
