@@ -101,16 +101,20 @@ def build_machine(
         rsdp = write_acpi_tables(memory, vcpu_count, windows)
         mode, entry, boot_info = _load_guest(config, memory, rsdp, cmdline)
 
+        fallback, supported = _fallback(config, vm, memory, pio, mmio)
         loops = []
         for index in range(vcpu_count):
             vcpu = vm.create_vcpu(index)
-            vcpu.set_cpuid(build_cpuid(vm.supported_cpuid(), index, vcpu_count, hypervisor_signature=_signature(vm.name)))
+            cpuid = build_cpuid(supported, index, vcpu_count, hypervisor_signature=_signature(vm.name))
+            vcpu.set_cpuid(cpuid)
+            if fallback is not None:
+                fallback.set_cpuid(index, cpuid)
             vcpu.set_msrs(boot_msrs())
             if index == 0:  # application processors wait for the guest's INIT/SIPI
                 regs, sregs = boot_cpu_state(memory, mode, entry, boot_info)
                 vcpu.set_sregs(sregs)
                 vcpu.set_regs(regs)
-            loops.append(VcpuLoop(vcpu, pio, mmio, lifecycle))
+            loops.append(VcpuLoop(vcpu, pio, mmio, lifecycle, fallback=fallback))
         lifecycle.on_stop(lambda: [loop.vcpu.request_stop() for loop in loops])
         all_devices = {name: entry[0] for name, entry in devices.items()}
         all_devices.update((t.name, t) for t in virtio)
@@ -125,6 +129,7 @@ def build_machine(
             virtio=virtio,
             events=events,
             rejected_accels=rejected,
+            fallback=fallback,
         )
     except BaseException:
         for transport in virtio:
@@ -135,6 +140,25 @@ def build_machine(
         if memory is not None:
             memory.close()
         raise
+
+
+def _fallback(config: VmConfig, vm, memory, pio, mmio):
+    """The interpreter fallback for KVM emulation failures, and the CPUID the vCPUs may be offered.
+
+    On a PVM host (KVM emulates all guest kernel code and fails on some of it) the
+    guest is offered only features the interpreter can also execute; on other KVM
+    hosts failures are rare and KVM's full set stays.
+    """
+    supported = vm.supported_cpuid()
+    if not config.machine.fallback or vm.name != "kvm" or not getattr(vm, "emulation_failure_exits", False):
+        return None, supported
+    from pyvmm.accel import kvm
+    from pyvmm.accel.fallback import FallbackManager, fallback_cpuid, interp_supported_cpuid
+
+    if kvm.is_pvm_host():
+        supported = fallback_cpuid(supported, interp_supported_cpuid(), vcpu_count=config.machine.vcpus)
+    log.info("interpreter fallback on for KVM emulation failures")
+    return FallbackManager(memory, pio, mmio), supported
 
 
 def _signature(backend: str) -> str:

@@ -27,6 +27,8 @@ class Machine:
     events: object | None = None
     #: backends skipped while choosing this one, with their reasons
     rejected_accels: list = field(default_factory=list)
+    #: the interpreter fallback for KVM emulation failures (accel/fallback.py), when on
+    fallback: object | None = None
     _closed: bool = False
     _started: bool = False
 
@@ -75,12 +77,18 @@ class Machine:
         """Per virtio device: requests, bytes, errors, resets."""
         return {transport.name: transport.metrics() for transport in self.virtio}
 
+    def fallback_summary(self) -> list[str]:
+        """Interpreter fallbacks: total, cost each, and counts per instruction (empty when none)."""
+        return self.fallback.summary() if self.fallback is not None else []
+
     def close(self) -> None:
         if self._closed:
             return
         if self._started and not self.lifecycle.stopping:
             self.stop()
         self._closed = True
+        for line in self.fallback_summary():
+            log.info("%s", line)
         alive = any(loop.thread is not None and loop.thread.is_alive() for loop in self.loops)
         if self.events is not None:
             self.events.stop()
@@ -96,5 +104,7 @@ class Machine:
             return
         for loop in self.loops:
             loop.vcpu.close()
+        if self.fallback is not None:
+            self.fallback.close()  # its engines map guest memory
         self.vm.close()
         self.memory.close()
