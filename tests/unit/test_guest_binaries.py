@@ -15,7 +15,7 @@ from elftools.elf.elffile import ELFFile
 ROOT = Path(__file__).resolve().parents[2]
 GUESTS = ROOT / "tests" / "guests"
 BUILD_SCRIPT = ROOT / "scripts" / "build-test-guests"
-PVH_GUESTS = ["hello", "cmdline", "e820", "smp", "reset", "exitcode", "pio", "mmio"]
+PVH_GUESTS = sorted(path.stem for path in GUESTS.glob("*.elf"))  # every committed PVH guest
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 HIGH_MEMORY = 0x100000
 
