@@ -399,6 +399,8 @@ class InterpVcpu:
             self._kicker_thread.start()
         self._to_engine.release()
         self._to_vmm.acquire()
+        if self._closing:
+            return InternalError("vcpu closed", f"interp vCPU {self.index} was closed while running")
         return self._exit
 
     def request_stop(self) -> None:

@@ -1272,3 +1272,20 @@ def test_whole_vcpu_state_moves_to_another_engine_mid_run():
             second_vm.close()
     finally:
         first.close()
+
+
+def test_close_while_running_returns_promptly():
+    g = Guest()
+    g.setup_long_mode()
+    sym = g.load(INTERRUPT_GUEST)
+    regs = g.vcpu.get_regs()
+    regs.rip = sym["start"]
+    g.vcpu.set_regs(regs)
+    thread, result = run_async(g.vcpu)
+    time.sleep(0.05)
+    started = time.monotonic()
+    g.close()
+    thread.join(5)
+    assert not thread.is_alive() and time.monotonic() - started < 3
+    assert isinstance(result["exit"], (InternalError, Interrupted))
+    assert isinstance(g.vcpu.run(), InternalError)
