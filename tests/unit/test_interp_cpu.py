@@ -1202,7 +1202,7 @@ def test_whole_vcpu_state_moves_to_another_engine_mid_run():
     first = Guest()
     try:
         first.setup_long_mode(user_pages=True)
-        sym = first.load(
+        first.load(
             """
             .code64
             mov $0xC0000081, %ecx
