@@ -62,7 +62,7 @@ from pyvmm.accel.interp import context as ctx
 from pyvmm.accel.interp import system
 from pyvmm.accel.interp.cpuid import CpuidTable
 from pyvmm.accel.interp.vcpu import cache_to_segment, segment_to_cache
-from pyvmm.accel.ops import CpuidEntry, EmulationFailure, FpuState, Regs, SpecialRegs
+from pyvmm.accel.ops import GPR_NAMES, CpuidEntry, EmulationFailure, FpuState, Regs, SpecialRegs
 from pyvmm.errors import AccelError, GuestError
 
 log = logging.getLogger("pyvmm.fallback")
@@ -100,7 +100,7 @@ TRANSFER_MSRS = (
 INTEGER_ONLY = frozenset(
     """popcnt lzcnt tzcnt cmpxchg16b cmpxchg8b cmpxchg xadd xchg int3 int1 int into movbe bsf bsr
     bt bts btr btc add sub adc sbb and or xor not neg inc dec mov movzx movsx movsxd cmp test
-    andn bextr blsi blsmsk blsr bzhi pdep pext rorx sarx shlx shrx adcx adox crc32""".split()
+    andn bextr blsi blsmsk blsr bzhi pdep pext rorx sarx shlx shrx adcx adox crc32 clac stac""".split()
 )
 #: mnemonics that load or store the extended state as a whole
 XSAVE_FAMILY = frozenset("xsave xsave64 xsaveopt xsaveopt64 xsavec xsavec64 xsaves xsaves64 xrstor xrstor64 xrstors xrstors64".split())
@@ -113,7 +113,13 @@ _GPR_IDS = (
     x86.UC_X86_REG_RIP, x86.UC_X86_REG_RFLAGS,
 )  # fmt: skip
 _GPR_FIELDS = tuple(Regs.__dataclass_fields__)
-_CR_IDS = (x86.UC_X86_REG_CR0, x86.UC_X86_REG_CR2, x86.UC_X86_REG_CR3, x86.UC_X86_REG_CR4)
+_U64 = (1 << 64) - 1
+# QEMU's CPUX86State in the context blob: regs[16] in its own order, then eip (verified at start-up)
+GPRS_OFFSET = 40
+RIP_OFFSET = GPRS_OFFSET + 16 * 8
+_QEMU_GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+                   "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")  # fmt: skip
+_STATE_FORMAT = "<17Q"
 _FXSAVE_HEAD = struct.Struct("<HHBxHQQI")  # fcw fsw ftw(abridged) fop fip fdp mxcsr
 
 
@@ -179,6 +185,32 @@ def fallback_cpuid(kvm: list[CpuidEntry], interp: list[CpuidEntry], *, vcpu_coun
     return out
 
 
+#: Linux options that keep a guest off what the interpreter cannot step (see ``pvm_kernel_cmdline``)
+PVM_KERNEL_OPTIONS = ("noxsave",)
+
+
+def pvm_kernel_cmdline(cmdline: str) -> str:
+    """``cmdline`` plus the options a Linux guest needs on a PVM host with the fallback on.
+
+    Measured here: a PVM guest's CPUID is the host's, whatever KVM_SET_CPUID2 says
+    (leaf 1 ECX 0xfff83203 and XCR0 features 0xe7 against a table without XSAVE), so
+    ``fallback_cpuid`` cannot hide XSAVE/AVX from it. Linux would then use XSAVES/XRSTOR
+    with AVX state, which KVM's emulator fails on and the interpreter cannot step
+    (no AVX, no XSAVES). ``noxsave`` makes Linux use FXSAVE/FXRSTOR and drop AVX.
+    Nothing is added on other hosts.
+    """
+    from pyvmm.accel import kvm
+
+    if not kvm.is_pvm_host():
+        return cmdline
+    words = cmdline.split()
+    extra = [option for option in PVM_KERNEL_OPTIONS if option not in words]
+    if extra:
+        log.info("PVM host: kernel command line += %s (its CPUID cannot be filtered; see accel/fallback.py)",
+                 " ".join(extra))  # fmt: skip
+    return " ".join([cmdline, *extra]) if extra else cmdline
+
+
 def interp_supported_cpuid() -> list[CpuidEntry]:
     """The interpreter's ``supported_cpuid`` without creating an interpreter VM."""
     from pyvmm.accel.interp.cpuid import supported_cpuid
@@ -204,6 +236,21 @@ def _verify_engine() -> int:
     return _xcr0_offset
 
 
+def _verify_register_offsets(uc) -> None:
+    """GPRs, RIP and CR0..CR4 are where ``load``/``snapshot`` patch and read them."""
+    values = {name: 0x1111111111110000 + i for i, name in enumerate(_QEMU_GPR_ORDER)}
+    uc.reg_write_batch(tuple((_GPR_IDS[_GPR_FIELDS.index(n)], v) for n, v in values.items()))
+    uc.reg_write(x86.UC_X86_REG_RIP, 0x2222)
+    uc.reg_write(x86.UC_X86_REG_CR2, 0x3333)
+    blob = ctx.Blob(uc)
+    raw = blob.read(_STATE_FORMAT, GPRS_OFFSET)
+    crs = blob.read("<QQQQQ", ctx.CR0)
+    expected_crs = (uc.reg_read(x86.UC_X86_REG_CR0), 0, 0x3333, uc.reg_read(x86.UC_X86_REG_CR3),
+                    uc.reg_read(x86.UC_X86_REG_CR4))  # fmt: skip
+    if raw != tuple(values.values()) + (0x2222,) or crs != expected_crs:
+        raise AccelError("interp", "unicorn version/layout not supported: GPR/RIP/CR offsets in the context differ")
+
+
 def _find_xcr0_offset() -> int:
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     page = ctypes.create_string_buffer(0x1000)
@@ -218,6 +265,7 @@ def _find_xcr0_offset() -> int:
         saved = uc.context_save()
         return ctypes.string_at(ctypes.cast(saved.context, ctypes.c_void_p).value, saved.size)
 
+    _verify_register_offsets(uc)
     one, three = xsetbv(1), xsetbv(3)
     start = ctx.SEGMENTS  # past the GPRs (which hold the values written above)
     found = [off for off in range(start, len(one) - 8, 8)
@@ -295,6 +343,7 @@ class Stepper:
         self.apic_base = LAPIC_DEFAULT
         self._pending = None
         self._refused: str | None = None
+        self._system_loaded = None  # CR0/CR3/CR4/EFER/GDTR/IDTR as last written through the register API
         ram = []
         for region in memory.regions:
             export = (ctypes.c_char * region.size).from_buffer(region.buffer)
@@ -389,31 +438,39 @@ class Stepper:
 
     # ------------------------------------------------------------ state in
     def load(self, state: MovedState) -> None:
+        """Put ``state`` into the engine: one context patch, plus the register API only for what needs it."""
         uc = self.uc
-        sregs = state.sregs
+        sregs, regs = state.sregs, state.regs
         self.apic_base = sregs.apic_base or LAPIC_DEFAULT
-        uc.reg_write_batch(tuple(zip(_GPR_IDS, (getattr(state.regs, f) for f in _GPR_FIELDS))))
-        uc.reg_write(x86.UC_X86_REG_CR3, sregs.cr3)
-        uc.reg_write(x86.UC_X86_REG_CR4, sregs.cr4)
-        uc.reg_write(x86.UC_X86_REG_CR0, sregs.cr0)
-        uc.reg_write(x86.UC_X86_REG_CR2, sregs.cr2)
-        uc.reg_write(x86.UC_X86_REG_MSR, (MSR_EFER, sregs.efer))
-        uc.reg_write(x86.UC_X86_REG_GDTR, (0, sregs.gdt.base, sregs.gdt.limit, 0))
-        uc.reg_write(x86.UC_X86_REG_IDTR, (0, sregs.idt.base, sregs.idt.limit, 0))
+        # CR0/CR3/CR4/EFER/GDTR/IDTR through the engine's own helpers (they keep its mode bits
+        # and TLB right), and only when they differ from what the engine holds already.
+        system_regs = (sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer, sregs.gdt.base, sregs.gdt.limit,
+                       sregs.idt.base, sregs.idt.limit)  # fmt: skip
+        if system_regs != self._system_loaded:
+            uc.reg_write(x86.UC_X86_REG_CR3, sregs.cr3)
+            uc.reg_write(x86.UC_X86_REG_CR4, sregs.cr4)
+            uc.reg_write(x86.UC_X86_REG_CR0, sregs.cr0)
+            uc.reg_write(x86.UC_X86_REG_MSR, (MSR_EFER, sregs.efer))
+            uc.reg_write(x86.UC_X86_REG_GDTR, (0, sregs.gdt.base, sregs.gdt.limit, 0))
+            uc.reg_write(x86.UC_X86_REG_IDTR, (0, sregs.idt.base, sregs.idt.limit, 0))
+            self._system_loaded = system_regs
         if state.full:
             self._load_fpu(state.fpu)
             for msr, value in state.msrs.items():
-                if msr == MSR_TSC:
-                    continue
-                uc.reg_write(x86.UC_X86_REG_MSR, (msr, value))
+                if msr != MSR_TSC:
+                    uc.reg_write(x86.UC_X86_REG_MSR, (msr, value))
         blob = ctx.Blob(uc)
+        gprs = struct.pack("<16Q", *(getattr(regs, name) & _U64 for name in _QEMU_GPR_ORDER))
+        blob.write("<128s", GPRS_OFFSET, gprs)
+        blob.write("<Q", RIP_OFFSET, regs.rip)
+        blob.write("<Q", ctx.CR0 + 16, sregs.cr2)
         caches = [segment_to_cache(getattr(sregs, name)) for name in ctx.SEGMENT_NAMES]
         for i, cache in enumerate(caches):
             blob.set_segment(i, *cache)
         blob.write("<Q", ctx.EFER, sregs.efer)
         bases = caches[ctx.DS][1] | caches[ctx.ES][1] | caches[ctx.SS][1]
         hflags = ctx.compute_hflags(blob.hflags, sregs.cr0, sregs.efer, caches[ctx.CS][3], caches[ctx.SS][3],
-                                    bases != 0, bool(state.regs.rflags & system.VM))
+                                    bases != 0, bool(regs.rflags & system.VM))  # fmt: skip
         if state.events and state.events["interrupt"]["shadow"]:
             hflags |= ctx.HF_INHIBIT_IRQ
         blob.hflags = hflags
@@ -423,8 +480,9 @@ class Stepper:
             if MSR_TSC in state.msrs:
                 from pyvmm.accel.interp.vcpu import _host_tsc
 
-                blob.write("<Q", ctx.TSC_OFFSET, (state.msrs[MSR_TSC] - _host_tsc()) & ((1 << 64) - 1))
+                blob.write("<Q", ctx.TSC_OFFSET, (state.msrs[MSR_TSC] - _host_tsc()) & _U64)
         blob.restore()
+        uc.reg_write(x86.UC_X86_REG_RFLAGS, regs.rflags)  # the engine keeps flags in lazy form
         # The guest may have rewritten code and page tables while KVM ran it.
         uc.ctl_flush_tb()
         uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
@@ -450,15 +508,18 @@ class Stepper:
 
     # ------------------------------------------------------------ state out
     def snapshot(self, full: bool) -> dict:
-        """The raw engine state that a step can change, for before/after comparison."""
+        """The engine state a step can change, for before/after comparison (one context save)."""
         uc = self.uc
         blob = ctx.Blob(uc)
+        raw = blob.read(_STATE_FORMAT, GPRS_OFFSET)
+        qemu_gprs, rip = raw[:16], raw[16]
+        by_name = dict(zip(_QEMU_GPR_ORDER, qemu_gprs))
         snap = {
-            "gprs": uc.reg_read_batch(_GPR_IDS),
+            "gprs": tuple(by_name[name] for name in GPR_NAMES) + (rip, uc.reg_read(x86.UC_X86_REG_RFLAGS)),
             "segments": tuple(blob.segment(i) for i in range(8)),
-            "crs": uc.reg_read_batch(_CR_IDS),
-            "gdt": uc.reg_read(x86.UC_X86_REG_GDTR)[1:3],
-            "idt": uc.reg_read(x86.UC_X86_REG_IDTR)[1:3],
+            "crs": blob.read("<QQQQQ", ctx.CR0),  # CR0..CR4
+            "gdt": blob.segment(8)[1:3],
+            "idt": blob.segment(9)[1:3],
             "efer": blob.read("<Q", ctx.EFER)[0],
             "shadow": bool(blob.hflags & ctx.HF_INHIBIT_IRQ),
         }
@@ -487,6 +548,18 @@ class Stepper:
         )  # fmt: skip
 
     # ------------------------------------------------------------ the step
+    def _set_ac(self, rip: int, length: int, value: bool) -> str | None:
+        """``clac``/``stac``: #UD unless CPL 0 with CR4.SMAP, else RFLAGS.AC = value."""
+        uc = self.uc
+        cpl = ctx.Blob(uc).hflags & ctx.HF_CPL_MASK
+        if cpl or not uc.reg_read(x86.UC_X86_REG_CR4) & (1 << 21):
+            system.deliver(uc, system.UD)
+            return f"exception {system.UD}"
+        rflags = uc.reg_read(x86.UC_X86_REG_RFLAGS)
+        uc.reg_write(x86.UC_X86_REG_RFLAGS, (rflags | system.AC) if value else (rflags & ~system.AC))
+        uc.reg_write(x86.UC_X86_REG_RIP, rip + length)
+        return None
+
     def deliver_event(self, events: dict) -> str | None:
         """Deliver an event KVM was injecting (it comes before the instruction); returns what it was."""
         exc, irq, nmi = events["exception"], events["interrupt"], events["nmi"]
@@ -507,11 +580,17 @@ class Stepper:
             raise StepRefused(str(err)) from err
         return None
 
-    def step(self, rip: int) -> str | None:
-        """Execute the instruction at ``rip``; returns the exception it raised (delivered), if any."""
+    def step(self, rip: int, mnemonic: str = "", length: int = 0) -> str | None:
+        """Execute the instruction at ``rip``; returns the exception it raised (delivered), if any.
+
+        ``mnemonic``/``length`` (from the decoder) let the few instructions unicorn
+        lacks but whose effect is one flag (``clac``/``stac``, SMAP) be done here.
+        """
         uc = self.uc
         self._pending = None
         self._refused = None
+        if mnemonic in ("clac", "stac") and length:
+            return self._set_ac(rip, length, mnemonic == "stac")
         error = None
         try:
             uc.emu_start(rip, NEVER, count=1)
@@ -658,7 +737,7 @@ class FallbackManager:
                 setattr(sregs, name, cache_to_segment(*after["segments"][i]))
                 changed_sregs = True
         if after["crs"] != before["crs"]:
-            sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4 = after["crs"]
+            sregs.cr0, _, sregs.cr2, sregs.cr3, sregs.cr4 = after["crs"]
             changed_sregs = True
         if after["gdt"] != before["gdt"]:
             sregs.gdt.base, sregs.gdt.limit = after["gdt"]
@@ -731,7 +810,7 @@ class FallbackManager:
                 events_changed = True
                 delivered = injected
             else:
-                delivered = stepper.step(state.regs.rip)
+                delivered = stepper.step(state.regs.rip, mnemonic, len(insn))
         except StepRefused as err:
             self._fail(vcpu, state, insn, text, str(err))
         after = stepper.snapshot(full)

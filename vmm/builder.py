@@ -89,6 +89,10 @@ def build_machine(
             mmio.insert(device, base, size)
 
         cmdline = config.boot.cmdline
+        if _fallback_wanted(config, vm):
+            from pyvmm.accel.fallback import pvm_kernel_cmdline
+
+            cmdline = pvm_kernel_cmdline(cmdline)
         windows = []  # (base, size, gsi) of each virtio-mmio device, for the ACPI DSDT
         if config.virtio_device_count:
             events = EventLoop("virtio")
@@ -150,7 +154,7 @@ def _fallback(config: VmConfig, vm, memory, pio, mmio):
     hosts failures are rare and KVM's full set stays.
     """
     supported = vm.supported_cpuid()
-    if not config.machine.fallback or vm.name != "kvm" or not getattr(vm, "emulation_failure_exits", False):
+    if not _fallback_wanted(config, vm):
         return None, supported
     from pyvmm.accel import kvm
     from pyvmm.accel.fallback import FallbackManager, fallback_cpuid, interp_supported_cpuid
@@ -159,6 +163,10 @@ def _fallback(config: VmConfig, vm, memory, pio, mmio):
         supported = fallback_cpuid(supported, interp_supported_cpuid(), vcpu_count=config.machine.vcpus)
     log.info("interpreter fallback on for KVM emulation failures")
     return FallbackManager(memory, pio, mmio), supported
+
+
+def _fallback_wanted(config: VmConfig, vm) -> bool:
+    return config.machine.fallback and vm.name == "kvm" and getattr(vm, "emulation_failure_exits", False)
 
 
 def _signature(backend: str) -> str:
