@@ -604,6 +604,10 @@ class Stepper:
                 kind = pending[0]
                 if kind == "exception":
                     _, vector, error_code, software, cr2 = pending
+                    if vector == system.UD and mnemonic not in ("ud0", "ud1", "ud2"):
+                        # KVM's emulator injects #UD itself for opcodes the CPU lacks, so this one
+                        # is valid for the guest's CPU: the interpreter lacks it (AVX, ...)
+                        raise StepRefused("the interpreter does not implement this instruction (it raised #UD)")
                     system.deliver(uc, vector, error_code=error_code, software=software, cr2=cr2)
                     return f"exception {vector}"
                 if kind == "syscall":
@@ -613,6 +617,9 @@ class Stepper:
                 return None
             if error is not None:
                 if error.errno == UC_ERR_INSN_INVALID:
+                    if mnemonic in ("ud0", "ud1", "ud2"):
+                        system.deliver(uc, system.UD)
+                        return f"exception {system.UD}"
                     raise StepRefused("the interpreter does not implement this instruction")
                 raise StepRefused(f"unicorn: {error}")
         except system.Fault as fault:
@@ -794,6 +801,10 @@ class FallbackManager:
             self._fail(vcpu, state, insn, text,
                        f"XCR0 is {state.xcr0:#x}: the interpreter's {mnemonic} covers only x87/SSE state (0x3); "
                        "the guest was offered XSAVE features the interpreter lacks")  # fmt: skip
+        if mnemonic.startswith("v") and mnemonic not in ("verr", "verw"):
+            # unicorn 2.1.4 decodes some VEX forms as their legacy SSE twins (vpxor xmm0, xmm1, xmm2
+            # runs as pxor xmm0, xmm2): never step them, the result would be silently wrong
+            self._fail(vcpu, state, insn, text, "the interpreter does not implement AVX (VEX/EVEX) instructions")
         stepper.load(state)
         before = stepper.snapshot(full)
         events_changed = False
