@@ -187,24 +187,29 @@ def fallback_cpuid(kvm: list[CpuidEntry], interp: list[CpuidEntry], *, vcpu_coun
 
 #: Linux options that keep a guest off what the interpreter cannot step (see ``pvm_kernel_cmdline``)
 PVM_KERNEL_OPTIONS = ("noxsave",)
+#: with several vCPUs: no CMPXCHG16B (X86_FEATURE_CX16 = word 4, bit 13), see below
+PVM_SMP_KERNEL_OPTIONS = ("clearcpuid=141",)
 
 
-def pvm_kernel_cmdline(cmdline: str) -> str:
+def pvm_kernel_cmdline(cmdline: str, vcpu_count: int = 1) -> str:
     """``cmdline`` plus the options a Linux guest needs on a PVM host with the fallback on.
 
     Measured here: a PVM guest's CPUID is the host's, whatever KVM_SET_CPUID2 says
     (leaf 1 ECX 0xfff83203 and XCR0 features 0xe7 against a table without XSAVE), so
-    ``fallback_cpuid`` cannot hide XSAVE/AVX from it. Linux would then use XSAVES/XRSTOR
+    ``fallback_cpuid`` cannot hide features from it. Linux would then use XSAVES/XRSTOR
     with AVX state, which KVM's emulator fails on and the interpreter cannot step
-    (no AVX, no XSAVES). ``noxsave`` makes Linux use FXSAVE/FXRSTOR and drop AVX.
-    Nothing is added on other hosts.
+    (no AVX, no XSAVES): ``noxsave`` makes it use FXSAVE/FXRSTOR and drop AVX. With
+    several vCPUs a stepped ``lock cmpxchg16b`` would not be atomic against the other
+    vCPUs (KVM runs them meanwhile), so CX16 is cleared from the kernel's view too
+    (SLUB then locks instead). Nothing is added on other hosts.
     """
     from pyvmm.accel import kvm
 
     if not kvm.is_pvm_host():
         return cmdline
     words = cmdline.split()
-    extra = [option for option in PVM_KERNEL_OPTIONS if option not in words]
+    wanted = PVM_KERNEL_OPTIONS + (PVM_SMP_KERNEL_OPTIONS if vcpu_count > 1 else ())
+    extra = [option for option in wanted if option not in words]
     if extra:
         log.info("PVM host: kernel command line += %s (its CPUID cannot be filtered; see accel/fallback.py)",
                  " ".join(extra))  # fmt: skip

@@ -10,6 +10,7 @@ must be identical.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import struct
@@ -312,3 +313,24 @@ def test_kvm_with_fallback_matches_the_interpreter(guest):
             assert name in mnemonics, manager.counts()
         assert manager.total >= 6  # two popcnt, two cmpxchg16b, xrstor, int3
         print("\n".join(manager.summary()), file=sys.stderr)
+
+
+def test_emufail_guest_through_pyvmm_boot_reports_fallbacks(tmp_path):
+    """tests/guests/emufail.elf on KVM with the fallback (the default): all checks pass, -v names the steps."""
+    from conftest import GUESTS
+    from pyvmm.accel import kvm
+
+    needs("kvm")
+    needs("interp")
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[machine]\nmemory_mib = 32\naccel = "kvm"\n[boot]\nkernel = "{GUESTS / "emufail.elf"}"\n')
+    result = subprocess.run([sys.executable, "-m", "pyvmm", "boot", str(config), "-v"], capture_output=True,
+                            text=True, timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("emufail ok\n") and "\nfail:" not in result.stdout
+    if kvm.is_pvm_host():
+        summary = result.stderr[result.stderr.index("interpreter fallbacks:"):]
+        for name in ("cmpxchg16b", "popcnt", "xrstor", "int3"):
+            assert re.search(rf"^pyvmm: INFO pyvmm\.machine: +\d+ x .*{name}", summary, re.MULTILINE), summary
+            # and the first time each is seen it is logged
+            assert re.search(rf"fallback: vcpu 0 at rip 0x[0-9a-f]+: KVM cannot emulate [^\n]*{name}", result.stderr)
