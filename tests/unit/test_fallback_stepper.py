@@ -213,3 +213,55 @@ def test_legacy_instruction_the_interpreter_lacks_is_a_clear_error(machine):
     with pytest.raises(GuestError, match=r"rip 0x2000\): the interpreter fallback cannot execute monitor .*does not implement"):
         step(memory, manager, vcpu, b"\x0f\x01\xc8")  # monitor
     assert vcpu.writes == []
+
+
+def kvm_events(**changes):
+    events = {
+        "exception": {"injected": 0, "nr": 0, "has_error_code": 0, "pending": 0, "error_code": 0},
+        "interrupt": {"injected": 0, "nr": 0, "soft": 0, "shadow": 0},
+        "nmi": {"injected": 0, "pending": 0, "masked": 0, "pad": 0},
+        "sipi_vector": 0, "flags": 4,
+    }  # fmt: skip
+    for path, value in changes.items():
+        part, name = path.split("__")
+        events[part][name] = value
+    return events
+
+
+class EventVcpu(FakeVcpu):
+    """A fake vCPU with KVM's vCPU events."""
+
+    def __init__(self, events):
+        super().__init__()
+        self.events = events
+        self.events_set = []
+
+    def get_vcpu_events(self):
+        import copy
+
+        return copy.deepcopy(self.events)
+
+    def set_vcpu_events(self, events):
+        self.events_set.append(events)
+        self.events = events
+
+
+def test_an_event_kvm_was_injecting_is_delivered_first_and_nothing_runs(machine):
+    memory, manager, _, _ = machine
+    vcpu = EventVcpu(kvm_events(exception__injected=1, exception__nr=3))
+    vcpu.regs.rbx = 0xFF
+    step(memory, manager, vcpu, b"\xf3\x0f\xb8\xc3")  # popcnt eax, ebx: must not run yet
+    assert vcpu.regs.rip == HANDLER and vcpu.regs.rax == 0
+    assert struct.unpack("<I", memory.read(STACK - 12, 4))[0] == CODE  # the frame returns to the popcnt
+    assert vcpu.events_set and vcpu.events["exception"]["injected"] == 0
+
+
+def test_interrupt_shadow_ends_after_the_stepped_instruction(machine):
+    memory, manager, _, _ = machine
+    vcpu = EventVcpu(kvm_events(interrupt__shadow=1))
+    vcpu.regs.rbx = 3
+    step(memory, manager, vcpu, b"\xf3\x0f\xb8\xc3")
+    assert vcpu.regs.rax == 2 and vcpu.events["interrupt"]["shadow"] == 0
+    quiet = EventVcpu(kvm_events())
+    step(memory, manager, quiet, b"\xf3\x0f\xb8\xc3")
+    assert quiet.events_set == []  # nothing changed: no KVM_SET_VCPU_EVENTS
