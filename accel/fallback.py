@@ -348,7 +348,7 @@ class Stepper:
         self.apic_base = LAPIC_DEFAULT
         self._pending = None
         self._refused: str | None = None
-        self._system_loaded = None  # CR0/CR3/CR4/EFER/GDTR/IDTR as last written through the register API
+        self._system_loaded = None  # CR0/CR3/CR4/EFER/GDTR/IDTR as last written (None: unknown)
         ram = []
         for region in memory.regions:
             export = (ctypes.c_char * region.size).from_buffer(region.buffer)
@@ -799,7 +799,8 @@ class FallbackManager:
             mstate = system.MachineState(stepper.uc)
             window = mstate.read_bytes(mstate.segs[ctx.CS][1] + mstate.rip, 15)
         sregs = vcpu.get_sregs()
-        insn, mnemonic, text = self._decode(window, self._code_bits(sregs))
+        with self._lock:  # the decoder and its cache are shared by the vCPU threads
+            insn, mnemonic, text = self._decode(window, self._code_bits(sregs))
         full = mnemonic not in INTEGER_ONLY
         state = self.read_state(vcpu, full, sregs)
         if full and mnemonic in XSAVE_FAMILY and state.xcr0 & ~INTERP_XSTATE:
@@ -830,6 +831,9 @@ class FallbackManager:
         except StepRefused as err:
             self._fail(vcpu, state, insn, text, str(err))
         after = stepper.snapshot(full)
+        if (after["crs"], after["gdt"], after["idt"], after["efer"]) != (before["crs"], before["gdt"], before["idt"],
+                                                                           before["efer"]):  # fmt: skip
+            stepper._system_loaded = None  # the engine no longer holds what was last written to it
         if delivered is None and after["gprs"] == before["gprs"] and after["segments"] == before["segments"]:
             self._fail(vcpu, state, insn, text, "the interpreter executed nothing (the step made no progress)")
         self.write_back(vcpu, state, before, after, mnemonic, events_changed)
