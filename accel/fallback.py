@@ -191,7 +191,22 @@ PVM_KERNEL_OPTIONS = ("noxsave",)
 PVM_SMP_KERNEL_OPTIONS = ("clearcpuid=141",)
 
 
-def pvm_kernel_cmdline(cmdline: str, vcpu_count: int = 1) -> str:
+def is_linux_kernel(path) -> bool:
+    """A Linux bzImage (its setup header's version string is a release: "6.1.0-...") or an ELF
+    vmlinux carrying Linux's version banner; other guests (pyvmm's test guests) are not."""
+    import mmap
+
+    try:
+        with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as image:
+            if image[0x202:0x206] == b"HdrS":
+                version = struct.unpack_from("<H", image, 0x20E)[0]
+                return bool(version) and image[0x200 + version : 0x201 + version].isdigit()
+            return image[:4] == b"\x7fELF" and image.find(b"Linux version ") >= 0
+    except (OSError, ValueError, struct.error):
+        return False
+
+
+def pvm_kernel_cmdline(cmdline: str, vcpu_count: int = 1, kernel=None) -> str:
     """``cmdline`` plus the options a Linux guest needs on a PVM host with the fallback on.
 
     Measured here: a PVM guest's CPUID is the host's, whatever KVM_SET_CPUID2 says
@@ -201,11 +216,12 @@ def pvm_kernel_cmdline(cmdline: str, vcpu_count: int = 1) -> str:
     (no AVX, no XSAVES): ``noxsave`` makes it use FXSAVE/FXRSTOR and drop AVX. With
     several vCPUs a stepped ``lock cmpxchg16b`` would not be atomic against the other
     vCPUs (KVM runs them meanwhile), so CX16 is cleared from the kernel's view too
-    (SLUB then locks instead). Nothing is added on other hosts.
+    (SLUB then locks instead). Nothing is added on other hosts, or when ``kernel``
+    (its path) is not Linux.
     """
     from pyvmm.accel import kvm
 
-    if not kvm.is_pvm_host():
+    if not kvm.is_pvm_host() or (kernel is not None and not is_linux_kernel(kernel)):
         return cmdline
     words = cmdline.split()
     wanted = PVM_KERNEL_OPTIONS + (PVM_SMP_KERNEL_OPTIONS if vcpu_count > 1 else ())

@@ -265,3 +265,18 @@ def test_interrupt_shadow_ends_after_the_stepped_instruction(machine):
     quiet = EventVcpu(kvm_events())
     step(memory, manager, quiet, b"\xf3\x0f\xb8\xc3")
     assert quiet.events_set == []  # nothing changed: no KVM_SET_VCPU_EVENTS
+
+
+def test_linux_options_only_for_linux_on_pvm(tmp_path, monkeypatch):
+    from pyvmm.accel import fallback, kvm
+
+    vmlinux, other = tmp_path / "vmlinux", tmp_path / "guest.elf"
+    vmlinux.write_bytes(b"\x7fELF" + bytes(100) + b"Linux version 6.1.0 (gcc)")
+    other.write_bytes(b"\x7fELF" + bytes(100))
+    monkeypatch.setattr(kvm, "is_pvm_host", lambda: True)
+    assert fallback.pvm_kernel_cmdline("console=ttyS0", 1, vmlinux) == "console=ttyS0 noxsave"
+    assert fallback.pvm_kernel_cmdline("console=ttyS0", 2, vmlinux) == "console=ttyS0 noxsave clearcpuid=141"
+    assert fallback.pvm_kernel_cmdline("noxsave", 1, vmlinux) == "noxsave"
+    assert fallback.pvm_kernel_cmdline("console=ttyS0", 2, other) == "console=ttyS0"
+    monkeypatch.setattr(kvm, "is_pvm_host", lambda: False)
+    assert fallback.pvm_kernel_cmdline("console=ttyS0", 2, vmlinux) == "console=ttyS0"
