@@ -102,6 +102,11 @@ INTEGER_ONLY = frozenset(
     bt bts btr btc add sub adc sbb and or xor not neg inc dec mov movzx movsx movsxd cmp test
     andn bextr blsi blsmsk blsr bzhi pdep pext rorx sarx shlx shrx adcx adox crc32 clac stac""".split()
 )
+#: Instructions that read or write the transferred MSRs (explicitly, or as syscall/swapgs/rdtsc
+#: do): only their steps move the MSRs (an SSE instruction's step does not).
+MSR_USERS = frozenset(
+    "rdmsr wrmsr syscall sysret sysretq sysenter sysexit swapgs rdtsc rdtscp rdpid".split()
+)
 #: mnemonics that load or store the extended state as a whole
 XSAVE_FAMILY = frozenset("xsave xsave64 xsaveopt xsaveopt64 xsavec xsavec64 xsaves xsaves64 xrstor xrstor64 xrstors xrstors64".split())
 
@@ -309,7 +314,7 @@ def _find_xcr0_offset() -> int:
 
 @dataclass
 class MovedState:
-    """What is read from KVM for one step; ``full`` adds FPU/XSAVE, XCR0 and MSRs."""
+    """What is read from KVM for one step; ``full`` adds FPU/XSAVE and XCR0, ``msrs`` the MSRs."""
 
     regs: Regs
     sregs: SpecialRegs
@@ -477,7 +482,7 @@ class Stepper:
             self._system_loaded = system_regs
         if state.full:
             self._load_fpu(state.fpu)
-            for msr, value in state.msrs.items():
+            for msr, value in (state.msrs or {}).items():
                 if msr != MSR_TSC:
                     uc.reg_write(x86.UC_X86_REG_MSR, (msr, value))
         blob = ctx.Blob(uc)
@@ -498,7 +503,7 @@ class Stepper:
         blob.write("<i", ctx.OLD_EXCEPTION, -1)
         if state.full:
             blob.write("<Q", self._xcr0_offset, state.xcr0)
-            if MSR_TSC in state.msrs:
+            if state.msrs and MSR_TSC in state.msrs:
                 from pyvmm.accel.interp.vcpu import _host_tsc
 
                 blob.write("<Q", ctx.TSC_OFFSET, (state.msrs[MSR_TSC] - _host_tsc()) & _U64)
@@ -528,7 +533,7 @@ class Stepper:
             uc.reg_write(reg, value)
 
     # ------------------------------------------------------------ state out
-    def snapshot(self, full: bool) -> dict:
+    def snapshot(self, full: bool, msrs: bool = False) -> dict:
         """The engine state a step can change, for before/after comparison (one context save)."""
         uc = self.uc
         blob = ctx.Blob(uc)
@@ -547,6 +552,7 @@ class Stepper:
         if full:
             snap["fpu"] = self._read_fpu()
             snap["xcr0"] = blob.read("<Q", self._xcr0_offset)[0]
+        if msrs:
             snap["msrs"] = {msr: uc.reg_read(x86.UC_X86_REG_MSR, msr) for msr in TRANSFER_MSRS}
         return snap
 
@@ -740,7 +746,7 @@ class FallbackManager:
             listed = self._msr_list[vcpu.index] = tuple(readable)
         return listed
 
-    def read_state(self, vcpu, full: bool, sregs: SpecialRegs | None = None) -> MovedState:
+    def read_state(self, vcpu, full: bool, sregs: SpecialRegs | None = None, msrs: bool = False) -> MovedState:
         events = vcpu.get_vcpu_events() if hasattr(vcpu, "get_vcpu_events") else None
         state = MovedState(vcpu.get_regs(), sregs or vcpu.get_sregs(), events, full)
         if full:
@@ -750,7 +756,8 @@ class FallbackManager:
             else:
                 state.fpu = vcpu.get_fpu()
             state.xcr0 = vcpu.get_xcrs().get(0, 1) if hasattr(vcpu, "get_xcrs") else 1
-            state.msrs = vcpu.get_msrs(list(self._msrs_of(vcpu)))
+            if msrs:
+                state.msrs = vcpu.get_msrs(list(self._msrs_of(vcpu)))
         return state
 
     def write_back(self, vcpu, state: MovedState, before: dict, after: dict, mnemonic: str,
@@ -786,6 +793,7 @@ class FallbackManager:
                     vcpu.set_xsave(fpu_into_xsave(state.xsave, after["fpu"]))
                 else:
                     vcpu.set_fpu(after["fpu"])
+        if state.msrs:
             changed = {m: v for m, v in after["msrs"].items()
                        if m in state.msrs and v != before["msrs"].get(m)}  # fmt: skip
             if changed:
@@ -818,7 +826,8 @@ class FallbackManager:
         with self._lock:  # the decoder and its cache are shared by the vCPU threads
             insn, mnemonic, text = self._decode(window, self._code_bits(sregs))
         full = mnemonic not in INTEGER_ONLY
-        state = self.read_state(vcpu, full, sregs)
+        msrs = mnemonic in MSR_USERS
+        state = self.read_state(vcpu, full, sregs, msrs)
         if full and mnemonic in XSAVE_FAMILY and state.xcr0 & ~INTERP_XSTATE:
             self._fail(vcpu, state, insn, text,
                        f"XCR0 is {state.xcr0:#x}: the interpreter's {mnemonic} covers only x87/SSE state (0x3); "
@@ -828,7 +837,7 @@ class FallbackManager:
             # runs as pxor xmm0, xmm2): never step them, the result would be silently wrong
             self._fail(vcpu, state, insn, text, "the interpreter does not implement AVX (VEX/EVEX) instructions")
         stepper.load(state)
-        before = stepper.snapshot(full)
+        before = stepper.snapshot(full, msrs)
         events_changed = False
         delivered = None
         try:
@@ -846,7 +855,7 @@ class FallbackManager:
                 delivered = stepper.step(state.regs.rip, mnemonic, len(insn))
         except StepRefused as err:
             self._fail(vcpu, state, insn, text, str(err))
-        after = stepper.snapshot(full)
+        after = stepper.snapshot(full, msrs)
         if (after["crs"], after["gdt"], after["idt"], after["efer"]) != (before["crs"], before["gdt"], before["idt"],
                                                                            before["efer"]):  # fmt: skip
             stepper._system_loaded = None  # the engine no longer holds what was last written to it

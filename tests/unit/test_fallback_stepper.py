@@ -280,3 +280,12 @@ def test_linux_options_only_for_linux_on_pvm(tmp_path, monkeypatch):
     assert fallback.pvm_kernel_cmdline("console=ttyS0", 2, other) == "console=ttyS0"
     monkeypatch.setattr(kvm, "is_pvm_host", lambda: False)
     assert fallback.pvm_kernel_cmdline("console=ttyS0", 2, vmlinux) == "console=ttyS0"
+
+
+def test_msrs_move_for_an_instruction_that_reads_them(machine):
+    memory, manager, _, _ = machine
+    vcpu = FakeVcpu()
+    vcpu.msrs[0xC0000103] = 0x1234  # TSC_AUX
+    step(memory, manager, vcpu, b"\x0f\x01\xf9")  # rdtscp: ECX = TSC_AUX
+    assert vcpu.regs.rcx == 0x1234 and vcpu.regs.rip == CODE + 3
+    assert "msrs" not in vcpu.writes  # read, not changed: nothing written back
