@@ -190,10 +190,9 @@ def fallback_cpuid(kvm: list[CpuidEntry], interp: list[CpuidEntry], *, vcpu_coun
     return out
 
 
-#: Linux options that keep a guest off what the interpreter cannot step (see ``pvm_kernel_cmdline``)
-PVM_KERNEL_OPTIONS = ("noxsave",)
-#: with several vCPUs: no CMPXCHG16B (X86_FEATURE_CX16 = word 4, bit 13), see below
-PVM_SMP_KERNEL_OPTIONS = ("clearcpuid=141",)
+#: Linux's feature numbers (word * 32 + bit) for ``clearcpuid=``: CPUID.1:ECX is word 4
+X86_FEATURE_SSSE3 = 4 * 32 + 9
+X86_FEATURE_CX16 = 4 * 32 + 13
 
 
 def is_linux_kernel(path) -> bool:
@@ -218,19 +217,25 @@ def pvm_kernel_cmdline(cmdline: str, vcpu_count: int = 1, kernel=None) -> str:
     (leaf 1 ECX 0xfff83203 and XCR0 features 0xe7 against a table without XSAVE), so
     ``fallback_cpuid`` cannot hide features from it. Linux would then use XSAVES/XRSTOR
     with AVX state, which KVM's emulator fails on and the interpreter cannot step
-    (no AVX, no XSAVES): ``noxsave`` makes it use FXSAVE/FXRSTOR and drop AVX. With
-    several vCPUs a stepped ``lock cmpxchg16b`` would not be atomic against the other
-    vCPUs (KVM runs them meanwhile), so CX16 is cleared from the kernel's view too
-    (SLUB then locks instead). Nothing is added on other hosts, or when ``kernel``
-    (its path) is not Linux.
+    (no AVX, no XSAVES): ``noxsave`` makes it use FXSAVE/FXRSTOR and drop AVX.
+    KVM's emulator also lacks most SSE instructions, so SIMD kernel code (blake2s and
+    chacha with SSSE3, run by their boot self-tests) falls back on every instruction
+    (~1 ms each: minutes, and soft-lockup warnings): SSSE3 is cleared from the
+    kernel's view (``clearcpuid``; the generic C code runs instead). With several
+    vCPUs a stepped ``lock cmpxchg16b`` would not be atomic against the other vCPUs
+    (KVM runs them meanwhile), so CX16 is cleared too (SLUB then locks instead).
+    Nothing is added on other hosts, when ``kernel`` (its path) is not Linux, or
+    (for ``clearcpuid``) when the command line has its own.
     """
     from pyvmm.accel import kvm
 
     if not kvm.is_pvm_host() or (kernel is not None and not is_linux_kernel(kernel)):
         return cmdline
     words = cmdline.split()
-    wanted = PVM_KERNEL_OPTIONS + (PVM_SMP_KERNEL_OPTIONS if vcpu_count > 1 else ())
-    extra = [option for option in wanted if option not in words]
+    extra = [] if "noxsave" in words else ["noxsave"]
+    if not any(word.startswith("clearcpuid=") for word in words):
+        features = [X86_FEATURE_SSSE3] + ([X86_FEATURE_CX16] if vcpu_count > 1 else [])
+        extra.append("clearcpuid=" + ",".join(map(str, features)))
     if extra:
         log.info("PVM host: kernel command line += %s (its CPUID cannot be filtered; see accel/fallback.py)",
                  " ".join(extra))  # fmt: skip

@@ -274,9 +274,9 @@ def test_linux_options_only_for_linux_on_pvm(tmp_path, monkeypatch):
     vmlinux.write_bytes(b"\x7fELF" + bytes(100) + b"Linux version 6.1.0 (gcc)")
     other.write_bytes(b"\x7fELF" + bytes(100))
     monkeypatch.setattr(kvm, "is_pvm_host", lambda: True)
-    assert fallback.pvm_kernel_cmdline("console=ttyS0", 1, vmlinux) == "console=ttyS0 noxsave"
-    assert fallback.pvm_kernel_cmdline("console=ttyS0", 2, vmlinux) == "console=ttyS0 noxsave clearcpuid=141"
-    assert fallback.pvm_kernel_cmdline("noxsave", 1, vmlinux) == "noxsave"
+    assert fallback.pvm_kernel_cmdline("console=ttyS0", 1, vmlinux) == "console=ttyS0 noxsave clearcpuid=137"
+    assert fallback.pvm_kernel_cmdline("console=ttyS0", 2, vmlinux) == "console=ttyS0 noxsave clearcpuid=137,141"
+    assert fallback.pvm_kernel_cmdline("noxsave clearcpuid=1", 1, vmlinux) == "noxsave clearcpuid=1"
     assert fallback.pvm_kernel_cmdline("console=ttyS0", 2, other) == "console=ttyS0"
     monkeypatch.setattr(kvm, "is_pvm_host", lambda: False)
     assert fallback.pvm_kernel_cmdline("console=ttyS0", 2, vmlinux) == "console=ttyS0"
