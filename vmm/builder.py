@@ -92,7 +92,7 @@ def build_machine(
         if _fallback_wanted(config, vm):
             from pyvmm.accel.fallback import pvm_kernel_cmdline
 
-            cmdline = pvm_kernel_cmdline(cmdline, vcpu_count, config.boot.kernel)
+            cmdline = pvm_kernel_cmdline(cmdline, config.boot.kernel)
         windows = []  # (base, size, gsi) of each virtio-mmio device, for the ACPI DSDT
         if config.virtio_device_count:
             events = EventLoop("virtio")

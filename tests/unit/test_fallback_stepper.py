@@ -274,12 +274,11 @@ def test_linux_options_only_for_linux_on_pvm(tmp_path, monkeypatch):
     vmlinux.write_bytes(b"\x7fELF" + bytes(100) + b"Linux version 6.1.0 (gcc)")
     other.write_bytes(b"\x7fELF" + bytes(100))
     monkeypatch.setattr(kvm, "is_pvm_host", lambda: True)
-    assert fallback.pvm_kernel_cmdline("console=ttyS0", 1, vmlinux) == "console=ttyS0 noxsave clearcpuid=137"
-    assert fallback.pvm_kernel_cmdline("console=ttyS0", 2, vmlinux) == "console=ttyS0 noxsave clearcpuid=137,141"
-    assert fallback.pvm_kernel_cmdline("noxsave clearcpuid=1", 1, vmlinux) == "noxsave clearcpuid=1"
-    assert fallback.pvm_kernel_cmdline("console=ttyS0", 2, other) == "console=ttyS0"
+    assert fallback.pvm_kernel_cmdline("console=ttyS0", vmlinux) == "console=ttyS0 noxsave clearcpuid=137,141,151,308"
+    assert fallback.pvm_kernel_cmdline("noxsave clearcpuid=1", vmlinux) == "noxsave clearcpuid=1"
+    assert fallback.pvm_kernel_cmdline("console=ttyS0", other) == "console=ttyS0"
     monkeypatch.setattr(kvm, "is_pvm_host", lambda: False)
-    assert fallback.pvm_kernel_cmdline("console=ttyS0", 2, vmlinux) == "console=ttyS0"
+    assert fallback.pvm_kernel_cmdline("console=ttyS0", vmlinux) == "console=ttyS0"
 
 
 def test_msrs_move_for_an_instruction_that_reads_them(machine):
