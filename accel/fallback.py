@@ -32,7 +32,15 @@ the step ends with a clear error naming the RIP and the address.
 
 LOCK-prefixed instructions stepped here are not atomic against other vCPUs that
 KVM runs at the same time (unicorn emulates them as plain read-modify-write);
-``fallback_cpuid`` therefore hides CMPXCHG16B from guests with more than one vCPU.
+``fallback_cpuid`` therefore hides CMPXCHG16B from guests with more than one vCPU
+(and on PVM, where CPUID cannot be filtered, ``pvm_kernel_cmdline`` clears it).
+
+Cost per fallback, measured here (PVM host, Python 3.11, one idle core): ~220 us
+for an instruction that touches only GPRs/flags/memory (popcnt, cmpxchg16b, int3,
+clac): KVM get_regs/get_sregs/get_vcpu_events ~70 us, loading the engine ~70 us,
+two state snapshots ~30 us, the step ~18 us, set_regs ~15 us; ~520 us for an SSE
+instruction (the FPU/SSE registers are moved both ways through unicorn's register
+API, ~85 us per direction). ``summary()`` reports the measured mean per instruction.
 """
 
 from __future__ import annotations
