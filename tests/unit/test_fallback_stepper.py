@@ -288,3 +288,18 @@ def test_msrs_move_for_an_instruction_that_reads_them(machine):
     step(memory, manager, vcpu, b"\x0f\x01\xf9")  # rdtscp: ECX = TSC_AUX
     assert vcpu.regs.rcx == 0x1234 and vcpu.regs.rip == CODE + 3
     assert "msrs" not in vcpu.writes  # read, not changed: nothing written back
+
+
+def test_xrstor_with_avx_in_xcr0_is_refused(machine):
+    memory, manager, _, _ = machine
+
+    class AvxVcpu(FakeVcpu):
+        def get_xcrs(self):
+            return {0: 0x7}  # x87 | SSE | AVX
+
+    vcpu = AvxVcpu()
+    vcpu.sregs.cr4 = (1 << 9) | (1 << 18)
+    vcpu.regs.rdi = 0x6000
+    with pytest.raises(GuestError, match=r"cannot execute xrstor .*XCR0 is 0x7: the interpreter's xrstor covers only"):
+        step(memory, manager, vcpu, b"\x0f\xae\x2f")  # xrstor [edi]
+    assert vcpu.writes == []
