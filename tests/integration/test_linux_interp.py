@@ -102,9 +102,10 @@ def test_ten_boots_in_a_row(tmp_path):
 def test_repeated_hash_of_the_same_data_is_stable():
     """The same computation over the same bytes, eight times in the guest: one answer.
 
-    Pure arithmetic in user space (an awk loop) is stable; hashing /dev/zero through a
-    pipe gave 7 different sums in 12 runs here, which is what breaks the virtio-blk
-    end-to-end check. This test is the regression target for that bug.
+    Pure arithmetic in user space (an awk loop) is stable, and so is copying a good file
+    (`cat`, pipes); reading /dev/zero (the kernel's clear_user on user pages) gave wrong
+    data in 8 of 10 runs here, which is also what breaks the virtio-blk end-to-end check.
+    This test is the regression target for that bug.
     """
     import re
 
