@@ -72,6 +72,10 @@ from pyvmm.accel.interp.cpuid import CpuidTable
 from pyvmm.accel.interp.vcpu import cache_to_segment, segment_to_cache
 from pyvmm.accel.ops import GPR_NAMES, CpuidEntry, EmulationFailure, FpuState, Regs, SpecialRegs
 from pyvmm.errors import AccelError, GuestError
+from pyvmm.vmm.layout import IOAPIC_BASE
+from pyvmm.vmm.layout import LAPIC_BASE as LAPIC_DEFAULT
+from pyvmm.vmm.x86.msrs import MSR_EFER
+from pyvmm.vmm.x86.msrs import MSR_IA32_TSC as MSR_TSC
 
 log = logging.getLogger("pyvmm.fallback")
 
@@ -82,8 +86,6 @@ INTERP_XSTATE = 0x3
 XSAVE_LEGACY_SIZE = 512
 XSTATE_BV_OFFSET = 512
 
-LAPIC_DEFAULT = 0xFEE00000
-IOAPIC_BASE = 0xFEC00000
 PAGE = 0x1000
 #: ports served by KVM's in-kernel PIC, PIT (with its speaker port) and ELCR
 KVM_IRQCHIP_PORTS = frozenset([0x20, 0x21, 0xA0, 0xA1, 0x40, 0x41, 0x42, 0x43, 0x61, 0x4D0, 0x4D1])
@@ -91,8 +93,6 @@ KVM_IRQCHIP_PORTS = frozenset([0x20, 0x21, 0xA0, 0xA1, 0x40, 0x41, 0x42, 0x43, 0
 KVM_X86_SHADOW_INT_MOV_SS = 1
 KVM_X86_SHADOW_INT_STI = 2
 
-MSR_TSC = 0x10
-MSR_EFER = 0xC0000080
 #: MSRs moved with the full state (FS/GS base travel in the segment caches, EFER in sregs)
 TRANSFER_MSRS = (
     0x174, 0x175, 0x176,  # SYSENTER_CS/ESP/EIP

@@ -20,6 +20,19 @@ from unicorn import UcError
 from unicorn import x86_const as x86
 
 from pyvmm.accel.interp import context as ctx
+from pyvmm.vmm.x86.msrs import (
+    EFER_LMA,
+    EFER_NXE,
+    EFER_SCE,
+    MSR_CSTAR,
+    MSR_EFER,
+    MSR_LSTAR,
+    MSR_STAR,
+)
+from pyvmm.vmm.x86.msrs import MSR_IA32_SYSENTER_CS as MSR_SYSENTER_CS
+from pyvmm.vmm.x86.msrs import MSR_IA32_SYSENTER_EIP as MSR_SYSENTER_EIP
+from pyvmm.vmm.x86.msrs import MSR_IA32_SYSENTER_ESP as MSR_SYSENTER_ESP
+from pyvmm.vmm.x86.msrs import MSR_SYSCALL_MASK as MSR_FMASK
 
 # Exception vectors
 DE, DB, NMI, BP, OF, BR, UD, NM, DF, TS, NP, SS_FAULT, GP, PF = 0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14
@@ -29,19 +42,6 @@ CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
 # RFLAGS bits
 TF, IF, NT, RF, VM, AC = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17, 1 << 18
 
-# MSRs unicorn implements natively
-MSR_EFER = 0xC0000080
-MSR_STAR = 0xC0000081
-MSR_LSTAR = 0xC0000082
-MSR_CSTAR = 0xC0000083
-MSR_FMASK = 0xC0000084
-MSR_SYSENTER_CS = 0x174
-MSR_SYSENTER_ESP = 0x175
-MSR_SYSENTER_EIP = 0x176
-
-EFER_SCE = 1 << 0
-EFER_LMA = 1 << 10
-EFER_NXE = 1 << 11
 
 FLAT_CODE64 = ctx.DESC_P | ctx.DESC_S | (0xB << ctx.DESC_TYPE_SHIFT) | ctx.DESC_L | ctx.DESC_G
 FLAT_CODE32 = ctx.DESC_P | ctx.DESC_S | (0xB << ctx.DESC_TYPE_SHIFT) | ctx.DESC_B | ctx.DESC_G

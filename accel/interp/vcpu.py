@@ -64,6 +64,9 @@ from pyvmm.accel.ops import (
     SpecialRegs,
 )
 from pyvmm.errors import AccelError
+from pyvmm.vmm.x86.msrs import MSR_EFER
+from pyvmm.vmm.x86.msrs import MSR_IA32_APIC_BASE as MSR_APIC_BASE
+from pyvmm.vmm.x86.msrs import MSR_IA32_TSC as MSR_TSC
 
 PHYS_ADDR_LIMIT = 1 << 40  # CPUID 0x80000008: 40 physical address bits
 NEVER = 1 << 63  # a non-canonical "until": emulation never stops there
@@ -75,9 +78,6 @@ IRQ_WINDOW_MAX = 0.001
 KICK_REPEAT = 0.0002  # emu_stop is repeated this often until the loop acknowledges (s)
 STALE_DEADLINE_RETRY = 0.001  # a timer deadline still in the past after poll() is retried this often (s)
 
-MSR_TSC = 0x10
-MSR_APIC_BASE = 0x1B
-MSR_EFER = 0xC0000080
 #: MSRs unicorn implements natively (reg_read/reg_write of UC_X86_REG_MSR)
 NATIVE_MSRS = frozenset(
     {
