@@ -459,9 +459,7 @@ class Stepper:
         self.pio.write(port, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
 
     def _on_interrupt(self, uc, vector, _):
-        error_code, is_int, _ = ctx.Blob(uc).read("<iiQ", ctx.ERROR_CODE)
-        cr2 = uc.reg_read(x86.UC_X86_REG_CR2) if vector == system.PF else None
-        self._pending = ("exception", vector, error_code & 0xFFFFFFFF, bool(is_int), cr2)
+        self._pending = system.exception_record(uc, vector)
         uc.emu_stop()
 
     def _on_syscall(self, uc, _):

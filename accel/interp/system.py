@@ -301,6 +301,16 @@ class MachineState:
 # exception / interrupt delivery
 
 
+def exception_record(uc, vector: int) -> tuple:
+    """What a UC_HOOK_INTR hook must capture: ("exception", vector, error code, software?, CR2).
+
+    The error code and the "software interrupt" flag are only valid inside the hook.
+    """
+    error_code, is_int, _ = ctx.Blob(uc).read("<iiQ", ctx.ERROR_CODE)
+    cr2 = uc.reg_read(x86.UC_X86_REG_CR2) if vector == PF else None
+    return ("exception", vector, error_code & 0xFFFFFFFF, bool(is_int), cr2)
+
+
 def deliver(uc, vector: int, *, error_code: int | None = None, software: bool = False,
             external: bool = False, cr2: int | None = None, ram: GuestRam = _NO_RAM) -> None:  # fmt: skip
     """Deliver ``vector`` through the guest IDT, escalating nested faults.
