@@ -20,15 +20,7 @@ from unicorn import UcError
 from unicorn import x86_const as x86
 
 from pyvmm.accel.interp import context as ctx
-from pyvmm.vmm.x86.msrs import (
-    EFER_LMA,
-    EFER_NXE,
-    EFER_SCE,
-    MSR_CSTAR,
-    MSR_EFER,
-    MSR_LSTAR,
-    MSR_STAR,
-)
+from pyvmm.vmm.x86.msrs import EFER_SCE, MSR_EFER, MSR_LSTAR, MSR_STAR
 from pyvmm.vmm.x86.msrs import MSR_IA32_SYSENTER_CS as MSR_SYSENTER_CS
 from pyvmm.vmm.x86.msrs import MSR_IA32_SYSENTER_EIP as MSR_SYSENTER_EIP
 from pyvmm.vmm.x86.msrs import MSR_IA32_SYSENTER_ESP as MSR_SYSENTER_ESP
