@@ -16,7 +16,7 @@ import struct
 import threading
 import time
 
-from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc, UcError
+from unicorn import UC_ARCH_X86, UC_ERR_RESOURCE, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc, UcError
 from unicorn import x86_const as x86
 
 from pyvmm.errors import AccelError
@@ -71,12 +71,23 @@ _SEGMENT = struct.Struct("<I4xQII")
 _UC_ANCHOR = struct.Struct("<IIQQiii")
 NO_EXIT_REQUEST_FROM_ANCHOR = 50
 INIT_DONE_FROM_ANCHOR = 51
+# Earlier in uc_struct: bool stop_request, ..., u64 timeout, u64 invalid_addr, int invalid_error.
+STOP_REQUEST_FROM_ANCHOR = -595
+INVALID_ADDR_FROM_ANCHOR = -568
+INVALID_ERROR_FROM_ANCHOR = -560
 
 # HLT leaves no trace in the CPU state unicorn exposes: emu_start returns OK as for a stop.
 # QEMU's CPUState.halted says it (set by hlt, cleared by every emu_start). Offsets:
 UC_CPU_POINTER = 0x1B8  # uc_struct.cpu
 CPU_HALTED = 0x8198  # CPUState.halted (u32)
 CPU_UC_POINTER = 0x81A8  # CPUState.uc, points back to the uc_struct
+CPU_EXIT_REQUEST = 0x15  # CPUState.exit_request (bool)
+CPU_ENV_POINTER = 0x128  # CPUState.env_ptr: X86CPU.env, 16 bytes after X86CPU.neg
+CPU_ICOUNT_DECR_POINTER = 0x130  # CPUState.icount_decr_ptr: X86CPU.neg.icount_decr (u16 low, u16 high)
+
+#: What ``emu_start`` raises after a ``BlockExit.request``: an error code unicorn itself
+#: only uses for resource exhaustion at set-up, never during emulation.
+STOPPED_ERROR = UC_ERR_RESOURCE
 
 
 class Blob:
@@ -137,6 +148,16 @@ def disable_midblock_exits(uc: Uc) -> None:
     stays, and there the guest state is exact. Call before anything is
     translated.
     """
+    flags = _uc_anchor(uc)
+    if ctypes.c_uint8.from_address(flags + INIT_DONE_FROM_ANCHOR).value != 1:
+        _fail("uc_struct init_done is not where expected")
+    if ctypes.c_uint8.from_address(flags + NO_EXIT_REQUEST_FROM_ANCHOR).value != 0:
+        _fail("uc_struct no_exit_request is not where expected")
+    ctypes.c_uint8.from_address(flags + NO_EXIT_REQUEST_FROM_ANCHOR).value = 1
+
+
+def _uc_anchor(uc: Uc) -> int:
+    """Address of ``uc_struct.target_page_size``, found by the values of the fields after it."""
     base = ctypes.cast(uc._uch, ctypes.c_void_p).value
     size = 0x4000
     raw = ctypes.string_at(base, size)
@@ -149,23 +170,62 @@ def disable_midblock_exits(uc: Uc) -> None:
                 found.append(offset)
     if len(found) != 1:
         _fail(f"uc_struct run-state fields not found ({len(found)} candidates)")
-    flags = base + found[0]
-    if ctypes.c_uint8.from_address(flags + INIT_DONE_FROM_ANCHOR).value != 1:
-        _fail("uc_struct init_done is not where expected")
-    if ctypes.c_uint8.from_address(flags + NO_EXIT_REQUEST_FROM_ANCHOR).value != 0:
-        _fail("uc_struct no_exit_request is not where expected")
-    ctypes.c_uint8.from_address(flags + NO_EXIT_REQUEST_FROM_ANCHOR).value = 1
+    return base + found[0]
 
 
-def halted_flag(uc: Uc) -> ctypes.c_uint32:
-    """QEMU's ``CPUState.halted`` of this engine: 1 after ``hlt`` until the next emu_start."""
+def _cpu_state(uc: Uc) -> int:
+    """Address of the engine's QEMU ``CPUState`` (the engine must be initialised)."""
     base = ctypes.cast(uc._uch, ctypes.c_void_p).value
     cpu = ctypes.c_uint64.from_address(base + UC_CPU_POINTER).value
     if not cpu or ctypes.c_uint64.from_address(cpu + CPU_UC_POINTER).value != base:
         _fail("CPUState is not where expected")
     if (ctypes.c_int32.from_address(cpu).value, ctypes.c_int32.from_address(cpu + 4).value) != (1, 1):
         _fail("CPUState nr_cores/nr_threads are not where expected")
-    return ctypes.c_uint32.from_address(cpu + CPU_HALTED)
+    return cpu
+
+
+def halted_flag(uc: Uc) -> ctypes.c_uint32:
+    """QEMU's ``CPUState.halted`` of this engine: 1 after ``hlt`` until the next emu_start."""
+    return ctypes.c_uint32.from_address(_cpu_state(uc) + CPU_HALTED)
+
+
+class BlockExit:
+    """Stop a running engine at its next translation-block boundary, from any thread.
+
+    Why not ``uc_emu_stop``: it sets ``uc->stop_request``, and unicorn 2.1.4's
+    ``syscall``, ``sysenter``, ``cpuid`` and ``rdtsc`` helpers walk the
+    UC_HOOK_INSN list and leave it at the first entry once that flag is set,
+    whatever instruction that entry is for. A stop from another thread landing
+    while the guest executes ``syscall`` therefore skipped the hook and the
+    instruction became a two-byte no-op (measured in Linux: now and then a
+    ``write()`` "returned" its own syscall number, 1, and files came out short);
+    a ``cpuid`` ran unicorn's own model instead of pyvmm's table.
+
+    ``request`` does what QEMU's ``cpu_exit`` does (``exit_request`` and the
+    ``icount_decr`` high half, checked at each block's start) and marks
+    ``uc->invalid_error``, which makes unicorn's loop end emulation there:
+    ``emu_start`` then raises ``UcError(STOPPED_ERROR)`` with the state exact.
+    A request landing between two ``emu_start`` calls is dropped (unicorn
+    clears ``invalid_error`` at start), as an ``emu_stop`` would be: callers
+    repeat it until the engine acknowledges.
+    """
+
+    __slots__ = ("_invalid_error", "_exit_request", "_icount_high")
+
+    def __init__(self, uc: Uc):
+        cpu = _cpu_state(uc)
+        icount = ctypes.c_uint64.from_address(cpu + CPU_ICOUNT_DECR_POINTER).value
+        env = ctypes.c_uint64.from_address(cpu + CPU_ENV_POINTER).value
+        if not icount or env - icount != 0x10 or not 0 < icount - cpu < 0x10000:
+            _fail("CPUState icount_decr_ptr/env_ptr are not where expected")
+        self._invalid_error = ctypes.c_int32.from_address(_uc_anchor(uc) + INVALID_ERROR_FROM_ANCHOR)
+        self._exit_request = ctypes.c_uint8.from_address(cpu + CPU_EXIT_REQUEST)
+        self._icount_high = ctypes.c_int16.from_address(icount + 2)
+
+    def request(self) -> None:
+        self._invalid_error.value = STOPPED_ERROR
+        self._exit_request.value = 1
+        self._icount_high.value = -1
 
 
 def compute_hflags(old: int, cr0: int, efer: int, cs_flags: int, ss_flags: int, bases_nonzero: bool, vm86: bool) -> int:
@@ -297,34 +357,65 @@ def _verify_layout() -> None:
 
 
 def _verify_stops_are_exact() -> None:
-    """Stops from another thread must never re-execute an ``add [mem], 1``."""
+    """Stops from another thread must never re-execute an instruction nor skip a hook."""
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     page = ctypes.create_string_buffer(0x2000)
     uc.mem_map_ptr(0, 0x2000, UC_PROT_ALL, ctypes.addressof(page))
     disable_midblock_exits(uc)
     uc.ctl_exits_enabled(True)
     uc.ctl_set_exits([])
-    page[0x100:0x10C] = bytes.fromhex("48ffc1 ff042500100000 ebf2")  # 1: inc rcx; incl [0x1000]; jmp 1b
+
+    # uc_struct.invalid_addr / invalid_error (BlockExit writes the latter): an unmapped fetch fills them.
+    anchor = _uc_anchor(uc)
+    try:
+        uc.emu_start(0x7654321000, 0)
+    except UcError:
+        pass
+    if ctypes.c_uint64.from_address(anchor + INVALID_ADDR_FROM_ANCHOR).value != 0x7654321000:
+        _fail("uc_struct invalid_addr is not where expected")
+    if ctypes.c_int32.from_address(anchor + INVALID_ERROR_FROM_ANCHOR).value != 0:
+        _fail("uc_struct invalid_error is not where expected")
+    stopper = BlockExit(uc)
+
+    syscalls = []
+    uc.hook_add(UC_HOOK_INSN, lambda uc, _: syscalls.append(1), None, 1, 0, x86.UC_X86_INS_SYSCALL)
+    # 1: inc rcx; incl [0x1000]; jmp 1b
+    page[0x100:0x10C] = bytes.fromhex("48ffc1 ff042500100000 ebf4")
+    # 2: a delay loop, then one long block ending in "inc rbx; syscall", jmp 2b: stops land inside
+    # that block often enough that a skipped hook shows (with uc_emu_stop, ~1 in 150 stops).
+    syscall_loop = bytes.fromhex("bad0070000 ffca 75fc") + bytes.fromhex("48ffc0") * 400 + bytes.fromhex("48ffc3 0f05")
+    syscall_loop += b"\xe9" + (-(len(syscall_loop) + 5)).to_bytes(4, "little", signed=True)
+    page[0x400 : 0x400 + len(syscall_loop)] = syscall_loop
     done = threading.Event()
 
     def kick():
         while not done.is_set():
-            uc.emu_stop()
+            stopper.request()
             time.sleep(0.00005)
+
+    def run_stopped(start: int, times: int) -> None:
+        rip = start
+        for _ in range(times):
+            try:
+                uc.emu_start(rip, 0)
+            except UcError as err:
+                if err.errno != STOPPED_ERROR:
+                    raise
+            rip = uc.reg_read(x86.UC_X86_REG_RIP)
 
     kicker = threading.Thread(target=kick, daemon=True)
     kicker.start()
-    rip = 0x100
     try:
-        for _ in range(300):
-            uc.emu_start(rip, 0)
-            rip = uc.reg_read(x86.UC_X86_REG_RIP)
+        run_stopped(0x100, 300)
+        run_stopped(0x400, 300)
     finally:
         done.set()
         kicker.join()
     count = struct.unpack_from("<I", page, 0x1000)[0]
     if count != uc.reg_read(x86.UC_X86_REG_RCX) & 0xFFFFFFFF:
         _fail(f"stops re-execute instructions ({count} increments for {uc.reg_read(x86.UC_X86_REG_RCX)} loops)")
+    if len(syscalls) != uc.reg_read(x86.UC_X86_REG_RBX):
+        _fail(f"stops skip hooks ({len(syscalls)} syscall hooks for {uc.reg_read(x86.UC_X86_REG_RBX)} syscalls)")
     # The halted flag: 0 after those stops, 1 after hlt, 0 again after a stop.
     halted = halted_flag(uc)
     if halted.value != 0:
@@ -333,9 +424,15 @@ def _verify_stops_are_exact() -> None:
     uc.emu_start(0x200, 0)
     if halted.value != 1 or uc.reg_read(x86.UC_X86_REG_RIP) != 0x202:
         _fail("CPUState.halted is not set by hlt")
-    timer = threading.Timer(0.01, uc.emu_stop)
+    timer = threading.Timer(0.01, stopper.request)
     timer.start()
-    uc.emu_start(0x100, 0)  # the counting loop again, until the timer's stop
+    try:
+        uc.emu_start(0x100, 0)  # the counting loop again, until the timer's stop
+    except UcError as err:
+        if err.errno != STOPPED_ERROR:
+            raise
+    else:
+        _fail("a BlockExit request did not end emu_start with STOPPED_ERROR")
     timer.join()
     if halted.value != 0:
         _fail("CPUState.halted is not cleared by emu_start")

@@ -17,8 +17,10 @@ sysenter) and calls ``emu_stop`` from inside emulation (reliable), and the
 loop then delivers it (``system.py``). Interrupts from the userspace irqchip
 are injected at the boundary where the loop regains control; a per-vCPU
 kicker thread stops a running engine when the chip calls ``wake`` or a timer
-deadline passes, repeating ``emu_stop`` until the loop acknowledges (a stop
-issued in the engine's start-up window is lost). ``hlt`` sleeps on a
+deadline passes, with ``context.BlockExit`` (never ``emu_stop`` from another
+thread: that can make unicorn skip a ``syscall`` or ``cpuid`` hook), repeating
+it until the loop acknowledges (a stop issued in the engine's start-up window
+is lost). ``hlt`` sleeps on a
 condition variable until an interrupt is deliverable, a deadline passes, or
 ``request_stop`` is called.
 
@@ -75,7 +77,7 @@ NEVER = 1 << 63  # a non-canonical "until": emulation never stops there
 # and doubles up to a cap (long cli sections then cost little).
 IRQ_WINDOW_FIRST = 0.00002
 IRQ_WINDOW_MAX = 0.001
-KICK_REPEAT = 0.0002  # emu_stop is repeated this often until the loop acknowledges (s)
+KICK_REPEAT = 0.0002  # a stop request is repeated this often until the loop acknowledges (s)
 STALE_DEADLINE_RETRY = 0.001  # a timer deadline still in the past after poll() is retried this often (s)
 
 #: MSRs unicorn implements natively (reg_read/reg_write of UC_X86_REG_MSR)
@@ -232,6 +234,7 @@ class InterpVcpu:
         uc.ctl_set_exits([])
         ctx.disable_midblock_exits(uc)  # async stops must land only between blocks (see context.py)
         self._halted_flag = ctx.halted_flag(uc)
+        self._block_exit = ctx.BlockExit(uc)
         uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, x86.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, x86.UC_X86_INS_OUT)
@@ -305,7 +308,7 @@ class InterpVcpu:
         (unicorn cannot abandon it), with its I/O dropped.
         """
         if self._replacement is not None or self._closing:
-            self.uc.emu_stop()
+            self._block_exit.request()
             return False
         self._in_hook = True
         lock = self._engine_lock
@@ -314,7 +317,7 @@ class InterpVcpu:
         try:
             self._post(exit_value)
         except _Closing:
-            self.uc.emu_stop()  # unwound by the loop once emu_start returns (it checks _closing)
+            self._block_exit.request()  # unwound by the loop once emu_start returns (it checks _closing)
             return False
         finally:
             self._in_hook = False
@@ -324,7 +327,9 @@ class InterpVcpu:
             self._state_replaced = False
             self._replacement = self.uc.context_save()
         if self._stop_requested or self._replacement is not None:
-            self.uc.emu_stop()  # from inside emulation: never lost; takes effect at the block's end
+            # from inside emulation: never lost; takes effect at the block's end. Not emu_stop: the
+            # rest of this block may hold a syscall or cpuid whose hook it would skip.
+            self._block_exit.request()
         return True
 
     def _state_written(self) -> None:
@@ -566,7 +571,8 @@ class InterpVcpu:
         try:
             uc.emu_start(rip, NEVER)
         except UcError as err:
-            error = err
+            if err.errno != ctx.STOPPED_ERROR:  # a BlockExit request is a plain stop
+                error = err
         except _Closing:
             raise
         except Exception as err:  # an irqchip error raised inside a hook
@@ -670,10 +676,7 @@ class InterpVcpu:
                 with cond:
                     if self._epoch != epoch or not self._in_emu or self._closing:
                         break
-                self.uc.emu_stop()
-                with cond:
-                    if self._epoch != epoch or not self._in_emu or self._closing:
-                        break
+                    self._block_exit.request()
                     cond.wait(KICK_REPEAT)
 
     # ------------------------------------------------------------------
@@ -822,11 +825,11 @@ class InterpVcpu:
             self._closing = True
             self._cond.notify_all()
         if self._engine_thread is not None:
-            self.uc.emu_stop()
+            self._block_exit.request()
             self._to_engine.release()
             deadline = time.monotonic() + 2
             while self._engine_thread.is_alive() and time.monotonic() < deadline:
-                self.uc.emu_stop()
+                self._block_exit.request()
                 self._engine_thread.join(0.01)
             self._kicker_thread.join(1)
 
