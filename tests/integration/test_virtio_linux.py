@@ -10,10 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import uuid
 
 import pytest
@@ -34,13 +32,6 @@ def _backend() -> str:
     if not probe.usable:
         pytest.skip(f"no backend here can boot Linux: interpreter {probe.reason}")
     return "interp"
-
-
-def _backend_name_for_marks() -> str:
-    """Like _backend() but without skipping, for decorators evaluated at import."""
-    from pyvmm.accel import kvm
-
-    return "kvm" if accel.probe("kvm").usable and not kvm.is_pvm_host() else "interp"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,11 +77,6 @@ def debugfs_cat(image, path) -> bytes:
     return subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, check=True).stdout
 
 
-@pytest.mark.xfail(
-    _backend_name_for_marks() == "interp",
-    strict=False,
-    reason="interpreter: guest data intermittently wrong (see test_linux_interp.py::test_repeated_hash_of_the_same_data_is_stable)",
-)
 def test_blk_and_rng(tmp_path):
     image, nfiles = make_ext4(tmp_path)
     ro_image = tmp_path / "ro.img"
