@@ -559,6 +559,12 @@ class InterpVcpu:
     def _run_engine(self):
         """One ``emu_start`` and whatever stopped it. Returns (exit or None, progressed)."""
         uc = self.uc
+        if self._chip.take_cross_cpu_ipi(self.index):
+            # Another vCPU's engine may have rewritten code this engine has translated (its
+            # writes do not invalidate our blocks). Seen without this: a kprobe-style int3
+            # left in a stale block while the memory already held the patched nop; Linux's
+            # int3 handler backs RIP up onto it and the vCPU looped there (soft lockup).
+            uc.ctl_flush_tb()
         rip = uc.reg_read(x86.UC_X86_REG_RIP)
         self._pending = None
         lock = self._engine_lock

@@ -113,6 +113,8 @@ class Irqchip:
         # vCPUs halted in wait-for-SIPI accept exactly one SIPI; the BSP starts running
         self._wait_for_sipi = [i != 0 for i in range(vcpu_count)]
         self._init_sipi: list[list[tuple[str, int]]] = [[] for _ in range(vcpu_count)]
+        # per vCPU: an interrupt from another vCPU arrived since take_cross_cpu_ipi() was last asked
+        self._cross_cpu_ipi = [False] * vcpu_count
         self._lapic_pages = frozenset()
         self._lowest_priority_next = 0
         self._next_due = math.inf  # earliest timer event of any kind, for a lock-free poll()
@@ -169,8 +171,8 @@ class Irqchip:
             return [lapic for lapic in self.lapics if lapic.hw_enabled and lapic.index != message.source]
         return [lapic for lapic in self.lapics if lapic.matches(message.logical, message.destination)]
 
-    def _deliver(self, message: ApicMessage) -> bool:
-        """Deliver an APIC-bus message; True if some local APIC accepted it."""
+    def _deliver(self, message: ApicMessage, from_vcpu: int | None = None) -> bool:
+        """Deliver an APIC-bus message (an IPI when ``from_vcpu`` is set); True if some local APIC accepted it."""
         targets = self._destinations(message)
         if not targets:
             return False
@@ -203,12 +205,29 @@ class Irqchip:
                 lapic.extint_pending = accepted = True
             else:
                 continue  # SMI and reserved modes
+            if from_vcpu is not None and from_vcpu != index:
+                self._cross_cpu_ipi[index] = True
             self._wakes.add(index)
         return accepted
 
+    def take_cross_cpu_ipi(self, vcpu_index: int) -> bool:
+        """True once after another vCPU sent this one an IPI.
+
+        x86's protocol for code modified while other CPUs may run it (Linux's
+        text_poke, jump labels, alternatives): the writer IPIs every other CPU
+        and each executes a serializing instruction before running the new code.
+        A backend that caches translated code per vCPU (the interpreter) flushes
+        that cache when this returns True, before the guest runs on.
+        """
+        if not self._cross_cpu_ipi[vcpu_index]:  # lock-free peek: the common case
+            return False
+        with self._lock:
+            seen, self._cross_cpu_ipi[vcpu_index] = self._cross_cpu_ipi[vcpu_index], False
+        return seen
+
     # ApicBus protocol, called by LocalApic under the chip lock
     def send_ipi(self, source: LocalApic, message: ApicMessage) -> None:
-        self._deliver(message)
+        self._deliver(message, from_vcpu=source.index)
 
     def eoi_broadcast(self, vector: int) -> None:
         self.ioapic.eoi(vector)

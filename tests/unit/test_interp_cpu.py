@@ -105,6 +105,9 @@ class FakeChip:
         events, self.events[index] = self.events[index], []
         return events
 
+    def take_cross_cpu_ipi(self, index):
+        return False
+
     def get_apic_base(self, index):
         return 0xFEE00900 if index == 0 else 0xFEE00800
 

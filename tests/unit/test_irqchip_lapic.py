@@ -203,6 +203,19 @@ def test_fixed_ipi_physical_wakes_the_target(chip, woken):
     assert chip.ack_interrupt(2) == 0xF3
 
 
+def test_an_ipi_from_another_vcpu_is_reported_once_for_code_sync(chip, woken):
+    """Backends with translated-code caches flush them on it (cross-modifying code protocol)."""
+    assert not chip.take_cross_cpu_ipi(2)
+    ipi(chip, 0, 2, 0xF3)
+    assert chip.take_cross_cpu_ipi(2)
+    assert not chip.take_cross_cpu_ipi(2)  # consumed
+    assert not chip.take_cross_cpu_ipi(0) and not chip.take_cross_cpu_ipi(1)
+    ipi(chip, 2, 2, 0xF4)  # a self-IPI is not another CPU's write
+    assert not chip.take_cross_cpu_ipi(2)
+    chip.set_irq_line(4, True)  # a device interrupt is not an IPI either
+    assert not any(chip.take_cross_cpu_ipi(i) for i in range(3))
+
+
 def test_init_sipi_sequence(chip, woken):
     """Linux's wakeup_secondary_cpu_via_init(): INIT assert, INIT de-assert, SIPI twice."""
     w(chip, 0, ESR, 0)
