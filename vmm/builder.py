@@ -89,7 +89,8 @@ def build_machine(
             mmio.insert(device, base, size)
 
         cmdline = config.boot.cmdline
-        if _fallback_wanted(config, vm):
+        fallback_on = _fallback_wanted(config, vm)
+        if fallback_on:
             from pyvmm.accel.fallback import pvm_kernel_cmdline
 
             cmdline = pvm_kernel_cmdline(cmdline, config.boot.kernel)
@@ -105,7 +106,7 @@ def build_machine(
         rsdp = write_acpi_tables(memory, vcpu_count, windows)
         mode, entry, boot_info = _load_guest(config, memory, rsdp, cmdline)
 
-        fallback, supported = _fallback(config, vm, memory, pio, mmio)
+        fallback, supported = _fallback(config, vm, memory, pio, mmio) if fallback_on else (None, vm.supported_cpuid())
         loops = []
         for index in range(vcpu_count):
             vcpu = vm.create_vcpu(index)
@@ -147,15 +148,13 @@ def build_machine(
 
 
 def _fallback(config: VmConfig, vm, memory, pio, mmio):
-    """The interpreter fallback for KVM emulation failures, and the CPUID the vCPUs may be offered.
+    """The interpreter fallback for KVM emulation failures (wanted), and the CPUID the vCPUs may be offered.
 
     On a PVM host (KVM emulates all guest kernel code and fails on some of it) the
     guest is offered only features the interpreter can also execute; on other KVM
     hosts failures are rare and KVM's full set stays.
     """
     supported = vm.supported_cpuid()
-    if not _fallback_wanted(config, vm):
-        return None, supported
     from pyvmm.accel import kvm
     from pyvmm.accel.fallback import FallbackManager, fallback_cpuid, interp_supported_cpuid
 
