@@ -104,7 +104,30 @@ class VcpuLoop:
             log.exception("vcpu%d: unexpected error", self.vcpu.index)
             self.lifecycle.request_exit(70, f"internal error in pyvmm: {type(err).__name__}: {err}", PyvmmError(str(err)))
 
+    def _serve_io(self, exit_) -> None:
+        """An I/O access handled on the backend's own thread (``serve_io_directly``)."""
+        kind = type(exit_)
+        counts = self.exit_counts
+        counts[kind] = counts.get(kind, 0) + 1
+        try:
+            if kind is IoOut:
+                self.pio.write(exit_.port, exit_.data)
+            elif kind is IoIn:
+                self.pio.read(exit_.port, exit_.data)
+            elif kind is MmioWrite:
+                self.mmio.write(exit_.addr, exit_.data)
+            else:
+                self.mmio.read(exit_.addr, exit_.data)
+        except PyvmmError as err:
+            self.lifecycle.fail(err)
+        except Exception as err:  # as in _thread_main: a bug in pyvmm stops the VM and says so
+            log.exception("vcpu%d: unexpected error", self.vcpu.index)
+            self.lifecycle.request_exit(70, f"internal error in pyvmm: {type(err).__name__}: {err}", PyvmmError(str(err)))
+
     def run(self) -> None:
+        serve_directly = getattr(self.vcpu, "serve_io_directly", None)
+        if serve_directly is not None:
+            serve_directly(self._serve_io)
         vcpu_run = self.vcpu.run
         pio_read, pio_write = self.pio.read, self.pio.write
         mmio_read, mmio_write = self.mmio.read, self.mmio.write
