@@ -20,13 +20,6 @@ from pyvmm import accel
 
 pytestmark = pytest.mark.slow
 
-# Known interpreter bugs (issue 4 stays open on them); xfail(strict=False) keeps the
-# runs visible: a pass shows as XPASS, a failure as XFAIL with this reason.
-SMP_HANG = pytest.mark.xfail(
-    strict=False,
-    reason="interpreter: intermittent hang of 2-vCPU Linux boots (2 of ~10 in one CI run; none in 25 local runs)",
-)
-
 
 @pytest.fixture(scope="module", autouse=True)
 def need_interp_and_assets():
@@ -73,13 +66,12 @@ def assert_booted_to_init(result, vcpus: int):
     assert "guest reset" in result.stderr or "reset (status 0)" in result.stderr
 
 
-@pytest.mark.parametrize("vcpus", [1, pytest.param(2, marks=SMP_HANG)])
+@pytest.mark.parametrize("vcpus", [1, 2])
 @pytest.mark.parametrize("kernel", ["vmlinux", "bzImage"])
 def test_boot_to_init_and_reboot(tmp_path, kernel, vcpus):
     assert_booted_to_init(boot_linux(tmp_path, kernel, vcpus), vcpus)
 
 
-@SMP_HANG
 def test_ten_boots_in_a_row(tmp_path):
     failures = []
     for attempt in range(10):
