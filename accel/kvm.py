@@ -332,12 +332,19 @@ class KvmVm:
         line = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": 1 if level else 0})
         _ioctl(self.fd, k.KVM_IRQ_LINE, line, f"KVM_IRQ_LINE(irq {irq})")
 
-    def irqfd(self, irq: int, eventfd, *, deassign: bool = False) -> None:
-        """Raise ``irq`` (edge) whenever ``eventfd`` (an fd or object with ``fileno()``) is written."""
-        request = ffi.new(
-            "struct kvm_irqfd *",
-            {"fd": _fileno(eventfd), "gsi": irq, "flags": k.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0},
-        )
+    def irqfd(self, irq: int, eventfd, *, resample=None, deassign: bool = False) -> None:
+        """Raise ``irq`` whenever ``eventfd`` (an fd or object with ``fileno()``) is written.
+
+        Without ``resample`` the line is pulsed (edge). With a ``resample`` eventfd the line
+        stays raised until the guest's EOI, when KVM lowers it and signals ``resample``.
+        """
+        fields = {"fd": _fileno(eventfd), "gsi": irq, "flags": 0}
+        if resample is not None:
+            fields["flags"] |= k.KVM_IRQFD_FLAG_RESAMPLE
+            fields["resamplefd"] = _fileno(resample)
+        if deassign:
+            fields["flags"] = k.KVM_IRQFD_FLAG_DEASSIGN  # KVM matches by fd and gsi
+        request = ffi.new("struct kvm_irqfd *", fields)
         _ioctl(self.fd, k.KVM_IRQFD, request, f"KVM_IRQFD(irq {irq})")
 
     def ioeventfd(self, addr: int, length: int, eventfd, datamatch: int | None = None, pio: bool = False,
@@ -737,6 +744,11 @@ class KvmVcpu:
         self._pending.clear()
         self.kvm_run = None
         ffi.release(self._run_buffer)
+        # Every view of kvm_run must go before the mmap can close: Python's mmap holds a dup of
+        # the vCPU fd until then (the vCPU, its fd and kvm_run page leaked per VM before this).
+        for view in self._views.values():
+            view.release()
+        self._views.clear()
         self._page.release()
         try:
             self._mmap.close()

@@ -34,6 +34,7 @@ from pyvmm.vmm.boot import mptable
 from pyvmm.vmm.boot.pvh import write_pvh_start_info
 from pyvmm.vmm.bus import MmioBus, PioBus
 from pyvmm.vmm.events import EventLoop
+from pyvmm.vmm.irqfd import IrqfdLine
 from pyvmm.vmm.machine import Machine
 from pyvmm.vmm.memory import GuestMemory
 from pyvmm.vmm.vcpu import Lifecycle, VcpuLoop
@@ -207,7 +208,7 @@ def _virtio_devices(config: VmConfig, vm, memory: GuestMemory, mmio: MmioBus, ev
         for n, (name, make) in enumerate(models):
             base = layout.VIRTIO_MMIO_BASE + n * layout.VIRTIO_MMIO_SIZE
             irq = layout.virtio_irqs()[n]
-            transport = VirtioMmio(make(), memory, IrqLine(irq, vm.set_irq_line), name=name)
+            transport = VirtioMmio(make(), memory, _virtio_irq_line(vm, irq, events), name=name)
             transports.append(transport)
             windows.append((base, layout.VIRTIO_MMIO_SIZE, irq))
             mmio.insert(transport, base, layout.VIRTIO_MMIO_SIZE)
@@ -224,6 +225,13 @@ def _virtio_devices(config: VmConfig, vm, memory: GuestMemory, mmio: MmioBus, ev
             transport.close()
         raise
     return transports, windows
+
+
+def _virtio_irq_line(vm, irq: int, events: EventLoop) -> IrqLine:
+    """A KVM irqfd where the VM offers one (no ioctl per interrupt), else the VM's set_irq_line."""
+    if getattr(vm, "irqfd", None) is not None:
+        return IrqfdLine(irq, vm, events)
+    return IrqLine(irq, vm.set_irq_line)
 
 
 def _load_guest(config: VmConfig, memory: GuestMemory, rsdp: int, cmdline: str) -> tuple[str, int, int]:

@@ -404,6 +404,9 @@ class VirtioMmio:
         for fd in fds:
             os.close(fd)
         self.device.close()
+        close_line = getattr(self.irq, "close", None)  # a line with host resources (KVM irqfd)
+        if close_line is not None:
+            close_line()
 
     def metrics(self) -> dict:
         """Counters for ``-v``: the device's requests/bytes/errors plus resets and interrupts."""

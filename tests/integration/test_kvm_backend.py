@@ -337,6 +337,37 @@ def test_irq_line_irqfd_and_ioeventfd(make_guest):
         os.close(io_event)
 
 
+def test_level_irqfd_with_resample_for_virtio_lines(make_guest, tmp_path):
+    """virtio GSIs are level-triggered: the builder registers their irqfds with a resample fd."""
+    import os
+
+    from pyvmm.vmm import layout
+    from pyvmm.vmm.events import EventLoop
+    from pyvmm.vmm.irqfd import IrqfdLine
+
+    guest = make_guest(JMP_SELF)
+    events = EventLoop("test-irqfd")
+    events.start()
+    try:
+        gsi = layout.virtio_irqs()[0]
+        line = IrqfdLine(gsi, guest.vm, events)
+        line.set_level(True)
+        line.set_level(False)
+        line.close()
+        line.close()  # idempotent
+        # after close the same GSI can be registered again (the deassign reached KVM)
+        again = IrqfdLine(gsi, guest.vm, events)
+        again.close()
+        trigger = os.eventfd(0)
+        with pytest.raises(Exception, match="KVM_IRQFD"):  # KVM refuses a second irqfd on the same eventfd
+            guest.vm.irqfd(gsi, trigger)
+            guest.vm.irqfd(gsi + 1, trigger)
+        guest.vm.irqfd(gsi, trigger, deassign=True)
+        os.close(trigger)
+    finally:
+        events.close()
+
+
 def test_ioeventfd_consumes_the_write_without_an_exit(make_guest):
     import os
 
@@ -441,3 +472,29 @@ def test_create_vm_installs_the_kick_handler_and_checks_the_vcpu_count():
         vm.close()
     with pytest.raises(AccelError, match="vCPUs requested"):
         kvm.create_vm(vm.max_vcpus + 1)
+
+
+def test_virtio_devices_on_kvm_get_irqfd_lines_and_release_them(tmp_path):
+    """The builder wires virtio interrupts through irqfds on KVM; closing the VM frees every fd."""
+    import os
+
+    from conftest import GUESTS
+    from pyvmm.api import VM
+    from pyvmm.vmm.irqfd import IrqfdLine
+
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(1 << 20))
+    fds_before = len(os.listdir("/proc/self/fd"))
+    vm = VM.from_dict(
+        {
+            "machine": {"memory_mib": 64, "accel": "kvm"},
+            "boot": {"kernel": str(GUESTS / "hello.elf")},
+            "drive": [{"path": str(image)}],
+            "rng": {"enabled": True},
+        }
+    )
+    with vm:
+        lines = [transport.irq for transport in vm.machine.virtio]
+        assert len(lines) == 2 and all(isinstance(line, IrqfdLine) for line in lines)
+        assert vm.run(timeout=30).ok
+    assert len(os.listdir("/proc/self/fd")) == fds_before
