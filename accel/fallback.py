@@ -371,7 +371,7 @@ def fpu_into_xsave(area: bytes, fpu: FpuState) -> bytes:
 # the stepping engine
 
 
-class Stepper:
+class Stepper(system.EngineHooks):
     """A unicorn engine that executes one instruction at a time on the VMM's guest memory and buses.
 
     Used from one thread (the vCPU's). ``cpuid`` is the vCPU's CPUID table
@@ -462,22 +462,6 @@ class Stepper:
         self._pending = system.exception_record(uc, vector)
         uc.emu_stop()
 
-    def _on_syscall(self, uc, _):
-        self._pending = ("syscall",)
-        uc.emu_stop()
-
-    def _on_sysenter(self, uc, _):
-        self._pending = ("sysenter",)
-        uc.emu_stop()
-
-    def _on_cpuid(self, uc, _):
-        if self._cpuid is None:
-            return 0  # the engine's own answer
-        leaf, index = uc.reg_read(x86.UC_X86_REG_EAX), uc.reg_read(x86.UC_X86_REG_ECX)
-        values = self._cpuid.lookup(leaf, index, uc.reg_read(x86.UC_X86_REG_CR4))
-        uc.reg_write_batch(tuple(zip((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RBX, x86.UC_X86_REG_RCX,
-                                      x86.UC_X86_REG_RDX), values)))
-        return 1
 
     # ------------------------------------------------------------ state in
     def load(self, state: MovedState) -> None:

@@ -290,6 +290,41 @@ class MachineState:
 
 
 # --------------------------------------------------------------------------
+# hooks shared by the interpreter vCPU and the fallback stepper
+
+
+class EngineHooks:
+    """UC_HOOK_INSN handlers both engines install (the interpreter vCPU, the fallback stepper).
+
+    ``syscall``/``sysenter`` only record what happened and stop the engine (from inside
+    the hook, so the stop is exact and no other hook is skipped); the owner delivers it
+    with ``do_syscall``/``do_sysenter`` once ``emu_start`` has returned. ``cpuid`` answers
+    from ``self._cpuid`` (a CpuidTable; None means the engine's own model).
+    """
+
+    _pending: tuple | None
+    _cpuid = None
+
+    def _on_syscall(self, uc, _):
+        self._pending = ("syscall",)
+        uc.emu_stop()
+
+    def _on_sysenter(self, uc, _):
+        self._pending = ("sysenter",)
+        uc.emu_stop()
+
+    def _on_cpuid(self, uc, _):
+        if self._cpuid is None:
+            return 0  # the engine's own answer
+        leaf, index, cr4 = uc.reg_read(x86.UC_X86_REG_EAX), uc.reg_read(x86.UC_X86_REG_ECX), uc.reg_read(x86.UC_X86_REG_CR4)
+        eax, ebx, ecx, edx = self._cpuid.lookup(leaf, index, cr4)
+        uc.reg_write_batch(
+            ((x86.UC_X86_REG_RAX, eax), (x86.UC_X86_REG_RBX, ebx), (x86.UC_X86_REG_RCX, ecx), (x86.UC_X86_REG_RDX, edx))
+        )
+        return 1  # skip the engine's own CPUID
+
+
+# --------------------------------------------------------------------------
 # exception / interrupt delivery
 
 

@@ -183,7 +183,7 @@ def cache_to_segment(selector: int, base: int, limit: int, flags: int) -> Segmen
     )
 
 
-class InterpVcpu:
+class InterpVcpu(system.EngineHooks):
     def __init__(self, vm, index: int, cpuid: list[CpuidEntry], engine_lock: EngineLock | None = None):
         self.index = index
         self._engine_lock = engine_lock
@@ -369,23 +369,6 @@ class InterpVcpu:
         if self._replacement is None:
             self._pending = system.exception_record(uc, vector)
         uc.emu_stop()
-
-    def _on_syscall(self, uc, _):
-        self._pending = ("syscall",)
-        uc.emu_stop()
-
-    def _on_sysenter(self, uc, _):
-        self._pending = ("sysenter",)
-        uc.emu_stop()
-
-    def _on_cpuid(self, uc, _):
-        leaf = uc.reg_read(x86.UC_X86_REG_EAX)
-        index = uc.reg_read(x86.UC_X86_REG_ECX)
-        eax, ebx, ecx, edx = self._cpuid.lookup(leaf, index, uc.reg_read(x86.UC_X86_REG_CR4))
-        uc.reg_write_batch(
-            ((x86.UC_X86_REG_RAX, eax), (x86.UC_X86_REG_RBX, ebx), (x86.UC_X86_REG_RCX, ecx), (x86.UC_X86_REG_RDX, edx))
-        )
-        return 1  # skip the engine's own CPUID
 
     def _on_in(self, uc, port, size, _):
         if self._chip.handles_port(port):
