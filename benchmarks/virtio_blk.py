@@ -162,7 +162,10 @@ def guest_side(args) -> None:
                 return console.text[start:], time.perf_counter() - began
 
             console.wait_for("pyvmm-init: start", timeout=300)
-            run("modprobe virtio_mmio; modprobe virtio_blk; for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.5; done")
+            run(
+                "modprobe virtio_mmio; modprobe virtio_blk; "
+                "for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.5; done"
+            )
             out, _ = run("[ -b /dev/vda ] && echo HAVE-VDA")
             if "HAVE-VDA" not in out.replace("echo HAVE-VDA", ""):
                 _fail("guest side: /dev/vda did not appear in the guest")
@@ -174,7 +177,11 @@ def guest_side(args) -> None:
                     ("write", f"dd if=/dev/zero of=/dev/vda bs={size} count={count} oflag=direct"),
                     ("read", f"dd if=/dev/vda of=/dev/null bs={size} count={count} iflag=direct"),
                 ):
-                    command = f"a=$(cat /proc/uptime); {dd} 2>/tmp/dd.err; s=$?; b=$(cat /proc/uptime); echo \"BENCH $s $a $b $(tail -n 2 /tmp/dd.err | tr '\\n' ' ')\""
+                    # BENCH <dd status> <uptime before> <uptime after> <dd's record counts>
+                    command = (
+                        f"a=$(cat /proc/uptime); {dd} 2>/tmp/dd.err; s=$?; b=$(cat /proc/uptime); "
+                        f"echo \"BENCH $s $a $b $(tail -n 2 /tmp/dd.err | tr '\\n' ' ')\""
+                    )
                     out, host_seconds = run(command)
                     found = re.search(r"BENCH (\d+) ([\d.]+) [\d.]+ ([\d.]+) [\d.]+ (.*)", out)
                     if not found or found.group(1) != "0" or f"{count}+0 records out" not in found.group(4):
