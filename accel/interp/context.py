@@ -382,7 +382,8 @@ def _verify_stops_are_exact() -> None:
     # 1: inc rcx; incl [0x1000]; jmp 1b
     page[0x100:0x10C] = bytes.fromhex("48ffc1 ff042500100000 ebf4")
     # 2: a delay loop, then one long block ending in "inc rbx; syscall", jmp 2b: stops land inside
-    # that block often enough that a skipped hook shows (with uc_emu_stop, ~1 in 150 stops).
+    # that block often enough that a skipped hook can show (with uc_emu_stop, ~1 in 150 stops).
+    # 100 stops each keep start-up short (~30 ms); tests/unit/test_interp_stops.py runs 1,500.
     syscall_loop = bytes.fromhex("bad0070000 ffca 75fc") + bytes.fromhex("48ffc0") * 400 + bytes.fromhex("48ffc3 0f05")
     syscall_loop += b"\xe9" + (-(len(syscall_loop) + 5)).to_bytes(4, "little", signed=True)
     page[0x400 : 0x400 + len(syscall_loop)] = syscall_loop
@@ -406,8 +407,8 @@ def _verify_stops_are_exact() -> None:
     kicker = threading.Thread(target=kick, daemon=True)
     kicker.start()
     try:
-        run_stopped(0x100, 300)
-        run_stopped(0x400, 300)
+        run_stopped(0x100, 100)
+        run_stopped(0x400, 100)
     finally:
         done.set()
         kicker.join()
@@ -424,7 +425,7 @@ def _verify_stops_are_exact() -> None:
     uc.emu_start(0x200, 0)
     if halted.value != 1 or uc.reg_read(x86.UC_X86_REG_RIP) != 0x202:
         _fail("CPUState.halted is not set by hlt")
-    timer = threading.Timer(0.01, stopper.request)
+    timer = threading.Timer(0.002, stopper.request)
     timer.start()
     try:
         uc.emu_start(0x100, 0)  # the counting loop again, until the timer's stop
