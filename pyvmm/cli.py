@@ -126,6 +126,8 @@ def _run(vm, timeout: float | None) -> int:
                 status = vm.wait(slice_)
                 if status is None and deadline is not None and time.monotonic() >= deadline:
                     status = machine.stop(f"timed out after {timeout} s", code=124)
+                    for line in machine.vcpu_positions():  # where a hung guest was
+                        log.info("%s", line)
                 if status is None and stdin and stdin.quit_requested:
                     status = machine.stop("quit from the console (Ctrl-A x)")
         except KeyboardInterrupt:

@@ -65,6 +65,23 @@ class Machine:
                 if loop.thread.is_alive():
                     log.warning("vcpu%d did not stop within %.0f s", loop.vcpu.index, timeout)
 
+    def vcpu_positions(self) -> list[str]:
+        """Where each vCPU stands, for a run that was stopped from outside (a hang or a timeout)."""
+        lines = []
+        for loop in self.loops:
+            vcpu = loop.vcpu
+            try:
+                regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+            except Exception as err:  # a backend that cannot tell: say so, do not fail the report
+                lines.append(f"vcpu{vcpu.index}: state unreadable ({err})")
+                continue
+            mode = "long" if sregs.efer & 0x400 else ("protected" if sregs.cr0 & 1 else "real")
+            lines.append(
+                f"vcpu{vcpu.index}: rip {regs.rip:#x} cs {sregs.cs.selector:#x} (CPL {sregs.cs.selector & 3}, {mode} mode), "
+                f"rsp {regs.rsp:#x}, rflags {regs.rflags:#x}"
+            )
+        return lines
+
     def exit_counts(self) -> dict[str, int]:
         """Exits per kind, summed over vCPUs."""
         total: dict[str, int] = {}

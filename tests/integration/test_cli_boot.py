@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import GUESTS
-from elfgen import JMP_SELF, OUT_F4_AL, UD2, mov_al, pvh_elf
+from elfgen import JMP_SELF, LOAD_ADDR, OUT_F4_AL, UD2, mov_al, pvh_elf
 from pyvmm import accel
 
 BACKENDS = ["kvm", "interp"]
@@ -52,6 +52,13 @@ def test_timeout_stops_a_spinning_guest(tmp_path, backend):
     result = boot(tmp_path, backend, JMP_SELF, args=["--timeout", "1"])
     assert result.returncode == 124
     assert "timed out" not in result.stdout
+
+
+def test_timeout_reports_where_each_vcpu_was_at_v(tmp_path, backend):
+    result = boot(tmp_path, backend, JMP_SELF, args=["--timeout", "1", "-v"])
+    assert result.returncode == 124
+    # the guest spins on its first instruction, at the PVH entry (32-bit protected mode, CPL 0)
+    assert re.search(rf"vcpu0: rip {LOAD_ADDR:#x} cs 0x[0-9a-f]+ \(CPL 0, protected mode\)", result.stderr), result.stderr
 
 
 def test_debug_exit_value_is_the_status(tmp_path, backend):
