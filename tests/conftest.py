@@ -1,6 +1,7 @@
 """Shared fixtures: where test assets live, and what this host can run."""
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,24 @@ def kernel_file(tmp_path):
     path = tmp_path / "vmlinux"
     path.write_bytes(b"\x7fELF" + bytes(60))
     return path
+
+
+def wait_for(predicate, timeout: float = 3.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return predicate()
+
+
+@pytest.fixture
+def loop():
+    """A started pyvmm event loop, closed after the test."""
+    from pyvmm.vmm.events import EventLoop
+
+    loop = EventLoop("test-events")
+    loop.start()
+    yield loop
+    loop.close()

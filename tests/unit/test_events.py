@@ -7,29 +7,13 @@ import time
 
 import pytest
 
+from conftest import wait_for
 from pyvmm.devices.virtio import mmio
 from pyvmm.devices.virtio.mock_driver import mock_guest
 from pyvmm.devices.virtio.net import NET_HDR_SIZE, RX_QUEUE, SocketBackend, VirtioNet
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.devices.virtio.status import DEVICE_NEEDS_RESET
 from pyvmm.vmm.events import EventLoop, EventLoopError
-
-
-def wait_for(predicate, timeout=3.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
-
-
-@pytest.fixture
-def loop():
-    loop = EventLoop("test-events")
-    loop.start()
-    yield loop
-    loop.close()
 
 
 def test_fd_callback_runs_on_the_loop_thread(loop):

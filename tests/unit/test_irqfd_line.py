@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-import pytest
-
-from pyvmm.vmm.events import EventLoop
+from conftest import wait_for
 from pyvmm.vmm.irqfd import IrqfdLine
 
 
@@ -24,23 +22,6 @@ def _count(fd: int) -> int:
         return os.eventfd_read(fd)
     except BlockingIOError:
         return 0
-
-
-def _wait_for(predicate, timeout=2.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
-
-
-@pytest.fixture
-def loop():
-    events = EventLoop("test")
-    events.start()
-    yield events
-    events.close()
 
 
 def test_raise_writes_the_trigger_and_lowering_leaves_it_to_the_eoi(loop):
@@ -62,7 +43,7 @@ def test_resample_raises_again_only_while_the_device_still_asserts(loop):
     line.set_level(True)
     assert _count(trigger) == 1
     os.eventfd_write(resample, 1)  # what KVM does at the guest's EOI
-    assert _wait_for(lambda: _count(trigger) == 1)  # still pending: raised again
+    assert wait_for(lambda: _count(trigger) == 1, timeout=2.0)  # still pending: raised again
     line.set_level(False)  # the guest acknowledged the interrupt status
     os.eventfd_write(resample, 1)
     time.sleep(0.05)

@@ -3,10 +3,10 @@
 import os
 import socket
 import struct
-import time
 
 import pytest
 
+from conftest import wait_for
 from pyvmm.devices.virtio import mmio
 from pyvmm.devices.virtio.mock_driver import mock_guest
 from pyvmm.devices.virtio.net import (
@@ -34,15 +34,6 @@ def wire():
     yield SocketBackend(ours), theirs
     ours.close()
     theirs.close()
-
-
-def wait_for(predicate, timeout=3.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
 
 
 def frame(payload: bytes) -> bytes:
