@@ -71,8 +71,7 @@ _SEGMENT = struct.Struct("<I4xQII")
 _UC_ANCHOR = struct.Struct("<IIQQiii")
 NO_EXIT_REQUEST_FROM_ANCHOR = 50
 INIT_DONE_FROM_ANCHOR = 51
-# Earlier in uc_struct: bool stop_request, ..., u64 timeout, u64 invalid_addr, int invalid_error.
-STOP_REQUEST_FROM_ANCHOR = -595
+# Earlier in uc_struct: ..., u64 timeout, u64 invalid_addr, int invalid_error.
 INVALID_ADDR_FROM_ANCHOR = -568
 INVALID_ERROR_FROM_ANCHOR = -560
 

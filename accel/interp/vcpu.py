@@ -300,39 +300,6 @@ class InterpVcpu(system.EngineHooks):
         if self._closing:
             raise _Closing()
 
-    def _post_from_hook(self, exit_value) -> bool:
-        """Post an exit from inside an instruction; False when the access must be dropped.
-
-        If the VMM replaced the vCPU state while this access was pending (a reset
-        at an I/O exit), the new state is saved here and loaded once the engine
-        stops; the rest of the current translation block runs on regardless
-        (unicorn cannot abandon it), with its I/O dropped.
-        """
-        if self._replacement is not None or self._closing:
-            self._block_exit.request()
-            return False
-        self._in_hook = True
-        lock = self._engine_lock
-        if lock is not None:
-            lock.release(self)  # parked mid-instruction: other vCPUs may run meanwhile
-        try:
-            self._post(exit_value)
-        except _Closing:
-            self._block_exit.request()  # unwound by the loop once emu_start returns (it checks _closing)
-            return False
-        finally:
-            self._in_hook = False
-            if lock is not None:
-                lock.acquire(self)
-        if self._state_replaced:
-            self._state_replaced = False
-            self._replacement = self.uc.context_save()
-        if self._stop_requested or self._replacement is not None:
-            # from inside emulation: never lost; takes effect at the block's end. Not emu_stop: the
-            # rest of this block may hold a syscall or cpuid whose hook it would skip.
-            self._block_exit.request()
-        return True
-
     def serve_io_directly(self, handler) -> None:
         """Call ``handler(exit)`` for port I/O and MMIO on the engine thread instead of returning them.
 
@@ -342,23 +309,47 @@ class InterpVcpu(system.EngineHooks):
         self._io_handler = handler
 
     def _io_from_hook(self, exit_value) -> bool:
-        """Complete an I/O access from inside an instruction; False when it must be dropped."""
-        handler = self._io_handler
-        if handler is None:
-            return self._post_from_hook(exit_value)
+        """Complete an I/O access from inside an instruction; False when it must be dropped.
+
+        The access goes to the VMM's handler on this thread (``serve_io_directly``) or is
+        posted to run() as an exit. If the VMM replaced the vCPU state meanwhile (a reset
+        at an I/O access), the new state is saved here and loaded once the engine stops;
+        the rest of the current translation block runs on regardless (unicorn cannot
+        abandon it), with its I/O dropped.
+        """
         if self._replacement is not None or self._closing:
             self._block_exit.request()
             return False
         self._in_hook = True
         try:
-            handler(exit_value)
+            if self._io_handler is not None:
+                self._io_handler(exit_value)
+            elif not self._post_parked(exit_value):
+                return False
         finally:
             self._in_hook = False
         if self._state_replaced:
             self._state_replaced = False
             self._replacement = self.uc.context_save()
         if self._stop_requested or self._replacement is not None or self._closing:
+            # from inside emulation: never lost; takes effect at the block's end. Not emu_stop: the
+            # rest of this block may hold a syscall or cpuid whose hook it would skip.
             self._block_exit.request()
+        return True
+
+    def _post_parked(self, exit_value) -> bool:
+        """Post an exit while parked mid-instruction; False when the vCPU is closing."""
+        lock = self._engine_lock
+        if lock is not None:
+            lock.release(self)  # parked mid-instruction: other vCPUs may run meanwhile
+        try:
+            self._post(exit_value)
+        except _Closing:
+            self._block_exit.request()  # unwound by the loop once emu_start returns (it checks _closing)
+            return False
+        finally:
+            if lock is not None:
+                lock.acquire(self)
         return True
 
     def _state_written(self) -> None:
