@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pyvmm.vmm.bus import MmioBus, PioBus
 from pyvmm.vmm.memory import GuestMemory
 from pyvmm.vmm.vcpu import ExitStatus, Lifecycle, VcpuLoop
+from pyvmm.vmm.x86.msrs import EFER_LMA
+from pyvmm.vmm.x86.regs import CR0_PE
 
 log = logging.getLogger("pyvmm.machine")
 
@@ -75,7 +77,7 @@ class Machine:
             except Exception as err:  # a backend that cannot tell: say so, do not fail the report
                 lines.append(f"vcpu{vcpu.index}: state unreadable ({err})")
                 continue
-            mode = "long" if sregs.efer & 0x400 else ("protected" if sregs.cr0 & 1 else "real")
+            mode = "long" if sregs.efer & EFER_LMA else ("protected" if sregs.cr0 & CR0_PE else "real")
             lines.append(
                 f"vcpu{vcpu.index}: rip {regs.rip:#x} cs {sregs.cs.selector:#x} (CPL {sregs.cs.selector & 3}, {mode} mode), "
                 f"rsp {regs.rsp:#x}, rflags {regs.rflags:#x}"

@@ -22,14 +22,13 @@ from pyvmm.accel.ops import DescriptorTable, Regs, Segment, SpecialRegs
 from pyvmm.errors import BootError
 from pyvmm.vmm import layout
 from pyvmm.vmm.memory import GuestMemory
+from pyvmm.vmm.x86.msrs import EFER_LMA, EFER_LME
 
-# control register and EFER bits
+# control register bits
 CR0_PE = 1 << 0
 CR0_ET = 1 << 4
 CR0_PG = 1 << 31
 CR4_PAE = 1 << 5
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
 RFLAGS_RESERVED = 0x2  # bit 1 always reads as one
 
 # page-table entry bits
