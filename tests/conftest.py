@@ -1,6 +1,8 @@
 """Shared fixtures: where test assets live, and what this host can run."""
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -9,6 +11,29 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 GUESTS = ROOT / "tests" / "guests"
 ASSETS = Path(os.environ.get("PYVMM_TEST_ASSETS", ROOT / "tests" / "assets"))
+
+
+@pytest.fixture(params=["kvm", "interp"])
+def backend(request):
+    """Each accelerator in turn; skipped with the probe's reason where it is not usable."""
+    from pyvmm import accel
+
+    probe = accel.probe(request.param)
+    if not probe.usable:
+        pytest.skip(f"{request.param} not usable here: {probe.reason}")
+    return request.param
+
+
+def pyvmm_boot(config, *args, timeout: float, env=None, prefix=()) -> subprocess.CompletedProcess:
+    """``pyvmm boot CONFIG ARGS`` in a child process (optionally after ``prefix``, e.g. ip netns exec)."""
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "pyvmm", "boot", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
 
 
 def kvm_skip_reason() -> str | None:

@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import GUESTS
+from conftest import GUESTS, pyvmm_boot
 from elfgen import JMP_SELF, LOAD_ADDR, OUT_F4_AL, UD2, mov_al, pvh_elf
 from pyvmm import accel
-
-BACKENDS = ["kvm", "interp"]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    probe = accel.probe(request.param)
-    if not probe.usable:
-        pytest.skip(f"{request.param} not usable here: {probe.reason}")
-    return request.param
-
 
 def boot(tmp_path, backend, code=None, *, kernel=None, args=(), extra="", env=None, timeout=60):
     if kernel is None:
@@ -29,14 +16,7 @@ def boot(tmp_path, backend, code=None, *, kernel=None, args=(), extra="", env=No
         kernel.write_bytes(pvh_elf(code))
     config = tmp_path / "vm.toml"
     config.write_text(f'[machine]\nmemory_mib = 32\naccel = "{backend}"\n{extra}[boot]\nkernel = "{kernel}"\n')
-    return subprocess.run(
-        [sys.executable, "-m", "pyvmm", "boot", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        env=env,
-    )
+    return pyvmm_boot(config, *args, timeout=timeout, env=env)
 
 
 def test_triple_fault_is_a_one_line_error(tmp_path, backend):

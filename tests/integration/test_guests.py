@@ -9,24 +9,12 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 
 import pytest
 
-from conftest import GUESTS
+from conftest import GUESTS, pyvmm_boot
 from pyvmm import accel
 from pyvmm.api import VM
-
-BACKENDS = ["kvm", "interp"]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    probe = accel.probe(request.param)
-    if not probe.usable:
-        pytest.skip(f"{request.param} not usable here: {probe.reason}")
-    return request.param
-
 
 def boot(tmp_path, backend, guest, *, cmdline="console=ttyS0", vcpus=1, memory_mib=64, timeout=120, extra=""):
     config = tmp_path / "vm.toml"
@@ -34,13 +22,7 @@ def boot(tmp_path, backend, guest, *, cmdline="console=ttyS0", vcpus=1, memory_m
         f'[machine]\nvcpus = {vcpus}\nmemory_mib = {memory_mib}\naccel = "{backend}"\n{extra}'
         f'[boot]\nkernel = "{GUESTS / guest}"\ncmdline = "{cmdline}"\n'
     )
-    return subprocess.run(
-        [sys.executable, "-m", "pyvmm", "boot", str(config), "-v"],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    return pyvmm_boot(config, "-v", timeout=timeout)
 
 
 def test_hello(tmp_path, backend):

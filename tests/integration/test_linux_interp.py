@@ -11,11 +11,10 @@ Assets: scripts/fetch-test-kernel.
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
-from conftest import ASSETS
+from conftest import ASSETS, pyvmm_boot
 from pyvmm import accel
 
 pytestmark = pytest.mark.slow
@@ -38,13 +37,7 @@ def boot_linux(tmp_path, kernel: str, vcpus: int, cmd: str = "hello", timeout: f
         f'[boot]\nkernel = "{ASSETS / kernel}"\ninitrd = "{ASSETS / "initramfs.cpio.gz"}"\n'
         f'cmdline = "console=ttyS0 reboot=k panic=-1 pyvmm.cmd={cmd}"\n'
     )
-    return subprocess.run(
-        [sys.executable, "-m", "pyvmm", "boot", str(config), "-v"],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    return pyvmm_boot(config, "-v", timeout=timeout)
 
 
 def assert_booted_to_init(result, vcpus: int):

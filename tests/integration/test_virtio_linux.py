@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from conftest import ASSETS
+from conftest import ASSETS, pyvmm_boot
 from pyvmm import accel
 
 pytestmark = pytest.mark.slow
@@ -48,13 +48,7 @@ def boot(tmp_path, cmd: str, extra: str, *, prefix=(), timeout=600):
         f'[boot]\nkernel = "{ASSETS / "vmlinux"}"\ninitrd = "{ASSETS / "initramfs.cpio.gz"}"\n'
         f'cmdline = "console=ttyS0 reboot=k panic=-1 pyvmm.cmd={cmd}"\n{extra}'
     )
-    return subprocess.run(
-        [*prefix, sys.executable, "-m", "pyvmm", "boot", str(config), "-v"],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    return pyvmm_boot(config, "-v", timeout=timeout, prefix=prefix)
 
 
 def make_ext4(tmp_path, size_mib=160):
