@@ -814,7 +814,7 @@ class InterpVcpu(system.EngineHooks):
                 self._chip.set_apic_base(self.index, value)
             elif msr == MSR_TSC:
                 blob = ctx.Blob(self.uc)
-                blob.write("<Q", ctx.TSC_OFFSET, (value - _host_tsc()) & ((1 << 64) - 1))
+                blob.write("<Q", ctx.TSC_OFFSET, self._vm.tsc_offset_for(value))
                 blob.restore()
             elif msr in NATIVE_MSRS:
                 self.uc.reg_write(x86.UC_X86_REG_MSR, (msr, value))

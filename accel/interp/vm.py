@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import threading
+import time
 
 from pyvmm.accel.ops import CpuidEntry
 from pyvmm.errors import AccelError
@@ -88,6 +89,31 @@ class InterpVm:
 
         # one engine at a time when there are several (see EngineLock)
         self._engine_lock = EngineLock() if vcpu_count > 1 else None
+        self._tsc_lock = threading.Lock()
+        self._last_tsc_write: tuple[int, int, float] | None = None  # (value, engine offset, when)
+
+    #: VMM writes of the same TSC value this close together are one synchronised write (KVM's rule)
+    TSC_SYNC_WINDOW = 1.0
+
+    def tsc_offset_for(self, value: int) -> int:
+        """The engine TSC offset (added to the host TSC) for a VMM write of IA32_TSC = ``value``.
+
+        The VMM writes each vCPU's TSC in turn; offsets computed one by one would leave later
+        vCPUs behind by the time between the writes, and Linux's TSC sync check then measured
+        a warp (~150,000 cycles here) and marked the TSC unstable. As KVM does
+        (kvm_synchronize_tsc), a write of the same value within TSC_SYNC_WINDOW of the last
+        one gets the same offset.
+        """
+        from pyvmm.accel.interp.vcpu import _host_tsc
+
+        now = time.monotonic()
+        with self._tsc_lock:
+            last = self._last_tsc_write
+            if last is not None and last[0] == value and now - last[2] < self.TSC_SYNC_WINDOW:
+                return last[1]
+            offset = (value - _host_tsc()) & ((1 << 64) - 1)
+            self._last_tsc_write = (value, offset, now)
+            return offset
 
     def _wake(self, vcpu_index: int) -> None:
         vcpu = self.vcpus.get(vcpu_index)

@@ -317,6 +317,24 @@ def test_msrs_round_trip(guest):
     assert (1 << 40) <= tsc < (1 << 40) + (1 << 36)
 
 
+def test_vcpus_given_the_same_tsc_by_the_vmm_never_warp_against_each_other():
+    """The VMM writes each vCPU's TSC in turn; the later vCPU must not run behind (KVM syncs them too)."""
+    guest = Guest(vcpus=2)
+    try:
+        second = guest.vm.create_vcpu(1)
+        guest.vcpu.set_msrs({0x10: 0})
+        time.sleep(0.05)  # 50 ms between the writes: ~1e8 cycles of skew if each got its own offset
+        second.set_msrs({0x10: 0})
+        first_tsc = guest.vcpu.get_msrs([0x10])[0x10]
+        second_tsc = second.get_msrs([0x10])[0x10]
+        assert second_tsc >= first_tsc
+        assert second_tsc - first_tsc < 1 << 32  # and both count from the same zero
+        second.set_msrs({0x10: 1 << 40})  # another value is a new write, not a sync
+        assert second.get_msrs([0x10])[0x10] >= 1 << 40 > guest.vcpu.get_msrs([0x10])[0x10]
+    finally:
+        guest.close()
+
+
 # --------------------------------------------------------------------------
 # exits
 
