@@ -1,8 +1,10 @@
-"""Hypervisor backends behind one interface (see ``ops.py``), chosen in one place.
+"""Hypervisor backends behind one interface (``core.py`` and ``x86.py``), chosen in one place.
 
 Each backend module provides ``probe() -> (usable, reason, notes)`` and
-``create_vm(vcpu_count, **options) -> VmOps``. Backends that cannot exist on
-this platform are simply absent (psutil style): probing them says why.
+``create_vm(vcpu_count, **options) -> VmOps``; ``registry.py`` lists them.
+Backends that cannot exist on this platform are simply absent (psutil style):
+probing them says why. Backends without in-kernel interrupt controllers get
+the VM-level userspace irqchip (``irqchip/``) from ``open_vm``.
 """
 
 from __future__ import annotations
@@ -11,15 +13,8 @@ import importlib
 import sys
 from dataclasses import dataclass, field
 
+from pyvmm.accel.registry import BY_NAME, NAMES
 from pyvmm.errors import AccelError
-
-_MODULES = {
-    "kvm": "pyvmm.accel.kvm",
-    "hvf": "pyvmm.accel.hvf",
-    "whpx": "pyvmm.accel.whpx",
-    "interp": "pyvmm.accel.interp",
-}
-_PLATFORMS = {"kvm": ("linux", "Linux"), "hvf": ("darwin", "macOS"), "whpx": ("win32", "Windows")}
 
 
 @dataclass
@@ -31,20 +26,22 @@ class Probe:
 
 
 def _module(name: str):
-    if name not in _MODULES:
-        raise AccelError(name, f"unknown accelerator; known: {', '.join(_MODULES)}")
-    return importlib.import_module(_MODULES[name])
+    if name not in BY_NAME:
+        raise AccelError(name, f"unknown accelerator; known: {', '.join(NAMES)}")
+    return importlib.import_module(BY_NAME[name].module)
 
 
 def probe(name: str) -> Probe:
     """Is backend ``name`` usable here, and exactly why not."""
-    platform = _PLATFORMS.get(name)
-    if platform and not sys.platform.startswith(platform[0]):
-        return Probe(name, False, f"only available on {platform[1]} (this host is {sys.platform})")
+    backend = BY_NAME.get(name)
+    if backend is None:
+        return Probe(name, False, f"unknown accelerator; known: {', '.join(NAMES)}")
+    if not backend.exists_here():
+        return Probe(name, False, f"only available on {backend.platform_name} (this host is {sys.platform})")
     try:
         module = _module(name)
     except ModuleNotFoundError as err:
-        if err.name == _MODULES[name]:
+        if err.name == backend.module:
             return Probe(name, False, "not implemented in this version of pyvmm")
         return Probe(name, False, f"cannot import {err.name}: {err}")
     except ImportError as err:
@@ -54,7 +51,7 @@ def probe(name: str) -> Probe:
 
 
 def probe_all() -> list[Probe]:
-    return [probe(name) for name in _MODULES]
+    return [probe(name) for name in NAMES]
 
 
 def open_vm(preference: list[str], vcpu_count: int, **options):
@@ -69,6 +66,10 @@ def open_vm(preference: list[str], vcpu_count: int, **options):
         if not result.usable:
             rejected.append(result)
             continue
+        if BY_NAME[name].userspace_irqchip and "irqchip" not in options:
+            from pyvmm.accel.irqchip import Irqchip
+
+            options = {**options, "irqchip": Irqchip(vcpu_count)}
         return _module(name).create_vm(vcpu_count, **options), rejected
     if len(preference) == 1:
         raise AccelError(preference[0], f"not usable: {rejected[0].reason}")

@@ -19,11 +19,9 @@ import struct
 import threading
 from collections import deque
 
-from pyvmm.accel.ops import (
-    CpuidEntry,
-    DescriptorTable,
+from pyvmm.accel.core import (
+    Capability,
     EmulationFailure,
-    FpuState,
     Halt,
     InternalError,
     Interrupted,
@@ -31,12 +29,24 @@ from pyvmm.accel.ops import (
     IoOut,
     MmioRead,
     MmioWrite,
-    Regs,
-    Segment,
     Shutdown,
-    SpecialRegs,
     SystemEvent,
     VcpuExit,
+    VcpuState,
+)
+from pyvmm.accel.x86 import (
+    ARCH,
+    SAVED_MSRS,
+    CpuidEntry,
+    DescriptorTable,
+    FpuState,
+    PendingEvents,
+    Regs,
+    Segment,
+    SpecialRegs,
+    X86CpuState,
+    fpu_from_fxsave,
+    fpu_into_xsave,
 )
 from pyvmm.errors import AccelError
 from pyvmm.ffi import kvm as k
@@ -197,6 +207,7 @@ class KvmVm:
     """A KVM virtual machine with the in-kernel irqchip (LAPIC, IOAPIC, PIC) and PIT."""
 
     name = "kvm"
+    arch = ARCH
 
     def __init__(self, *, emulation_failure_exits: bool = True, device: str = DEVICE):
         self._kvm_fd = -1
@@ -242,6 +253,12 @@ class KvmVm:
         if emulation_failure_exits and _check_extension(self.fd, k.KVM_CAP_EXIT_ON_EMULATION_FAILURE):
             self.enable_cap(k.KVM_CAP_EXIT_ON_EMULATION_FAILURE, 1)
             self.emulation_failure_exits = True
+        caps = {Capability.IN_KERNEL_IRQCHIP, Capability.IRQFD, Capability.IOEVENTFD, Capability.XSAVE_STATE}
+        if self.readonly_memory:
+            caps.add(Capability.READONLY_MEMORY)
+        if self.emulation_failure_exits:
+            caps.add(Capability.EMULATION_FAILURE_EXITS)
+        self.capabilities = frozenset(caps)
 
     # ------------------------------------------------------------------
     def check_extension(self, cap: int) -> int:
@@ -407,6 +424,15 @@ def create_vm(vcpu_count: int, **options) -> KvmVm:
 # vCPUs
 
 _SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+STATE_VERSION = 1
+_MP_STATES = {
+    k.KVM_MP_STATE_RUNNABLE: "runnable",
+    k.KVM_MP_STATE_HALTED: "halted",
+    k.KVM_MP_STATE_UNINITIALIZED: "wait-for-sipi",
+    k.KVM_MP_STATE_INIT_RECEIVED: "wait-for-sipi",
+}
+_MP_STATE_CODES = {"runnable": k.KVM_MP_STATE_RUNNABLE, "halted": k.KVM_MP_STATE_HALTED,
+                   "wait-for-sipi": k.KVM_MP_STATE_UNINITIALIZED}  # fmt: skip
 _SEGMENT_FIELDS = ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable")
 _SEGMENT_BOOLS = frozenset(("present", "db", "s", "l", "g", "avl", "unusable"))
 _REG_NAMES = tuple(Regs.__dataclass_fields__)
@@ -694,6 +720,87 @@ class KvmVcpu:
         except (TypeError, KeyError, ValueError, OverflowError) as err:
             raise AccelError("kvm", f"set_vcpu_events: bad events {err}") from err
         _ioctl(self.fd, k.KVM_SET_VCPU_EVENTS, raw, "KVM_SET_VCPU_EVENTS")
+
+    def get_events(self) -> PendingEvents:
+        """The pending/injected events in neutral form (the raw struct rides along for set_events)."""
+        raw = self.get_vcpu_events()
+        exc, irq, nmi = raw["exception"], raw["interrupt"], raw["nmi"]
+        being = exc["injected"] or exc["pending"]
+        return PendingEvents(
+            exception=exc["nr"] if being else None,
+            exception_error_code=exc["error_code"] if being and exc["has_error_code"] else None,
+            exception_pending=bool(exc["pending"]) and not exc["injected"],
+            interrupt=irq["nr"] if irq["injected"] else None,
+            interrupt_soft=bool(irq["soft"]),
+            nmi_injected=bool(nmi["injected"]),
+            nmi_pending=bool(nmi["pending"]),
+            nmi_masked=bool(nmi["masked"]),
+            shadow=irq["shadow"],
+            private=raw,
+        )
+
+    def set_events(self, events: PendingEvents) -> None:
+        raw = events.private if events.private is not None else self.get_vcpu_events()
+        exc, irq, nmi = raw["exception"], raw["interrupt"], raw["nmi"]
+        exc["injected"] = int(events.exception is not None and not events.exception_pending)
+        exc["pending"] = int(events.exception is not None and events.exception_pending)
+        exc["nr"] = events.exception or 0
+        exc["has_error_code"] = int(events.exception_error_code is not None)
+        exc["error_code"] = events.exception_error_code or 0
+        irq["injected"] = int(events.interrupt is not None)
+        irq["nr"] = events.interrupt or 0
+        irq["soft"] = int(events.interrupt_soft)
+        irq["shadow"] = events.shadow
+        nmi["injected"], nmi["pending"], nmi["masked"] = int(events.nmi_injected), int(events.nmi_pending), int(events.nmi_masked)
+        raw["flags"] = raw.get("flags", 0) | k.KVM_VCPUEVENT_VALID_NMI_PENDING | k.KVM_VCPUEVENT_VALID_SHADOW
+        self.set_vcpu_events(raw)
+
+    def get_xcr0(self) -> int:
+        return self.get_xcrs().get(0, 1)
+
+    def set_xcr0(self, value: int) -> None:
+        self.set_xcrs({0: value})
+
+    def save_state(self) -> VcpuState:
+        """Everything KVM holds for this vCPU; the architectural part neutral, the rest private."""
+        msrs = {}
+        for msr in SAVED_MSRS:
+            try:
+                msrs.update(self.get_msrs([msr]))
+            except AccelError:
+                pass  # not on this host's KVM
+        xsave = self.get_xsave()
+        cpu = X86CpuState(
+            regs=self.get_regs(), sregs=self.get_sregs(), fpu=fpu_from_fxsave(xsave), xcr0=self.get_xcr0(),
+            msrs=msrs, events=self.get_events(), lapic=self.get_lapic(),
+            mp_state=_MP_STATES.get(self.get_mp_state(), "runnable"),
+        )  # fmt: skip
+        return VcpuState("kvm", ARCH, STATE_VERSION, cpu, {"xsave": xsave, "xcrs": self.get_xcrs()})
+
+    def restore_state(self, state: VcpuState) -> None:
+        if state.arch != ARCH:
+            raise AccelError("kvm", f"cannot restore a {state.arch} vCPU state on an {ARCH} vCPU")
+        if state.backend == "kvm" and state.version > STATE_VERSION:
+            raise AccelError("kvm", f"vCPU state version {state.version} is newer than this pyvmm ({STATE_VERSION})")
+        cpu: X86CpuState = state.cpu
+        private = state.private if state.backend == "kvm" else {}
+        self.set_sregs(cpu.sregs)
+        self.set_regs(cpu.regs)
+        if "xsave" in private:
+            self.set_xcrs(private["xcrs"])
+            self.set_xsave(fpu_into_xsave(private["xsave"], cpu.fpu))
+        else:
+            self.set_xcr0(cpu.xcr0)
+            self.set_fpu(cpu.fpu)
+        if cpu.msrs:
+            self.set_msrs(cpu.msrs)
+        if cpu.lapic is not None:
+            self.set_lapic(cpu.lapic)
+        self.set_mp_state(_MP_STATE_CODES[cpu.mp_state])
+        events = cpu.events
+        if state.backend != "kvm":
+            events = PendingEvents(**{f: getattr(events, f) for f in events.__dataclass_fields__ if f != "private"})
+        self.set_events(events)
 
     def get_xsave(self) -> bytes:
         """The 4 KiB XSAVE area (standard format, offsets as host CPUID leaf 0xD)."""

@@ -13,12 +13,11 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyvmm.accel.registry import AUTO_ORDER, NAMES as ACCEL_NAMES
 from pyvmm.errors import ConfigError
 
 MIN_MEMORY_MIB = 16
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
-ACCEL_NAMES = ("kvm", "hvf", "whpx", "interp")
-AUTO_ORDER = ACCEL_NAMES  # what "auto" tries, in order
 
 
 @dataclass

@@ -10,6 +10,8 @@ import logging
 from typing import Callable
 
 from pyvmm import accel
+from pyvmm.accel.core import Capability
+from pyvmm.accel.registry import BY_NAME
 from pyvmm.config import VmConfig
 from pyvmm.devices.irq import IrqLine
 from pyvmm.devices.legacy.cmos import Cmos
@@ -90,11 +92,11 @@ def build_machine(
             mmio.insert(device, base, size)
 
         cmdline = config.boot.cmdline
-        fallback_on = _fallback_wanted(config, vm)
+        fallback_on = config.machine.fallback and Capability.EMULATION_FAILURE_EXITS in vm.capabilities
         if fallback_on:
-            from pyvmm.accel.fallback import pvm_kernel_cmdline
+            from pyvmm.accel.fallback.policy import pvm_kernel_cmdline
 
-            cmdline = pvm_kernel_cmdline(cmdline, config.boot.kernel)
+            cmdline = pvm_kernel_cmdline(cmdline, config.boot.kernel, pvm=_on_pvm(vm))
         windows = []  # (base, size, gsi) of each virtio-mmio device, for the ACPI DSDT
         if config.virtio_device_count:
             events = EventLoop("virtio")
@@ -108,6 +110,7 @@ def build_machine(
         mode, entry, boot_info = _load_guest(config, memory, rsdp, cmdline)
 
         fallback, supported = _fallback(config, vm, memory, pio, mmio) if fallback_on else (None, vm.supported_cpuid())
+        serve_directly = Capability.SERVE_IO_DIRECTLY in vm.capabilities
         loops = []
         for index in range(vcpu_count):
             vcpu = vm.create_vcpu(index)
@@ -120,7 +123,7 @@ def build_machine(
                 regs, sregs = boot_cpu_state(memory, mode, entry, boot_info)
                 vcpu.set_sregs(sregs)
                 vcpu.set_regs(regs)
-            loops.append(VcpuLoop(vcpu, pio, mmio, lifecycle, fallback=fallback))
+            loops.append(VcpuLoop(vcpu, pio, mmio, lifecycle, fallback=fallback, serve_directly=serve_directly))
         lifecycle.on_stop(lambda: [loop.vcpu.request_stop() for loop in loops])
         all_devices = {name: entry[0] for name, entry in devices.items()}
         all_devices.update((t.name, t) for t in virtio)
@@ -149,24 +152,30 @@ def build_machine(
 
 
 def _fallback(config: VmConfig, vm, memory, pio, mmio):
-    """The interpreter fallback for KVM emulation failures (wanted), and the CPUID the vCPUs may be offered.
+    """The interpreter fallback for the hypervisor's emulation failures, and the CPUID the vCPUs may be offered.
 
     On a PVM host (KVM emulates all guest kernel code and fails on some of it) the
-    guest is offered only features the interpreter can also execute; on other KVM
-    hosts failures are rare and KVM's full set stays.
+    guest is offered only features the interpreter can also execute; on other
+    hosts failures are rare and the hypervisor's full set stays. The interpreter
+    itself is loaded at the first failure, not here.
     """
+    from pyvmm.accel.fallback.manager import FallbackManager
+    from pyvmm.accel.fallback.policy import fallback_cpuid
+
     supported = vm.supported_cpuid()
+    if _on_pvm(vm):
+        supported = fallback_cpuid(supported, vcpu_count=config.machine.vcpus)
+    title = BY_NAME[vm.name].title
+    log.info("interpreter fallback on for %s emulation failures", title)
+    return FallbackManager(memory, pio, mmio, vm.capabilities, hypervisor=title), supported
+
+
+def _on_pvm(vm) -> bool:
+    if vm.name != "kvm":
+        return False
     from pyvmm.accel import kvm
-    from pyvmm.accel.fallback import FallbackManager, fallback_cpuid, interp_supported_cpuid
 
-    if kvm.is_pvm_host():
-        supported = fallback_cpuid(supported, interp_supported_cpuid(), vcpu_count=config.machine.vcpus)
-    log.info("interpreter fallback on for KVM emulation failures")
-    return FallbackManager(memory, pio, mmio), supported
-
-
-def _fallback_wanted(config: VmConfig, vm) -> bool:
-    return config.machine.fallback and vm.name == "kvm" and getattr(vm, "emulation_failure_exits", False)
+    return kvm.is_pvm_host()
 
 
 def _signature(backend: str) -> str:
@@ -215,10 +224,9 @@ def _virtio_devices(config: VmConfig, vm, memory: GuestMemory, mmio: MmioBus, ev
             notify_fds = transport.attach(events)
             # Where the hypervisor can, queue notifications reach the event loop
             # without a vCPU exit (KVM ioeventfd: datamatch = queue index).
-            ioeventfd = getattr(vm, "ioeventfd", None)
-            if ioeventfd is not None:
+            if Capability.IOEVENTFD in vm.capabilities:
                 for index, fd in enumerate(notify_fds):
-                    ioeventfd(base + QUEUE_NOTIFY, 4, fd, datamatch=index)
+                    vm.ioeventfd(base + QUEUE_NOTIFY, 4, fd, datamatch=index)
             log.info("%s at %#x, IRQ %d", name, base, irq)
     except BaseException:
         for transport in transports:
@@ -229,7 +237,7 @@ def _virtio_devices(config: VmConfig, vm, memory: GuestMemory, mmio: MmioBus, ev
 
 def _virtio_irq_line(vm, irq: int, events: EventLoop) -> IrqLine:
     """A KVM irqfd where the VM offers one (no ioctl per interrupt), else the VM's set_irq_line."""
-    if getattr(vm, "irqfd", None) is not None:
+    if Capability.IRQFD in vm.capabilities:
         return IrqfdLine(irq, vm, events)
     return IrqLine(irq, vm.set_irq_line)
 

@@ -5,6 +5,8 @@ above ``MMIO_GAP_START`` is moved above 4 GiB so the 32-bit MMIO hole stays
 free for the IOAPIC, LAPIC and virtio-mmio windows.
 """
 
+from pyvmm.arch.x86 import pc
+
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
@@ -34,8 +36,8 @@ MMIO_GAP_START = 0xC000_0000
 MMIO_GAP_END = 0x1_0000_0000
 VIRTIO_MMIO_BASE = 0xD000_0000  # one 4 KiB window per virtio device
 VIRTIO_MMIO_SIZE = 0x1000
-IOAPIC_BASE = 0xFEC0_0000
-LAPIC_BASE = 0xFEE0_0000
+IOAPIC_BASE = pc.IOAPIC_BASE
+LAPIC_BASE = pc.LAPIC_BASE
 
 # --- interrupt lines (ISA IRQ = IOAPIC pin) ------------------------------
 IRQ_PIT = 0

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pyvmm.vmm.bus import MmioBus, PioBus
 from pyvmm.vmm.memory import GuestMemory
 from pyvmm.vmm.vcpu import ExitStatus, Lifecycle, VcpuLoop
-from pyvmm.vmm.x86.msrs import EFER_LMA
-from pyvmm.vmm.x86.regs import CR0_PE
+from pyvmm.arch.x86.msrs import EFER_LMA
+from pyvmm.arch.x86.registers import CR0_PE
 
 log = logging.getLogger("pyvmm.machine")
 

@@ -1,6 +1,6 @@
 """The vCPU run loop: one thread per vCPU, one exit at a time.
 
-``vcpu.run()`` returns a hypervisor-neutral exit (accel/ops.py); port I/O and
+``vcpu.run()`` returns a hypervisor-neutral exit (accel/core.py); port I/O and
 MMIO go to the buses, everything else ends the loop with an ``ExitStatus``
 given to the ``Lifecycle``. The loop is the VMM's hottest path: it dispatches
 on the exit's type with identity checks in order of frequency and counts
@@ -13,18 +13,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from pyvmm.accel.ops import (
-    EmulationFailure,
-    Halt,
-    InternalError,
-    Interrupted,
-    IoIn,
-    IoOut,
-    MmioRead,
-    MmioWrite,
-    Shutdown,
-    SystemEvent,
-)
+from pyvmm.accel.core import EmulationFailure, Halt, InternalError, Interrupted, IoIn, IoOut, MmioRead, MmioWrite, Shutdown, SystemEvent
 from pyvmm.errors import GuestError, PyvmmError
 from pyvmm.vmm.bus import Bus
 
@@ -82,8 +71,11 @@ class Lifecycle:
 class VcpuLoop:
     """Runs one vCPU until the VM stops. ``fallback`` handles EmulationFailure exits when set."""
 
-    def __init__(self, vcpu, pio: Bus, mmio: Bus, lifecycle: Lifecycle, *, fallback=None):
+    def __init__(self, vcpu, pio: Bus, mmio: Bus, lifecycle: Lifecycle, *, fallback=None,
+                 serve_directly: bool = False):  # fmt: skip
         self.vcpu = vcpu
+        #: the backend has Capability.SERVE_IO_DIRECTLY: hand it the bus dispatch
+        self.serve_directly = serve_directly
         self.pio = pio
         self.mmio = mmio
         self.lifecycle = lifecycle
@@ -125,9 +117,8 @@ class VcpuLoop:
             self.lifecycle.request_exit(70, f"internal error in pyvmm: {type(err).__name__}: {err}", PyvmmError(str(err)))
 
     def run(self) -> None:
-        serve_directly = getattr(self.vcpu, "serve_io_directly", None)
-        if serve_directly is not None:
-            serve_directly(self._serve_io)
+        if self.serve_directly:
+            self.vcpu.serve_io_directly(self._serve_io)
         vcpu_run = self.vcpu.run
         pio_read, pio_write = self.pio.read, self.pio.write
         mmio_read, mmio_write = self.mmio.read, self.mmio.write

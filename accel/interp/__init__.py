@@ -1,6 +1,6 @@
 """The bundled interpreter backend (``accel = "interp"``): a software x86-64 CPU on unicorn 2.1.4.
 
-``InterpVm`` implements ``VmOps`` and its vCPUs ``VcpuOps`` (accel/ops.py) over
+``InterpVm`` implements ``VmOps`` and its vCPUs ``VcpuOps`` (accel/core.py, accel/x86.py) over
 the same guest memory the VMM allocates (``mem_map_ptr``, no copy), with the
 userspace irqchip (accel/irqchip) serving the PIC/PIT/LAPIC/IOAPIC inside the
 backend, as KVM's in-kernel irqchip does. ``probe()`` says whether it can run.

@@ -10,14 +10,11 @@ of calibrating it against the PIT (which is unreliable under a software CPU).
 
 from __future__ import annotations
 
-import ctypes
 import time
 from fractions import Fraction
 
-from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc
-from unicorn import x86_const as x86
-
-from pyvmm.accel.ops import CpuidEntry
+from pyvmm.accel.interp.engine import host_tsc, scratch
+from pyvmm.accel.x86 import CpuidEntry
 
 _MAX_BASIC = 0x16
 _INDEXED = {4, 7, 0xB, 0xD}
@@ -38,29 +35,6 @@ LEAF7_EBX_REMOVE = _bit(4, 5, 10, 11, 14, 16, 17, 21, 25, 26, 27, 28, 30, 31)
 OSXSAVE = 1 << 27
 
 
-class _Probe:
-    """A scratch engine that executes single instructions (cpuid, rdtsc)."""
-
-    def __init__(self):
-        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        self.page = ctypes.create_string_buffer(0x1000)
-        self.uc.mem_map_ptr(0, 0x1000, UC_PROT_ALL, ctypes.addressof(self.page))
-        self.page[0:3] = b"\x0f\xa2\xf4"  # cpuid; hlt
-        self.page[0x10:0x13] = b"\x0f\x31\xf4"  # rdtsc; hlt
-
-    def cpuid(self, leaf: int, index: int = 0) -> tuple[int, int, int, int]:
-        uc = self.uc
-        uc.reg_write(x86.UC_X86_REG_RAX, leaf)
-        uc.reg_write(x86.UC_X86_REG_RCX, index)
-        uc.emu_start(0, 1 << 63)
-        regs = (x86.UC_X86_REG_EAX, x86.UC_X86_REG_EBX, x86.UC_X86_REG_ECX, x86.UC_X86_REG_EDX)
-        return tuple(uc.reg_read(r) for r in regs)
-
-    def rdtsc(self) -> int:
-        self.uc.emu_start(0x10, 1 << 63)
-        return (self.uc.reg_read(x86.UC_X86_REG_EDX) << 32) | self.uc.reg_read(x86.UC_X86_REG_EAX)
-
-
 _tsc_hz: int | None = None
 
 
@@ -73,13 +47,12 @@ def tsc_hz() -> int:
     """
     global _tsc_hz
     if _tsc_hz is None:
-        probe = _Probe()
 
         def sample() -> tuple[float, int]:
             best = None
             for _ in range(5):
                 before = time.monotonic_ns()
-                cycles = probe.rdtsc()
+                cycles = host_tsc()
                 after = time.monotonic_ns()
                 if best is None or after - before < best[0]:
                     best = (after - before, (before + after) / 2, cycles)
@@ -109,7 +82,7 @@ def tsc_ratio(tsc: int, crystal_hz: int) -> tuple[int, int]:
 
 def supported_cpuid(lapic_timer_hz: int) -> list[CpuidEntry]:
     """The table for ``VmOps.supported_cpuid``: real engine behaviour plus TSC/crystal leaves."""
-    probe = _Probe()
+    probe = scratch()
     entries: list[CpuidEntry] = []
     native_max = probe.cpuid(0)[0]
     for leaf in range(0, _MAX_BASIC + 1):

@@ -11,7 +11,7 @@
 
 Everything here runs while the engine is stopped: it reads the state, computes
 the new state and writes it back (segment caches and CPL through the context
-blob, see ``context.py``).
+blob, see ``engine.py``).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from __future__ import annotations
 from unicorn import UcError
 from unicorn import x86_const as x86
 
-from pyvmm.accel.interp import context as ctx
-from pyvmm.vmm.x86.msrs import EFER_SCE, MSR_EFER, MSR_LSTAR, MSR_STAR
-from pyvmm.vmm.x86.msrs import MSR_IA32_SYSENTER_CS as MSR_SYSENTER_CS
-from pyvmm.vmm.x86.msrs import MSR_IA32_SYSENTER_EIP as MSR_SYSENTER_EIP
-from pyvmm.vmm.x86.msrs import MSR_IA32_SYSENTER_ESP as MSR_SYSENTER_ESP
-from pyvmm.vmm.x86.msrs import MSR_SYSCALL_MASK as MSR_FMASK
+from pyvmm.accel.interp import engine
+from pyvmm.arch.x86.msrs import EFER_SCE, MSR_EFER, MSR_LSTAR, MSR_STAR
+from pyvmm.arch.x86.msrs import MSR_IA32_SYSENTER_CS as MSR_SYSENTER_CS
+from pyvmm.arch.x86.msrs import MSR_IA32_SYSENTER_EIP as MSR_SYSENTER_EIP
+from pyvmm.arch.x86.msrs import MSR_IA32_SYSENTER_ESP as MSR_SYSENTER_ESP
+from pyvmm.arch.x86.msrs import MSR_SYSCALL_MASK as MSR_FMASK
 
 # Exception vectors
 DE, DB, NMI, BP, OF, BR, UD, NM, DF, TS, NP, SS_FAULT, GP, PF = 0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14
@@ -35,9 +35,9 @@ CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
 TF, IF, NT, RF, VM, AC = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17, 1 << 18
 
 
-FLAT_CODE64 = ctx.DESC_P | ctx.DESC_S | (0xB << ctx.DESC_TYPE_SHIFT) | ctx.DESC_L | ctx.DESC_G
-FLAT_CODE32 = ctx.DESC_P | ctx.DESC_S | (0xB << ctx.DESC_TYPE_SHIFT) | ctx.DESC_B | ctx.DESC_G
-FLAT_DATA = ctx.DESC_P | ctx.DESC_S | (0x3 << ctx.DESC_TYPE_SHIFT) | ctx.DESC_B | ctx.DESC_G
+FLAT_CODE64 = engine.DESC_P | engine.DESC_S | (0xB << engine.DESC_TYPE_SHIFT) | engine.DESC_L | engine.DESC_G
+FLAT_CODE32 = engine.DESC_P | engine.DESC_S | (0xB << engine.DESC_TYPE_SHIFT) | engine.DESC_B | engine.DESC_G
+FLAT_DATA = engine.DESC_P | engine.DESC_S | (0x3 << engine.DESC_TYPE_SHIFT) | engine.DESC_B | engine.DESC_G
 
 _GPRS = (x86.UC_X86_REG_RIP, x86.UC_X86_REG_RSP, x86.UC_X86_REG_RFLAGS, x86.UC_X86_REG_CR0,
          x86.UC_X86_REG_CR3, x86.UC_X86_REG_CR4)  # fmt: skip
@@ -87,7 +87,7 @@ class MachineState:
         self._tlb: dict[tuple[int, bool, bool], int] = {}  # (page, write, user) -> physical page
         self.rip, self.rsp, self.rflags, self.cr0, self.cr3, self.cr4 = uc.reg_read_batch(_GPRS)
         self.efer = uc.reg_read(x86.UC_X86_REG_MSR, MSR_EFER)
-        self.blob = ctx.Blob(uc)
+        self.blob = engine.Blob(uc)
         self.segs = [list(self.blob.segment(i)) for i in range(8)]
         _, self.gdt_base, self.gdt_limit, _ = uc.reg_read(x86.UC_X86_REG_GDTR)
         _, self.idt_base, self.idt_limit, _ = uc.reg_read(x86.UC_X86_REG_IDTR)
@@ -95,7 +95,7 @@ class MachineState:
 
     @property
     def cpl(self) -> int:
-        return self.hflags & ctx.HF_CPL_MASK
+        return self.hflags & engine.HF_CPL_MASK
 
     @property
     def protected(self) -> bool:
@@ -103,15 +103,15 @@ class MachineState:
 
     @property
     def long_mode(self) -> bool:
-        return bool(self.hflags & ctx.HF_LMA)
+        return bool(self.hflags & engine.HF_LMA)
 
     @property
     def code64(self) -> bool:
-        return bool(self.hflags & ctx.HF_CS64)
+        return bool(self.hflags & engine.HF_CS64)
 
     @property
     def interrupt_shadow(self) -> bool:
-        return bool(self.hflags & ctx.HF_INHIBIT_IRQ)
+        return bool(self.hflags & engine.HF_INHIBIT_IRQ)
 
     # ------------------------------------------------------------------
     # guest memory through the page tables
@@ -244,7 +244,7 @@ class MachineState:
         """(selector, base, limit, flags) of the GDT/LDT entry for ``selector``."""
         index = selector & 0xFFF8
         if selector & 4:
-            _, base, limit, _ = self.segs[ctx.LDT]
+            _, base, limit, _ = self.segs[engine.LDT]
         else:
             base, limit = self.gdt_base, self.gdt_limit
         if index + 7 > limit:
@@ -253,7 +253,7 @@ class MachineState:
         seg_base = ((raw >> 16) & 0xFFFFFF) | (((raw >> 56) & 0xFF) << 24)
         seg_limit = (raw & 0xFFFF) | (((raw >> 48) & 0xF) << 16)
         flags = (raw >> 32) & 0x00F0FF00
-        if flags & ctx.DESC_G:
+        if flags & engine.DESC_G:
             seg_limit = (seg_limit << 12) | 0xFFF
         return selector, seg_base, seg_limit, flags
 
@@ -264,21 +264,21 @@ class MachineState:
         """Load new CS/SS caches, CPL and registers; clear QEMU's stale exception record."""
         blob = self.blob
         if cs is not None:
-            self.segs[ctx.CS] = list(cs)
-            blob.set_segment(ctx.CS, *cs)
+            self.segs[engine.CS] = list(cs)
+            blob.set_segment(engine.CS, *cs)
         if ss is not None:
-            self.segs[ctx.SS] = list(ss)
-            blob.set_segment(ctx.SS, *ss)
+            self.segs[engine.SS] = list(ss)
+            blob.set_segment(engine.SS, *ss)
         segs = self.segs
-        bases = segs[ctx.DS][1] | segs[ctx.ES][1] | segs[ctx.SS][1]
-        hflags = ctx.compute_hflags(
-            self.hflags, self.cr0, self.efer, segs[ctx.CS][3], segs[ctx.SS][3], bases != 0, bool(rflags & VM)
+        bases = segs[engine.DS][1] | segs[engine.ES][1] | segs[engine.SS][1]
+        hflags = engine.compute_hflags(
+            self.hflags, self.cr0, self.efer, segs[engine.CS][3], segs[engine.SS][3], bases != 0, bool(rflags & VM)
         )
         if cpl is not None and self.protected:
-            hflags = (hflags & ~ctx.HF_CPL_MASK) | cpl
+            hflags = (hflags & ~engine.HF_CPL_MASK) | cpl
         self.hflags = hflags
         blob.hflags = hflags
-        blob.write("<i", ctx.OLD_EXCEPTION, -1)
+        blob.write("<i", engine.OLD_EXCEPTION, -1)
         blob.restore()
         uc = self.uc
         uc.reg_write(x86.UC_X86_REG_RSP, rsp)
@@ -333,7 +333,7 @@ def exception_record(uc, vector: int) -> tuple:
 
     The error code and the "software interrupt" flag are only valid inside the hook.
     """
-    error_code, is_int, _ = ctx.Blob(uc).read("<iiQ", ctx.ERROR_CODE)
+    error_code, is_int, _ = engine.Blob(uc).read("<iiQ", engine.ERROR_CODE)
     cr2 = uc.reg_read(x86.UC_X86_REG_CR2) if vector == PF else None
     return ("exception", vector, error_code & 0xFFFFFFFF, bool(is_int), cr2)
 
@@ -389,14 +389,14 @@ def _deliver_real(state: MachineState, vector: int) -> None:
         raise Fault(GP, vector * 8 + 2)
     entry = state.read_linear(state.idt_base + vector * 4, 4)
     ip, segment = entry & 0xFFFF, entry >> 16
-    ss_base = state.segs[ctx.SS][1]
+    ss_base = state.segs[engine.SS][1]
     sp = state.rsp & 0xFFFF
-    cs_selector = state.segs[ctx.CS][0]
+    cs_selector = state.segs[engine.CS][0]
     for value in (state.rflags & 0xFFFF, cs_selector, state.rip & 0xFFFF):
         sp = (sp - 2) & 0xFFFF
         state.write_linear(ss_base + sp, 2, value)
     rflags = state.rflags & ~(IF | TF | AC | RF)
-    cs = (segment, segment << 4, 0xFFFF, state.segs[ctx.CS][3] | ctx.DESC_P)
+    cs = (segment, segment << 4, 0xFFFF, state.segs[engine.CS][3] | engine.DESC_P)
     state.commit(ip, (state.rsp & ~0xFFFF) | sp, rflags, cs=cs)
 
 
@@ -404,13 +404,13 @@ def _code_segment(state: MachineState, selector: int, ext: int, long_mode: bool)
     if selector & 0xFFFC == 0:
         raise Fault(GP, ext)
     sel, base, limit, flags = state.descriptor(selector)
-    dtype = (flags >> ctx.DESC_TYPE_SHIFT) & 0xF
-    dpl = (flags >> ctx.DESC_DPL_SHIFT) & 3
-    if not flags & ctx.DESC_S or not dtype & 8 or dpl > state.cpl:
+    dtype = (flags >> engine.DESC_TYPE_SHIFT) & 0xF
+    dpl = (flags >> engine.DESC_DPL_SHIFT) & 3
+    if not flags & engine.DESC_S or not dtype & 8 or dpl > state.cpl:
         raise Fault(GP, (selector & 0xFFFC) | ext)
-    if long_mode and (not flags & ctx.DESC_L or flags & ctx.DESC_B):
+    if long_mode and (not flags & engine.DESC_L or flags & engine.DESC_B):
         raise Fault(GP, (selector & 0xFFFC) | ext)
-    if not flags & ctx.DESC_P:
+    if not flags & engine.DESC_P:
         raise Fault(NP, (selector & 0xFFFC) | ext)
     new_cpl = state.cpl if dtype & 4 else dpl
     return (selector & 0xFFFC) | new_cpl, base, limit, flags, new_cpl
@@ -439,14 +439,14 @@ def _deliver_long(state: MachineState, vector, code, software, ext) -> None:
     old_cpl = state.cpl
     rsp = state.rsp
     if ist or new_cpl < old_cpl:
-        _, tss_base, tss_limit, _ = state.segs[ctx.TR]
+        _, tss_base, tss_limit, _ = state.segs[engine.TR]
         offset = 0x24 + 8 * (ist - 1) if ist else 4 + 8 * new_cpl
         if offset + 7 > tss_limit:
-            raise Fault(TS, state.segs[ctx.TR][0] & 0xFFFC)
+            raise Fault(TS, state.segs[engine.TR][0] & 0xFFFC)
         rsp = state.read_linear(tss_base + offset, 8)
     rsp &= ~0xF
-    old_ss = state.segs[ctx.SS][0]
-    frame = [old_ss, state.rsp, state.rflags, state.segs[ctx.CS][0], state.rip]
+    old_ss = state.segs[engine.SS][0]
+    frame = [old_ss, state.rsp, state.rflags, state.segs[engine.CS][0], state.rip]
     if code is not None:
         frame.append(code)
     user = new_cpl == 3
@@ -463,7 +463,7 @@ def _deliver_long(state: MachineState, vector, code, software, ext) -> None:
         rflags &= ~IF
     ss = None
     if new_cpl != old_cpl:
-        ss = (new_cpl, 0, 0, new_cpl << ctx.DESC_DPL_SHIFT)  # a null SS with RPL = CPL, as on hardware
+        ss = (new_cpl, 0, 0, new_cpl << engine.DESC_DPL_SHIFT)  # a null SS with RPL = CPL, as on hardware
     state.commit(target, rsp, rflags, cs=(cs_sel, cs_base, cs_limit, cs_flags), ss=ss, cpl=new_cpl)
 
 
@@ -481,13 +481,13 @@ def _deliver_protected(state: MachineState, vector, code, software, ext) -> None
     wide = bool(gate_type & 8)
     cs_sel, cs_base, cs_limit, cs_flags, new_cpl = _code_segment(state, (raw >> 16) & 0xFFFF, ext, False)
     old_cpl = state.cpl
-    ss_sel, ss_base, ss_limit, ss_flags = state.segs[ctx.SS]
+    ss_sel, ss_base, ss_limit, ss_flags = state.segs[engine.SS]
     esp = state.rsp & 0xFFFFFFFF
     frame = []
     new_ss = None
     if new_cpl < old_cpl:
-        tr_sel, tss_base, tss_limit, tr_flags = state.segs[ctx.TR]
-        if ((tr_flags >> ctx.DESC_TYPE_SHIFT) & 0xF) in (9, 11):
+        tr_sel, tss_base, tss_limit, tr_flags = state.segs[engine.TR]
+        if ((tr_flags >> engine.DESC_TYPE_SHIFT) & 0xF) in (9, 11):
             offset = 4 + 8 * new_cpl
             if offset + 5 > tss_limit:
                 raise Fault(TS, tr_sel & 0xFFFC)
@@ -500,18 +500,18 @@ def _deliver_protected(state: MachineState, vector, code, software, ext) -> None
         if stack_sel & 0xFFFC == 0:
             raise Fault(TS, ext)
         new_ss = state.descriptor(stack_sel, TS)
-        stype = (new_ss[3] >> ctx.DESC_TYPE_SHIFT) & 0xF
-        if (stack_sel & 3) != new_cpl or (new_ss[3] >> ctx.DESC_DPL_SHIFT) & 3 != new_cpl or stype & 0xA != 2:
+        stype = (new_ss[3] >> engine.DESC_TYPE_SHIFT) & 0xF
+        if (stack_sel & 3) != new_cpl or (new_ss[3] >> engine.DESC_DPL_SHIFT) & 3 != new_cpl or stype & 0xA != 2:
             raise Fault(TS, stack_sel & 0xFFFC)
-        if not new_ss[3] & ctx.DESC_P:
+        if not new_ss[3] & engine.DESC_P:
             raise Fault(SS_FAULT, stack_sel & 0xFFFC)
         frame += [ss_sel, state.rsp & 0xFFFFFFFF]
         ss_sel, ss_base, ss_limit, ss_flags = new_ss
-    frame += [state.rflags & 0xFFFFFFFF, state.segs[ctx.CS][0], state.rip & 0xFFFFFFFF]
+    frame += [state.rflags & 0xFFFFFFFF, state.segs[engine.CS][0], state.rip & 0xFFFFFFFF]
     if code is not None:
         frame.append(code)
     size = 4 if wide else 2
-    mask = 0xFFFFFFFF if ss_flags & ctx.DESC_B else 0xFFFF
+    mask = 0xFFFFFFFF if ss_flags & engine.DESC_B else 0xFFFF
     user = new_cpl == 3
     for value in frame:
         esp = (esp - size) & mask

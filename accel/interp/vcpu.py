@@ -33,45 +33,32 @@ from __future__ import annotations
 import threading
 import time
 
-from unicorn import (
-    UC_ARCH_X86,
-    UC_ERR_INSN_INVALID,
-    UC_HOOK_INSN,
-    UC_HOOK_INTR,
-    UC_MODE_64,
-    UC_PROT_ALL,
-    UC_PROT_EXEC,
-    UC_PROT_READ,
-    Uc,
-    UcError,
-)
+from unicorn import UC_ERR_INSN_INVALID, UcError
 from unicorn import x86_const as x86
 
-from pyvmm.accel.interp import context as ctx
-from pyvmm.accel.interp import system
-from pyvmm.accel.interp.cpuid import CpuidTable, _Probe
-from pyvmm.accel.ops import (
+from pyvmm.accel.core import InternalError, Interrupted, IoIn, IoOut, MmioRead, MmioWrite, Shutdown, VcpuState
+from pyvmm.accel.interp import engine, system
+from pyvmm.accel.interp.cpuid import CpuidTable
+from pyvmm.accel.interp.engine import NEVER, Engine, host_tsc
+from pyvmm.accel.x86 import (
+    ARCH,
+    SAVED_MSRS,
+    SHADOW_STI,
     CpuidEntry,
-    DescriptorTable,
     FpuState,
-    InternalError,
-    Interrupted,
-    IoIn,
-    IoOut,
-    MmioRead,
-    MmioWrite,
+    PendingEvents,
     Regs,
     Segment,
-    Shutdown,
     SpecialRegs,
+    X86CpuState,
 )
+from pyvmm.accel.irqchip.delivery import Delivery, deliver_pending
+from pyvmm.arch.x86.insn import ends_with_shadow_instruction
+from pyvmm.arch.x86.msrs import MSR_IA32_APIC_BASE as MSR_APIC_BASE
+from pyvmm.arch.x86.msrs import MSR_IA32_TSC as MSR_TSC
 from pyvmm.errors import AccelError
-from pyvmm.vmm.x86.msrs import MSR_EFER
-from pyvmm.vmm.x86.msrs import MSR_IA32_APIC_BASE as MSR_APIC_BASE
-from pyvmm.vmm.x86.msrs import MSR_IA32_TSC as MSR_TSC
 
-PHYS_ADDR_LIMIT = 1 << 40  # CPUID 0x80000008: 40 physical address bits
-NEVER = 1 << 63  # a non-canonical "until": emulation never stops there
+STATE_VERSION = 1
 # An interrupt pending while IF=0 (or in an interrupt shadow): unicorn has no hook on sti/popf/iret,
 # so the engine is stopped again after a delay that starts short (spin-lock sections are brief)
 # and doubles up to a cap (long cli sections then cost little).
@@ -92,16 +79,6 @@ NATIVE_MSRS = frozenset(
         0xFE, 0x2FF, *range(0x200, 0x210), 0x250, 0x258, 0x259, *range(0x268, 0x270),  # MTRRs
     }
 )  # fmt: skip
-
-_GPR_IDS = (
-    x86.UC_X86_REG_RAX, x86.UC_X86_REG_RBX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_RDX,
-    x86.UC_X86_REG_RSI, x86.UC_X86_REG_RDI, x86.UC_X86_REG_RSP, x86.UC_X86_REG_RBP,
-    x86.UC_X86_REG_R8, x86.UC_X86_REG_R9, x86.UC_X86_REG_R10, x86.UC_X86_REG_R11,
-    x86.UC_X86_REG_R12, x86.UC_X86_REG_R13, x86.UC_X86_REG_R14, x86.UC_X86_REG_R15,
-    x86.UC_X86_REG_RIP, x86.UC_X86_REG_RFLAGS,
-)  # fmt: skip
-_GPR_FIELDS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
-               "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")  # fmt: skip
 
 
 class EngineLock:
@@ -150,48 +127,14 @@ class _Closing(Exception):
     """Raised inside a hook to unwind ``emu_start`` when the vCPU is closed."""
 
 
-def segment_to_cache(seg: Segment) -> tuple[int, int, int, int]:
-    present = seg.present and not seg.unusable
-    flags = (
-        ((seg.type & 0xF) << ctx.DESC_TYPE_SHIFT)
-        | (ctx.DESC_S if seg.s else 0)
-        | ((seg.dpl & 3) << ctx.DESC_DPL_SHIFT)
-        | (ctx.DESC_P if present else 0)
-        | (ctx.DESC_AVL if seg.avl else 0)
-        | (ctx.DESC_L if seg.l else 0)
-        | (ctx.DESC_B if seg.db else 0)
-        | (ctx.DESC_G if seg.g else 0)
-    )
-    return seg.selector, seg.base, seg.limit, flags
-
-
-def cache_to_segment(selector: int, base: int, limit: int, flags: int) -> Segment:
-    present = bool(flags & ctx.DESC_P)
-    return Segment(
-        base=base,
-        limit=limit,
-        selector=selector,
-        type=(flags >> ctx.DESC_TYPE_SHIFT) & 0xF,
-        present=present,
-        dpl=(flags >> ctx.DESC_DPL_SHIFT) & 3,
-        db=bool(flags & ctx.DESC_B),
-        s=bool(flags & ctx.DESC_S),
-        l=bool(flags & ctx.DESC_L),
-        g=bool(flags & ctx.DESC_G),
-        avl=bool(flags & ctx.DESC_AVL),
-        unusable=not present,
-    )
-
-
 class InterpVcpu(system.EngineHooks):
     def __init__(self, vm, index: int, cpuid: list[CpuidEntry], engine_lock: EngineLock | None = None):
         self.index = index
         self._engine_lock = engine_lock
         self._vm = vm
         self._chip = vm.irqchip
-        self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        self._mapped_slots: set[int] = set()
-        self._mmio_holes: list[tuple[int, int]] = []
+        self.engine = Engine(async_stops=True)
+        self.uc = self.engine.uc
         self._memory_changed = True
         self._ram = system.GuestRam()
         self._cpuid = CpuidTable(cpuid)
@@ -229,19 +172,9 @@ class InterpVcpu(system.EngineHooks):
         self._sleep_stale_due: float | None = None
         self.exits_posted = 0
 
-        # With "exits" enabled (and none set) emu_start ignores ``until``. Without it, unicorn
-        # translates until-1 on every start, and in 32-bit paged mode that failed walk overwrites CR2.
-        uc.ctl_exits_enabled(True)
-        uc.ctl_set_exits([])
-        ctx.disable_midblock_exits(uc)  # async stops must land only between blocks (see context.py)
-        self._halted_flag = ctx.halted_flag(uc)
-        self._block_exit = ctx.BlockExit(uc)
-        uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
-        uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, x86.UC_X86_INS_IN)
-        uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, x86.UC_X86_INS_OUT)
-        uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
-        uc.hook_add(UC_HOOK_INSN, self._on_sysenter, None, 1, 0, x86.UC_X86_INS_SYSENTER)
-        uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
+        self._halted_flag = self.engine.halted
+        self._block_exit = self.engine.block_exit
+        self.engine.install_hooks(self)
         self._reset_state()
 
     # ------------------------------------------------------------------
@@ -260,30 +193,11 @@ class InterpVcpu(system.EngineHooks):
     # memory
 
     def _sync_memory(self) -> None:
-        """Map new RAM slots and cover every gap below the top with MMIO that exits to the VMM."""
-        uc = self.uc
-        for start, size in self._mmio_holes:
-            uc.mem_unmap(start, size)
-        self._mmio_holes = []
-        ram = []
-        for slot, (guest_addr, size, pointer, readonly) in sorted(self._vm.slots.items()):
-            if slot not in self._mapped_slots:
-                perms = UC_PROT_READ | UC_PROT_EXEC if readonly else UC_PROT_ALL
-                uc.mem_map_ptr(guest_addr, size, perms, pointer)
-                self._mapped_slots.add(slot)
-            ram.append((guest_addr, guest_addr + size))
-        ram.sort()
+        """Map new RAM slots; every other address up to the physical address width is MMIO (exits)."""
+        self.engine.map_memory(list(self._vm.slots.values()), self._mmio_read, self._mmio_write)
         self._ram = system.GuestRam(
             [(guest_addr, memoryview(self._vm.slot_view(slot))) for slot, (guest_addr, _, _, _) in self._vm.slots.items()]
         )
-        # every other guest-physical address up to the 40 physical address bits CPUID reports
-        top = max([PHYS_ADDR_LIMIT] + [end for _, end in ram])
-        cursor = 0
-        for start, end in ram + [(top, top)]:
-            if start > cursor:
-                uc.mmio_map(cursor, start - cursor, self._mmio_read, cursor, self._mmio_write, cursor)
-                self._mmio_holes.append((cursor, start - cursor))
-            cursor = max(cursor, end)
         self._memory_changed = False
 
     # ------------------------------------------------------------------
@@ -536,28 +450,55 @@ class InterpVcpu(system.EngineHooks):
 
     def _inject(self):
         """Deliver an NMI or a deliverable interrupt at this instruction boundary."""
-        chip, index, uc = self._chip, self.index, self.uc
         try:
-            if chip.has_nmi(index) and chip.ack_nmi(index):
-                system.deliver(uc, system.NMI, external=True, ram=self._ram)
-                return None
-            if not chip.has_interrupt(index):
-                self._irq_window_due = None
-                return None
-            if self._interrupts_enabled() and not ctx.Blob(uc).hflags & ctx.HF_INHIBIT_IRQ:
-                vector = chip.ack_interrupt(index)
-                if vector is not None:
-                    system.deliver(uc, vector, external=True, ram=self._ram)
-                self._irq_window_due = None
-                self._irq_window_delay = IRQ_WINDOW_FIRST
-            else:
-                self._irq_window_due = chip.clock() + self._irq_window_delay
-                self._irq_window_delay = min(self._irq_window_delay * 2, IRQ_WINDOW_MAX)
-            return None
+            outcome = deliver_pending(self._chip, self.index, self._window_open, self._deliver_interrupt,
+                                      self._deliver_nmi)  # fmt: skip
         except system.TripleFault:
             return self._triple_fault()
         except system.Unsupported as err:
             return self._internal_error(str(err))
+        if outcome is Delivery.WINDOW:
+            # unicorn has no hook on sti/popf/iret: look again after a delay that starts short
+            self._irq_window_due = self._chip.clock() + self._irq_window_delay
+            self._irq_window_delay = min(self._irq_window_delay * 2, IRQ_WINDOW_MAX)
+        else:
+            self._irq_window_due = None
+            if outcome is Delivery.INJECTED:
+                self._irq_window_delay = IRQ_WINDOW_FIRST
+        return None
+
+    def _deliver_interrupt(self, vector: int) -> None:
+        system.deliver(self.uc, vector, external=True, ram=self._ram)
+
+    def _deliver_nmi(self) -> None:
+        system.deliver(self.uc, system.NMI, external=True, ram=self._ram)
+
+    def _window_open(self) -> bool:
+        """IF = 1 and no interrupt shadow (a stale shadow is dropped first, see ``_shadow_is_stale``)."""
+        if not self._interrupts_enabled():
+            return False
+        if not self.engine.hflags & engine.HF_INHIBIT_IRQ:
+            return True
+        if self._shadow_is_stale():
+            self.engine.clear_shadow()
+            return True
+        return False
+
+    def _shadow_is_stale(self) -> bool:
+        """True when QEMU's interrupt-shadow flag outlived the one instruction it covers.
+
+        The flag is set by sti/mov ss/pop ss and cleared at the end of the next
+        translation block. A helper that leaves a block early keeps it: ``sti; pause``
+        (QEMU's pause helper exits to the main loop after the pause) left it set at the
+        instruction after the pause, where every stop then landed, so an idle loop of
+        ``sti; pause; jmp`` never received its timer interrupt (apictimer, 1 run in 4).
+        A stop between blocks with a genuine shadow is always right after the
+        instruction that made it, so the shadow is real exactly when one ends at RIP.
+        """
+        state = system.MachineState(self.uc, self._ram)
+        before = state.read_bytes((state.segs[engine.CS][1] + state.rip - 8) & ((1 << 64) - 1), 8)
+        return bool(before) and not ends_with_shadow_instruction(before, code64=state.code64,
+                                                                 addr16=not state.hflags & engine.HF_CS32)
 
     def _run_engine(self):
         """One ``emu_start`` and whatever stopped it. Returns (exit or None, progressed)."""
@@ -580,7 +521,7 @@ class InterpVcpu(system.EngineHooks):
         try:
             uc.emu_start(rip, NEVER)
         except UcError as err:
-            if err.errno != ctx.STOPPED_ERROR:  # a BlockExit request is a plain stop
+            if err.errno != engine.STOPPED_ERROR:  # a BlockExit request is a plain stop
                 error = err
         except _Closing:
             raise
@@ -644,7 +585,7 @@ class InterpVcpu(system.EngineHooks):
     def _internal_error(self, reason: str) -> InternalError:
         try:
             state = system.MachineState(self.uc, self._ram)
-            insn = state.read_bytes(state.segs[ctx.CS][1] + state.rip, 15)
+            insn = state.read_bytes(state.segs[engine.CS][1] + state.rip, 15)
             rip = state.rip
         except Exception:  # noqa: BLE001 - a report must not fail
             insn, rip = b"", self._safe_rip()
@@ -692,107 +633,36 @@ class InterpVcpu(system.EngineHooks):
     # state
 
     def get_regs(self) -> Regs:
-        values = self.uc.reg_read_batch(_GPR_IDS)
-        return Regs(**dict(zip(_GPR_FIELDS, values)))
+        return self.engine.read_regs()
 
     def set_regs(self, regs: Regs) -> None:
         self._state_written()
-        self.uc.reg_write_batch(tuple((rid, getattr(regs, name)) for rid, name in zip(_GPR_IDS, _GPR_FIELDS)))
+        self.engine.write_regs(regs)
 
     def get_sregs(self) -> SpecialRegs:
-        uc = self.uc
-        blob = ctx.Blob(uc)
-        segs = [cache_to_segment(*blob.segment(i)) for i in range(8)]
-        _, gdt_base, gdt_limit, _ = uc.reg_read(x86.UC_X86_REG_GDTR)
-        _, idt_base, idt_limit, _ = uc.reg_read(x86.UC_X86_REG_IDTR)
-        cr0, cr2, cr3, cr4 = uc.reg_read_batch(
-            (x86.UC_X86_REG_CR0, x86.UC_X86_REG_CR2, x86.UC_X86_REG_CR3, x86.UC_X86_REG_CR4)
-        )
-        return SpecialRegs(
-            es=segs[ctx.ES], cs=segs[ctx.CS], ss=segs[ctx.SS], ds=segs[ctx.DS], fs=segs[ctx.FS], gs=segs[ctx.GS],
-            ldt=segs[ctx.LDT], tr=segs[ctx.TR],
-            gdt=DescriptorTable(gdt_base, gdt_limit), idt=DescriptorTable(idt_base, idt_limit),
-            cr0=cr0, cr2=cr2, cr3=cr3, cr4=cr4, cr8=self._cr8,
-            efer=uc.reg_read(x86.UC_X86_REG_MSR, MSR_EFER),
-            apic_base=self._chip.get_apic_base(self.index),
-        )  # fmt: skip
+        return self.engine.read_sregs(cr8=self._cr8, apic_base=self._chip.get_apic_base(self.index))
 
     def set_sregs(self, sregs: SpecialRegs) -> None:
         self._state_written()
-        uc = self.uc
-        uc.reg_write(x86.UC_X86_REG_CR3, sregs.cr3)
-        uc.reg_write(x86.UC_X86_REG_CR4, sregs.cr4)
-        uc.reg_write(x86.UC_X86_REG_CR0, sregs.cr0)
-        uc.reg_write(x86.UC_X86_REG_CR2, sregs.cr2)
-        uc.reg_write(x86.UC_X86_REG_MSR, (MSR_EFER, sregs.efer))
-        uc.reg_write(x86.UC_X86_REG_GDTR, (0, sregs.gdt.base, sregs.gdt.limit, 0))
-        uc.reg_write(x86.UC_X86_REG_IDTR, (0, sregs.idt.base, sregs.idt.limit, 0))
         self._cr8 = sregs.cr8
         if sregs.apic_base != self._chip.get_apic_base(self.index):
             self._chip.set_apic_base(self.index, sregs.apic_base)
-        blob = ctx.Blob(uc)
-        caches = {}
-        for i, name in enumerate(ctx.SEGMENT_NAMES):
-            caches[i] = segment_to_cache(getattr(sregs, name))
-            blob.set_segment(i, *caches[i])
-        efer = sregs.efer
-        blob.write("<Q", ctx.EFER, efer)
-        bases = caches[ctx.DS][1] | caches[ctx.ES][1] | caches[ctx.SS][1]
-        rflags = uc.reg_read(x86.UC_X86_REG_RFLAGS)
-        blob.hflags = ctx.compute_hflags(
-            blob.hflags, sregs.cr0, efer, caches[ctx.CS][3], caches[ctx.SS][3], bases != 0, bool(rflags & system.VM)
-        )
-        blob.write("<i", ctx.OLD_EXCEPTION, -1)
-        blob.restore()
-        uc.ctl_flush_tb()
+        self.engine.write_sregs(sregs)
         self._shutdown = False
 
     def get_fpu(self) -> FpuState:
-        uc = self.uc
-        fsw = uc.reg_read(x86.UC_X86_REG_FPSW)
-        top = (fsw >> 11) & 7
-        tag = uc.reg_read(x86.UC_X86_REG_FPTAG)
-        physical = []
-        for i in range(8):
-            mantissa, exponent = uc.reg_read(x86.UC_X86_REG_FP0 + i)
-            physical.append(mantissa.to_bytes(8, "little") + exponent.to_bytes(2, "little") + bytes(6))
-        ftwx = 0
-        for i in range(8):  # abridged tag: 1 = not empty, per physical register
-            if (tag >> (2 * i)) & 3 != 3:
-                ftwx |= 1 << i
-        return FpuState(
-            fcw=uc.reg_read(x86.UC_X86_REG_FPCW),
-            fsw=fsw,
-            ftwx=ftwx,
-            last_opcode=uc.reg_read(x86.UC_X86_REG_FOP),
-            last_ip=uc.reg_read(x86.UC_X86_REG_FIP),
-            last_dp=uc.reg_read(x86.UC_X86_REG_FDP),
-            fpr=[physical[(top + i) & 7] for i in range(8)],  # FXSAVE order: ST(0)..ST(7)
-            xmm=[uc.reg_read(x86.UC_X86_REG_XMM0 + i).to_bytes(16, "little") for i in range(16)],
-            mxcsr=uc.reg_read(x86.UC_X86_REG_MXCSR),
-        )
+        return self.engine.read_fpu()
 
     def set_fpu(self, fpu: FpuState) -> None:
         self._state_written()
-        uc = self.uc
-        uc.reg_write(x86.UC_X86_REG_FPCW, fpu.fcw)
-        uc.reg_write(x86.UC_X86_REG_FPSW, fpu.fsw)
-        top = (fpu.fsw >> 11) & 7
-        tag = 0
-        for i in range(8):
-            if not fpu.ftwx & (1 << i):
-                tag |= 3 << (2 * i)
-        uc.reg_write(x86.UC_X86_REG_FPTAG, tag)
-        for i in range(8):
-            raw = bytes(fpu.fpr[i]).ljust(10, b"\0")
-            physical = (top + i) & 7
-            uc.reg_write(x86.UC_X86_REG_FP0 + physical, (int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:10], "little")))
-        uc.reg_write(x86.UC_X86_REG_FOP, fpu.last_opcode)
-        uc.reg_write(x86.UC_X86_REG_FIP, fpu.last_ip)
-        uc.reg_write(x86.UC_X86_REG_FDP, fpu.last_dp)
-        for i in range(16):
-            uc.reg_write(x86.UC_X86_REG_XMM0 + i, int.from_bytes(bytes(fpu.xmm[i]).ljust(16, b"\0"), "little"))
-        uc.reg_write(x86.UC_X86_REG_MXCSR, fpu.mxcsr)
+        self.engine.write_fpu(fpu)
+
+    def get_xcr0(self) -> int:
+        return self.engine.xcr0
+
+    def set_xcr0(self, value: int) -> None:
+        self._state_written()
+        self.engine.xcr0 = value
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         out = {}
@@ -800,7 +670,7 @@ class InterpVcpu(system.EngineHooks):
             if msr == MSR_APIC_BASE:
                 out[msr] = self._chip.get_apic_base(self.index)
             elif msr == MSR_TSC:
-                out[msr] = (_host_tsc() + ctx.Blob(self.uc).read("<Q", ctx.TSC_OFFSET)[0]) & ((1 << 64) - 1)
+                out[msr] = (host_tsc() + self.engine.tsc_offset) & ((1 << 64) - 1)
             elif msr in NATIVE_MSRS:
                 out[msr] = self.uc.reg_read(x86.UC_X86_REG_MSR, msr)
             else:
@@ -813,14 +683,62 @@ class InterpVcpu(system.EngineHooks):
             if msr == MSR_APIC_BASE:
                 self._chip.set_apic_base(self.index, value)
             elif msr == MSR_TSC:
-                blob = ctx.Blob(self.uc)
-                blob.write("<Q", ctx.TSC_OFFSET, self._vm.tsc_offset_for(value))
-                blob.restore()
+                self.engine.tsc_offset = self._vm.tsc_offset_for(value)
             elif msr in NATIVE_MSRS:
                 self.uc.reg_write(x86.UC_X86_REG_MSR, (msr, value))
             else:
                 # not implemented by the engine: the guest's RDMSR reads 0; kept here so state moves intact
                 self._msr_shadow[msr] = value
+
+    def get_events(self) -> PendingEvents:
+        """Nothing is ever half-delivered here (delivery is done between engine runs); the shadow may be set."""
+        shadow = bool(self.engine.hflags & engine.HF_INHIBIT_IRQ) and not self._shadow_is_stale()
+        return PendingEvents(shadow=SHADOW_STI if shadow else 0)
+
+    def set_events(self, events: PendingEvents) -> None:
+        """Deliver what another backend was injecting, and take over its interrupt shadow."""
+        self._state_written()
+        if events.shadow:
+            blob = engine.Blob(self.uc)
+            blob.hflags = blob.hflags | engine.HF_INHIBIT_IRQ
+            blob.restore()
+        try:
+            if events.exception is not None:
+                system.deliver(self.uc, events.exception, error_code=events.exception_error_code, ram=self._ram)
+            elif events.nmi_injected:
+                system.deliver(self.uc, system.NMI, external=True, ram=self._ram)
+            elif events.interrupt is not None:
+                system.deliver(self.uc, events.interrupt, software=events.interrupt_soft,
+                               external=not events.interrupt_soft, ram=self._ram)  # fmt: skip
+        except system.TripleFault:
+            self._shutdown = True
+        except system.Unsupported as err:
+            raise AccelError("interp", f"vCPU {self.index}: cannot deliver the pending event: {err}") from err
+
+    def save_state(self) -> VcpuState:
+        mp_state = "wait-for-sipi" if self._wait_for_sipi else "halted" if self._halted else "runnable"
+        cpu = X86CpuState(
+            regs=self.get_regs(), sregs=self.get_sregs(), fpu=self.get_fpu(), xcr0=self.get_xcr0(),
+            msrs=self.get_msrs(list(SAVED_MSRS)), events=self.get_events(), mp_state=mp_state,
+        )  # fmt: skip
+        return VcpuState("interp", ARCH, STATE_VERSION, cpu, {"msr_shadow": dict(self._msr_shadow)})
+
+    def restore_state(self, state: VcpuState) -> None:
+        if state.arch != ARCH:
+            raise AccelError("interp", f"cannot restore a {state.arch} vCPU state on an {ARCH} vCPU")
+        if state.backend == "interp" and state.version > STATE_VERSION:
+            raise AccelError("interp", f"vCPU state version {state.version} is newer than this pyvmm ({STATE_VERSION})")
+        cpu: X86CpuState = state.cpu
+        self.set_sregs(cpu.sregs)
+        self.set_regs(cpu.regs)
+        self.set_fpu(cpu.fpu)
+        self.set_xcr0(cpu.xcr0)
+        self.set_msrs(cpu.msrs)
+        if state.backend == "interp":
+            self._msr_shadow.update(state.private.get("msr_shadow", {}))
+        self._wait_for_sipi = cpu.mp_state == "wait-for-sipi"
+        self._halted = cpu.mp_state == "halted"
+        self.set_events(cpu.events)
 
     def set_cpuid(self, entries: list[CpuidEntry]) -> None:
         if not entries:
@@ -841,15 +759,3 @@ class InterpVcpu(system.EngineHooks):
                 self._block_exit.request()
                 self._engine_thread.join(0.01)
             self._kicker_thread.join(1)
-
-
-_tsc_probe: _Probe | None = None
-_tsc_lock = threading.Lock()
-
-
-def _host_tsc() -> int:
-    global _tsc_probe
-    with _tsc_lock:
-        if _tsc_probe is None:
-            _tsc_probe = _Probe()
-        return _tsc_probe.rdtsc()

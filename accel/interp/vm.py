@@ -7,22 +7,17 @@ import mmap
 import threading
 import time
 
-from pyvmm.accel.ops import CpuidEntry
+from pyvmm.accel.core import Capability
+from pyvmm.accel.x86 import ARCH, CpuidEntry
 from pyvmm.errors import AccelError
 
 UNICORN_VERSION = "2.1.4"
-_layout_verified = False
-_layout_lock = threading.Lock()
 
 
 def _verify_once() -> None:
-    global _layout_verified
-    with _layout_lock:
-        if not _layout_verified:
-            from pyvmm.accel.interp import context
+    from pyvmm.accel.interp import engine
 
-            context.verify_layout()
-            _layout_verified = True
+    engine.verify_layout()
 
 
 def probe() -> tuple[bool, str, list[str]]:
@@ -67,8 +62,13 @@ def _buffer_address(buffer) -> tuple[int, int, object]:
 
 class InterpVm:
     name = "interp"
+    arch = ARCH
+    capabilities = frozenset({Capability.USERSPACE_IRQCHIP, Capability.SERVE_IO_DIRECTLY,
+                              Capability.READONLY_MEMORY, Capability.SOFTWARE_CPU})  # fmt: skip
 
     def __init__(self, vcpu_count: int = 1, *, irqchip=None):
+        """``irqchip``: the VM-level userspace interrupt controllers (``accel.irqchip.Irqchip``);
+        one is made when none is given."""
         _verify_once()
         # xAPIC IDs are 8 bits (0xFF is broadcast); engines are serialized, so host cores do not limit it
         self.max_vcpus = 254
@@ -82,7 +82,10 @@ class InterpVm:
         if irqchip is None:
             from pyvmm.accel.irqchip.chip import Irqchip
 
-            irqchip = Irqchip(vcpu_count, wake=self._wake)
+            irqchip = Irqchip(vcpu_count)
+        if irqchip.vcpu_count != vcpu_count:
+            raise AccelError("interp", f"the irqchip serves {irqchip.vcpu_count} vCPUs, not {vcpu_count}")
+        irqchip.on_wake(self._wake)
         self.irqchip = irqchip
         self._supported: list[CpuidEntry] | None = None
         from pyvmm.accel.interp.vcpu import EngineLock
@@ -104,14 +107,14 @@ class InterpVm:
         (kvm_synchronize_tsc), a write of the same value within TSC_SYNC_WINDOW of the last
         one gets the same offset.
         """
-        from pyvmm.accel.interp.vcpu import _host_tsc
+        from pyvmm.accel.interp.engine import host_tsc
 
         now = time.monotonic()
         with self._tsc_lock:
             last = self._last_tsc_write
             if last is not None and last[0] == value and now - last[2] < self.TSC_SYNC_WINDOW:
                 return last[1]
-            offset = (value - _host_tsc()) & ((1 << 64) - 1)
+            offset = (value - host_tsc()) & ((1 << 64) - 1)
             self._last_tsc_write = (value, offset, now)
             return offset
 

@@ -122,6 +122,10 @@ class Irqchip:
         self._told = [math.inf] * vcpu_count
         self._refresh_pages()
 
+    def on_wake(self, wake: Callable[[int], None]) -> None:
+        """Name the backend's ``wake(vcpu_index)`` (the chip is made before the backend's vCPUs)."""
+        self._wake = wake
+
     # --- locking helpers ---------------------------------------------------------
     def _flush_wakes(self) -> None:
         """Call ``wake`` for everyone notified under the lock (call after releasing it)."""

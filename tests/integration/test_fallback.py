@@ -20,7 +20,8 @@ import time
 import pytest
 
 from pyvmm import accel
-from pyvmm.accel.ops import DescriptorTable, EmulationFailure, IoIn, IoOut, MmioRead, MmioWrite, Regs, Segment
+from pyvmm.accel.core import EmulationFailure, IoIn, IoOut, MmioRead, MmioWrite
+from pyvmm.accel.x86 import DescriptorTable, Regs, Segment
 from pyvmm.vmm.bus import MmioBus, PioBus
 from pyvmm.vmm.memory import GuestMemory
 

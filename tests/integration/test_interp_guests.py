@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("unicorn")
 
 from pyvmm.accel.interp import InterpVm, probe  # noqa: E402
-from pyvmm.accel.ops import Interrupted, IoIn, IoOut, MmioRead, MmioWrite  # noqa: E402
+from pyvmm.accel.core import Interrupted, IoIn, IoOut, MmioRead, MmioWrite  # noqa: E402
 from pyvmm.devices.irq import IrqLine  # noqa: E402
 from pyvmm.devices.legacy.serial import Serial  # noqa: E402
 from pyvmm.vmm import layout  # noqa: E402

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("unicorn")
 
 from pyvmm.accel.interp import InterpVm, probe  # noqa: E402
-from pyvmm.accel.ops import Interrupted, IoIn, IoOut, MmioRead, MmioWrite  # noqa: E402
+from pyvmm.accel.core import Interrupted, IoIn, IoOut, MmioRead, MmioWrite  # noqa: E402
 from pyvmm.devices.irq import IrqLine  # noqa: E402
 from pyvmm.devices.legacy.cmos import Cmos  # noqa: E402
 from pyvmm.devices.legacy.i8042 import I8042  # noqa: E402

@@ -15,24 +15,13 @@ import time
 import pytest
 
 from pyvmm.accel import kvm
-from pyvmm.accel.ops import (
-    CpuidEntry,
-    DescriptorTable,
-    EmulationFailure,
-    FpuState,
-    Interrupted,
-    IoIn,
-    IoOut,
-    MmioRead,
-    MmioWrite,
-    Regs,
-    Segment,
-    Shutdown,
-)
+from pyvmm.accel.core import EmulationFailure, Interrupted, IoIn, IoOut, MmioRead, MmioWrite, Shutdown
+from pyvmm.accel.x86 import CpuidEntry, DescriptorTable, FpuState, Regs, Segment
 from pyvmm.errors import AccelError
 from pyvmm.ffi import kvm as k
 from pyvmm.vmm.memory import GuestMemory
-from pyvmm.vmm.x86 import msrs
+from pyvmm.arch.x86 import msrs
+from pyvmm.vmm.x86.msrs import boot_msrs
 
 usable, reason, _notes = kvm.probe()
 needs_kvm = pytest.mark.skipif(not usable, reason=f"KVM not usable: {reason}")
@@ -286,7 +275,7 @@ def test_register_and_state_round_trips(make_guest):
     vcpu.set_msrs({msrs.MSR_KERNEL_GS_BASE: 0x1234000, msrs.MSR_IA32_SYSENTER_CS: 0x10})
     assert vcpu.get_msrs([msrs.MSR_KERNEL_GS_BASE, msrs.MSR_IA32_SYSENTER_CS]) == {
         msrs.MSR_KERNEL_GS_BASE: 0x1234000, msrs.MSR_IA32_SYSENTER_CS: 0x10}
-    vcpu.set_msrs(msrs.boot_msrs())
+    vcpu.set_msrs(boot_msrs())
 
     lapic = vcpu.get_lapic()
     assert len(lapic) == 1024

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm.accel.ops import Segment
+from pyvmm.accel.x86 import Segment
 from pyvmm.errors import BootError
 from pyvmm.vmm import layout
 from pyvmm.vmm.boot.acpi import write_acpi_tables

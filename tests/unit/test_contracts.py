@@ -29,6 +29,33 @@ def test_devices_never_import_accel():
     assert not {k: v for k, v in offenders.items() if v}
 
 
+def test_accel_never_imports_vmm():
+    """Backends know nothing of the VMM above them: constants they share live in arch/."""
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if m.startswith("pyvmm.vmm"))
+        for path in sources("accel")
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_arch_is_a_leaf():
+    for path in sources("arch"):
+        ours = {m for m in imported_modules(path) if m.startswith("pyvmm")}
+        assert not ours, f"{path.relative_to(ROOT)} imports {ours}: arch/ imports nothing of pyvmm"
+
+
+def test_only_the_engine_module_creates_unicorn_engines():
+    """One unicorn wrapper: every Uc(...) is made in accel/interp/engine.py."""
+    makers = []
+    for folder in ("accel", "vmm", "devices", "pyvmm"):
+        for path in sources(folder):
+            tree = ast.parse(path.read_text(), str(path))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Uc":
+                    makers.append(str(path.relative_to(ROOT)))
+    assert set(makers) == {"accel/interp/engine.py"}
+
+
 def test_guest_memory_is_a_leaf():
     ours = {m for m in imported_modules(ROOT / "vmm" / "memory.py") if m.startswith("pyvmm")}
     assert ours <= {"pyvmm.errors"}
@@ -44,8 +71,10 @@ def test_every_package_folder_is_installed():
     """pyproject's explicit package list must name every folder with an __init__.py."""
     import tomllib
 
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    mapping = {"pyvmm": "pyvmm", "accel": "pyvmm.accel", "ffi": "pyvmm.ffi", "vmm": "pyvmm.vmm", "devices": "pyvmm.devices"}
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    mapping = {folder: package for package, folder in setuptools["package-dir"].items()}
+    assert set(mapping) == {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}, "a top folder is not mapped"
     found = set()
     for top, package in mapping.items():
         for init in (ROOT / top).rglob("__init__.py"):

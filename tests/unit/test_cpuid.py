@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pyvmm.accel.ops import CpuidEntry
+from pyvmm.accel.x86 import CpuidEntry
 from pyvmm.errors import ConfigError
 from pyvmm.vmm.x86 import cpuid as c
 

@@ -10,14 +10,21 @@ import struct
 
 import pytest
 
-from pyvmm.accel.fallback import (
-    KVM_IRQCHIP_PORTS,
-    FallbackManager,
-    fallback_cpuid,
+from pyvmm.accel.core import EmulationFailure
+from pyvmm.accel.fallback import FallbackManager, fallback_cpuid
+from pyvmm.accel.x86 import (
+    SHADOW_STI,
+    CpuidEntry,
+    DescriptorTable,
+    FpuState,
+    PendingEvents,
+    Regs,
+    Segment,
+    SpecialRegs,
     fpu_from_fxsave,
     fpu_into_xsave,
 )
-from pyvmm.accel.ops import CpuidEntry, DescriptorTable, EmulationFailure, FpuState, Regs, Segment, SpecialRegs
+from pyvmm.arch.x86.pc import IRQCHIP_PORTS
 from pyvmm.errors import GuestError
 from pyvmm.vmm.bus import MmioBus, PioBus
 from pyvmm.vmm.memory import GuestMemory
@@ -39,7 +46,10 @@ class FakeVcpu:
         self.regs = Regs(rip=CODE, rsp=STACK, rflags=0x2)
         self.fpu = FpuState()
         self.msrs = {}
+        self.xcr0 = 1
+        self.events = PendingEvents()
         self.writes = []
+        self.events_set = []
 
     def get_regs(self):
         return Regs(**vars(self.regs))
@@ -70,6 +80,22 @@ class FakeVcpu:
     def set_msrs(self, msrs):
         self.writes.append("msrs")
         self.msrs.update(msrs)
+
+    def get_xcr0(self):
+        return self.xcr0
+
+    def set_xcr0(self, value):
+        self.writes.append("xcr0")
+        self.xcr0 = value
+
+    def get_events(self):
+        import copy
+
+        return copy.deepcopy(self.events)
+
+    def set_events(self, events):
+        self.events_set.append(events)
+        self.events = events
 
 
 class Port:
@@ -159,8 +185,8 @@ def test_lapic_access_is_refused_with_rip_and_address(machine):
 def test_kvm_irqchip_port_is_refused(machine):
     memory, manager, _, _ = machine
     vcpu = FakeVcpu()
-    assert 0x40 in KVM_IRQCHIP_PORTS
-    with pytest.raises(GuestError, match=r"port 0x40 \(KVM's in-kernel PIC/PIT"):
+    assert 0x40 in IRQCHIP_PORTS
+    with pytest.raises(GuestError, match=r"port 0x40 \(the hypervisor's in-kernel PIC/PIT"):
         step(memory, manager, vcpu, b"\xe4\x40")  # in al, 0x40
 
 
@@ -215,70 +241,45 @@ def test_legacy_instruction_the_interpreter_lacks_is_a_clear_error(machine):
     assert vcpu.writes == []
 
 
-def kvm_events(**changes):
-    events = {
-        "exception": {"injected": 0, "nr": 0, "has_error_code": 0, "pending": 0, "error_code": 0},
-        "interrupt": {"injected": 0, "nr": 0, "soft": 0, "shadow": 0},
-        "nmi": {"injected": 0, "pending": 0, "masked": 0, "pad": 0},
-        "sipi_vector": 0, "flags": 4,
-    }  # fmt: skip
-    for path, value in changes.items():
-        part, name = path.split("__")
-        events[part][name] = value
-    return events
-
-
 class EventVcpu(FakeVcpu):
-    """A fake vCPU with KVM's vCPU events."""
+    """A fake vCPU with pending events, as a hypervisor reports them."""
 
-    def __init__(self, events):
+    def __init__(self, events: PendingEvents):
         super().__init__()
-        self.events = events
-        self.events_set = []
-
-    def get_vcpu_events(self):
-        import copy
-
-        return copy.deepcopy(self.events)
-
-    def set_vcpu_events(self, events):
-        self.events_set.append(events)
         self.events = events
 
 
 def test_an_event_kvm_was_injecting_is_delivered_first_and_nothing_runs(machine):
     memory, manager, _, _ = machine
-    vcpu = EventVcpu(kvm_events(exception__injected=1, exception__nr=3))
+    vcpu = EventVcpu(PendingEvents(exception=3))
     vcpu.regs.rbx = 0xFF
     step(memory, manager, vcpu, b"\xf3\x0f\xb8\xc3")  # popcnt eax, ebx: must not run yet
     assert vcpu.regs.rip == HANDLER and vcpu.regs.rax == 0
     assert struct.unpack("<I", memory.read(STACK - 12, 4))[0] == CODE  # the frame returns to the popcnt
-    assert vcpu.events_set and vcpu.events["exception"]["injected"] == 0
+    assert vcpu.events_set and vcpu.events.exception is None
 
 
 def test_interrupt_shadow_ends_after_the_stepped_instruction(machine):
     memory, manager, _, _ = machine
-    vcpu = EventVcpu(kvm_events(interrupt__shadow=1))
+    vcpu = EventVcpu(PendingEvents(shadow=SHADOW_STI))
     vcpu.regs.rbx = 3
     step(memory, manager, vcpu, b"\xf3\x0f\xb8\xc3")
-    assert vcpu.regs.rax == 2 and vcpu.events["interrupt"]["shadow"] == 0
-    quiet = EventVcpu(kvm_events())
+    assert vcpu.regs.rax == 2 and vcpu.events.shadow == 0
+    quiet = EventVcpu(PendingEvents())
     step(memory, manager, quiet, b"\xf3\x0f\xb8\xc3")
     assert quiet.events_set == []  # nothing changed: no KVM_SET_VCPU_EVENTS
 
 
 def test_linux_options_only_for_linux_on_pvm(tmp_path, monkeypatch):
-    from pyvmm.accel import fallback, kvm
+    from pyvmm.accel.fallback import pvm_kernel_cmdline
 
     vmlinux, other = tmp_path / "vmlinux", tmp_path / "guest.elf"
     vmlinux.write_bytes(b"\x7fELF" + bytes(100) + b"Linux version 6.1.0 (gcc)")
     other.write_bytes(b"\x7fELF" + bytes(100))
-    monkeypatch.setattr(kvm, "is_pvm_host", lambda: True)
-    assert fallback.pvm_kernel_cmdline("console=ttyS0", vmlinux) == "console=ttyS0 noxsave clearcpuid=137,141,151,308"
-    assert fallback.pvm_kernel_cmdline("noxsave clearcpuid=1", vmlinux) == "noxsave clearcpuid=1"
-    assert fallback.pvm_kernel_cmdline("console=ttyS0", other) == "console=ttyS0"
-    monkeypatch.setattr(kvm, "is_pvm_host", lambda: False)
-    assert fallback.pvm_kernel_cmdline("console=ttyS0", vmlinux) == "console=ttyS0"
+    assert pvm_kernel_cmdline("console=ttyS0", vmlinux, pvm=True) == "console=ttyS0 noxsave clearcpuid=137,141,151,308"
+    assert pvm_kernel_cmdline("noxsave clearcpuid=1", vmlinux, pvm=True) == "noxsave clearcpuid=1"
+    assert pvm_kernel_cmdline("console=ttyS0", other, pvm=True) == "console=ttyS0"
+    assert pvm_kernel_cmdline("console=ttyS0", vmlinux, pvm=False) == "console=ttyS0"
 
 
 def test_msrs_move_for_an_instruction_that_reads_them(machine):
@@ -293,11 +294,8 @@ def test_msrs_move_for_an_instruction_that_reads_them(machine):
 def test_xrstor_with_avx_in_xcr0_is_refused(machine):
     memory, manager, _, _ = machine
 
-    class AvxVcpu(FakeVcpu):
-        def get_xcrs(self):
-            return {0: 0x7}  # x87 | SSE | AVX
-
-    vcpu = AvxVcpu()
+    vcpu = FakeVcpu()
+    vcpu.xcr0 = 0x7  # x87 | SSE | AVX
     vcpu.sregs.cr4 = (1 << 9) | (1 << 18)
     vcpu.regs.rdi = 0x6000
     with pytest.raises(GuestError, match=r"cannot execute xrstor .*XCR0 is 0x7: the interpreter's xrstor covers only"):

@@ -19,20 +19,8 @@ import pytest
 pytest.importorskip("unicorn")
 
 from pyvmm.accel.interp import InterpVm, probe  # noqa: E402
-from pyvmm.accel.ops import (  # noqa: E402
-    DescriptorTable,
-    FpuState,
-    InternalError,
-    Interrupted,
-    IoIn,
-    IoOut,
-    MmioRead,
-    MmioWrite,
-    Regs,
-    Segment,
-    Shutdown,
-    SpecialRegs,
-)
+from pyvmm.accel.core import InternalError, Interrupted, IoIn, IoOut, MmioRead, MmioWrite, Shutdown  # noqa: E402
+from pyvmm.accel.x86 import DescriptorTable, FpuState, Regs, Segment, SpecialRegs  # noqa: E402
 from pyvmm.vmm.memory import GuestMemory  # noqa: E402
 
 if not (shutil.which("as") and shutil.which("ld") and shutil.which("objcopy")):
@@ -57,6 +45,7 @@ class FakeChip:
     LAPIC_TIMER_HZ = 1_000_000_000
 
     def __init__(self, vcpu_count: int = 1):
+        self.vcpu_count = vcpu_count
         self.lock = threading.Lock()
         self.vectors: list[int] = []
         self.nmi = False
@@ -65,6 +54,9 @@ class FakeChip:
         self.clock = time.monotonic
         self.deadline = None
         self.polls = 0
+
+    def on_wake(self, wake) -> None:
+        self.wake = wake
 
     def raise_vector(self, vector: int) -> None:
         with self.lock:
@@ -820,6 +812,57 @@ def test_interrupt_waits_for_if(guest):
     assert outs([result["exit"]]) == [(0xE0, 0x30)]
 
 
+def test_interrupt_reaches_an_sti_pause_idle_loop(guest):
+    """``sti; pause`` leaves QEMU's interrupt-shadow flag set past the pause (its helper exits the
+    block early); every stop then landed right there and the interrupt waited forever (the
+    apictimer guest failed 1 run in 4 this way). Only IF=1 spans ``pause; jmp``."""
+    guest.setup_long_mode()
+    sym = guest.load(
+        """
+        .code64
+        h30:
+        mov $0x30, %al
+        out %al, $0xE0
+        1: jmp 1b
+        start:
+        cli
+        2: sti
+        pause
+        cli
+        jmp 2b
+        """
+    )
+    guest.gate64(0x30, sym["h30"])
+    regs = guest.vcpu.get_regs()
+    regs.rip = sym["start"]
+    guest.vcpu.set_regs(regs)
+    thread, result = run_async(guest.vcpu)
+    time.sleep(0.05)
+    guest.chip.raise_vector(0x30)
+    thread.join(3)
+    assert not thread.is_alive(), "the interrupt was never delivered to the sti; pause loop"
+    assert outs([result["exit"]]) == [(0xE0, 0x30)]
+
+
+@pytest.mark.parametrize("before, window_open", [(b"\x90\xfb", False), (b"\x8e\xd0", False), (b"\xf3\x90", True)])
+def test_the_shadow_holds_only_right_after_the_instruction_that_makes_it(guest, before, window_open):
+    """At a stop with QEMU's shadow flag set and IF = 1: after sti or mov ss the interrupt must
+    wait one instruction; after anything else (pause) the flag is stale and is dropped."""
+    from pyvmm.accel.interp import engine
+
+    guest.setup_long_mode()
+    guest.mem.write(CODE, before + b"\x90")
+    regs = guest.vcpu.get_regs()
+    regs.rip, regs.rflags = CODE + len(before), 0x202
+    guest.vcpu.set_regs(regs)
+    blob = engine.Blob(guest.vcpu.uc)
+    blob.hflags = blob.hflags | engine.HF_INHIBIT_IRQ
+    blob.restore()
+    guest.vcpu._sync_memory()
+    assert guest.vcpu._window_open() is window_open
+    assert bool(guest.vcpu.engine.hflags & engine.HF_INHIBIT_IRQ) is not window_open
+
+
 def test_hlt_sleeps_until_interrupt(guest):
     guest.setup_long_mode()
     sym = guest.load(
@@ -947,7 +990,7 @@ def test_cpuid_from_table(guest):
     assert o[0xE1] == tsc.ebx
     assert o[PORT_DONE] == 0
     # set_cpuid replaces the table
-    from pyvmm.accel.ops import CpuidEntry
+    from pyvmm.accel.x86 import CpuidEntry
 
     guest.vcpu.set_cpuid([CpuidEntry(0, 0, 1, 0x11111111, 0x22222222, 0x33333333)])
     regs = guest.vcpu.get_regs()

@@ -1,4 +1,4 @@
-"""Stopping a running unicorn engine from another thread (accel/interp/context.BlockExit).
+"""Stopping a running unicorn engine from another thread (accel/interp/engine.BlockExit).
 
 The interpreter stops its engine from a kicker thread for every timer tick and
 interrupt. unicorn's own ``emu_stop`` sets a flag that makes the ``syscall``
@@ -18,10 +18,10 @@ import pytest
 
 unicorn = pytest.importorskip("unicorn")
 
-from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, UC_PROT_ALL, Uc, UcError  # noqa: E402
+from unicorn import UC_HOOK_INSN, UC_PROT_ALL, UcError  # noqa: E402
 from unicorn import x86_const as x86  # noqa: E402
 
-from pyvmm.accel.interp import context as ctx  # noqa: E402
+from pyvmm.accel.interp import engine as ctx  # noqa: E402
 
 # A delay loop (edx), then one long translation block ending in "inc rbx; <insn>", then back:
 # a stop landing inside that block reaches the helper of <insn> with the stop already pending.
@@ -32,12 +32,10 @@ CPUID = bytes.fromhex("0fa2")
 
 
 def _engine():
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    """An engine prepared for stops from other threads, as the interpreter vCPU's."""
+    uc = ctx.Engine(async_stops=True).uc
     memory = ctypes.create_string_buffer(0x4000)
     uc.mem_map_ptr(0, 0x4000, UC_PROT_ALL, ctypes.addressof(memory))
-    ctx.disable_midblock_exits(uc)
-    uc.ctl_exits_enabled(True)
-    uc.ctl_set_exits([])
     return uc, memory
 
 

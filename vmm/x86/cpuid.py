@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from pyvmm.accel.ops import CpuidEntry
+from pyvmm.accel.x86 import CpuidEntry
 from pyvmm.errors import ConfigError
 
 KVM_SIGNATURE = "KVMKVMKVM"

@@ -18,23 +18,23 @@ Boot GDT at ``layout.BOOT_GDT`` (4 entries, like Firecracker's):
 
 from __future__ import annotations
 
-from pyvmm.accel.ops import DescriptorTable, Regs, Segment, SpecialRegs
+from pyvmm.accel.x86 import DescriptorTable, Regs, Segment, SpecialRegs
 from pyvmm.errors import BootError
 from pyvmm.vmm import layout
 from pyvmm.vmm.memory import GuestMemory
-from pyvmm.vmm.x86.msrs import EFER_LMA, EFER_LME
+from pyvmm.arch.x86.msrs import EFER_LMA, EFER_LME
 
-# control register bits
-CR0_PE = 1 << 0
-CR0_ET = 1 << 4
-CR0_PG = 1 << 31
-CR4_PAE = 1 << 5
-RFLAGS_RESERVED = 0x2  # bit 1 always reads as one
+from pyvmm.arch.x86.registers import (
+    CR0_ET,
+    CR0_PE,
+    CR0_PG,
+    CR4_PAE,
+    PDE_2MB_PAGE,
+    PTE_PRESENT,
+    PTE_WRITABLE,
+    RFLAGS_RESERVED,
+)
 
-# page-table entry bits
-PTE_PRESENT = 1 << 0
-PTE_WRITABLE = 1 << 1
-PDE_2MB_PAGE = 1 << 7
 HUGE_PAGE_SIZE = 2 << 20
 
 SEL_CODE = 0x08

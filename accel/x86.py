@@ -1,0 +1,261 @@
+"""The x86 part of the backend interface: register state, MSRs, CPUID, events, injection.
+
+Register state uses plain mutable dataclasses with x86 architectural names, so
+that state can move between backends (KVM -> interpreter -> KVM) and into
+snapshots. ``X86CpuState`` is the architectural whole a ``VcpuState`` carries.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from pyvmm.accel.core import VcpuOps, VmOps
+
+ARCH = "x86_64"
+
+
+@dataclass
+class Regs:
+    rax: int = 0
+    rbx: int = 0
+    rcx: int = 0
+    rdx: int = 0
+    rsi: int = 0
+    rdi: int = 0
+    rsp: int = 0
+    rbp: int = 0
+    r8: int = 0
+    r9: int = 0
+    r10: int = 0
+    r11: int = 0
+    r12: int = 0
+    r13: int = 0
+    r14: int = 0
+    r15: int = 0
+    rip: int = 0
+    rflags: int = 0x2
+
+
+REG_NAMES = tuple(Regs.__dataclass_fields__)
+GPR_NAMES = tuple(f for f in REG_NAMES if f not in ("rip", "rflags"))
+
+
+@dataclass
+class Segment:
+    """A segment register with its hidden (descriptor cache) part."""
+
+    base: int = 0
+    limit: int = 0xFFFF
+    selector: int = 0
+    type: int = 3  # read/write data, accessed
+    present: bool = True
+    dpl: int = 0
+    db: bool = False
+    s: bool = True
+    l: bool = False  # noqa: E741 - architectural name
+    g: bool = False
+    avl: bool = False
+    unusable: bool = False
+
+    @classmethod
+    def from_descriptor(cls, selector: int, descriptor: int) -> Segment:
+        """Decode a 64-bit GDT entry into a segment cache."""
+        base = ((descriptor >> 16) & 0xFFFFFF) | (((descriptor >> 56) & 0xFF) << 24)
+        limit = (descriptor & 0xFFFF) | (((descriptor >> 48) & 0xF) << 16)
+        flags = (descriptor >> 40) & 0xF0FF
+        g = bool(flags & 0x8000)
+        if g:
+            limit = (limit << 12) | 0xFFF
+        return cls(
+            base=base,
+            limit=limit,
+            selector=selector,
+            type=flags & 0xF,
+            s=bool(flags & 0x10),
+            dpl=(flags >> 5) & 3,
+            present=bool(flags & 0x80),
+            avl=bool(flags & 0x1000),
+            l=bool(flags & 0x2000),
+            db=bool(flags & 0x4000),
+            g=g,
+        )
+
+
+@dataclass
+class DescriptorTable:
+    base: int = 0
+    limit: int = 0xFFFF
+
+
+SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+
+
+@dataclass
+class SpecialRegs:
+    cs: Segment = field(default_factory=lambda: Segment(base=0xFFFF0000, selector=0xF000, type=11))
+    ds: Segment = field(default_factory=Segment)
+    es: Segment = field(default_factory=Segment)
+    fs: Segment = field(default_factory=Segment)
+    gs: Segment = field(default_factory=Segment)
+    ss: Segment = field(default_factory=Segment)
+    tr: Segment = field(default_factory=lambda: Segment(type=11, s=False))
+    ldt: Segment = field(default_factory=lambda: Segment(type=2, s=False))
+    gdt: DescriptorTable = field(default_factory=DescriptorTable)
+    idt: DescriptorTable = field(default_factory=DescriptorTable)
+    cr0: int = 0x60000010
+    cr2: int = 0
+    cr3: int = 0
+    cr4: int = 0
+    cr8: int = 0
+    efer: int = 0
+    apic_base: int = 0xFEE00900
+
+
+@dataclass
+class FpuState:
+    """x87/SSE state in FXSAVE terms. ``fpr`` are 8 x 16 bytes, ``xmm`` 16 x 16 bytes."""
+
+    fcw: int = 0x37F
+    fsw: int = 0
+    ftwx: int = 0  # abridged tag word, as FXSAVE stores it
+    last_opcode: int = 0
+    last_ip: int = 0
+    last_dp: int = 0
+    fpr: list[bytes] = field(default_factory=lambda: [bytes(16)] * 8)
+    xmm: list[bytes] = field(default_factory=lambda: [bytes(16)] * 16)
+    mxcsr: int = 0x1F80
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    function: int
+    index: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+    #: True when ``index`` (ECX on input) selects the sub-leaf
+    indexed: bool = False
+
+
+#: interrupt shadow kinds (``PendingEvents.shadow`` bits; KVM_X86_SHADOW_INT_* values)
+SHADOW_MOV_SS = 1
+SHADOW_STI = 2
+
+
+@dataclass
+class PendingEvents:
+    """Events between instructions: an exception or interrupt being delivered, NMI state, the shadow.
+
+    ``exception``/``interrupt`` hold a vector being injected (None when nothing is);
+    ``exception_pending`` is an exception raised but not yet being delivered.
+    """
+
+    exception: int | None = None
+    exception_error_code: int | None = None
+    exception_pending: bool = False
+    interrupt: int | None = None
+    interrupt_soft: bool = False
+    nmi_injected: bool = False
+    nmi_pending: bool = False
+    nmi_masked: bool = False
+    shadow: int = 0
+    #: what the saving backend keeps beyond these fields (KVM: its whole kvm_vcpu_events), so a
+    #: round trip through the same backend loses nothing
+    private: dict | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def injecting(self) -> bool:
+        return self.exception is not None or self.interrupt is not None or self.nmi_injected
+
+
+@dataclass
+class X86CpuState:
+    """Everything architectural about one x86 vCPU, in backend-neutral form."""
+
+    regs: Regs
+    sregs: SpecialRegs
+    fpu: FpuState
+    xcr0: int = 1
+    msrs: dict[int, int] = field(default_factory=dict)
+    events: PendingEvents = field(default_factory=PendingEvents)
+    #: the local APIC's 1 KiB register page (KVM_GET_LAPIC layout), when the backend has one
+    lapic: bytes | None = None
+    #: "runnable", "halted", "wait-for-sipi"
+    mp_state: str = "runnable"
+
+
+@runtime_checkable
+class X86Vcpu(VcpuOps, Protocol):
+    def get_regs(self) -> Regs: ...
+    def set_regs(self, regs: Regs) -> None: ...
+    def get_sregs(self) -> SpecialRegs: ...
+    def set_sregs(self, sregs: SpecialRegs) -> None: ...
+    def get_fpu(self) -> FpuState: ...
+    def set_fpu(self, fpu: FpuState) -> None: ...
+    def get_xcr0(self) -> int: ...
+    def set_xcr0(self, value: int) -> None: ...
+    def get_msrs(self, indices: list[int]) -> dict[int, int]: ...
+    def set_msrs(self, msrs: dict[int, int]) -> None: ...
+    def get_events(self) -> PendingEvents: ...
+    def set_events(self, events: PendingEvents) -> None: ...
+    def set_cpuid(self, entries: list[CpuidEntry]) -> None: ...
+
+    # Capability.INTERRUPT_INJECTION (backends that take the userspace irqchip):
+    #   interrupt_window_open() -> bool, inject_interrupt(vector), inject_nmi()
+
+
+@runtime_checkable
+class X86Vm(VmOps, Protocol):
+    def supported_cpuid(self) -> list[CpuidEntry]:
+        """What this backend can present to a guest, before the VMM's own trimming."""
+
+    def create_vcpu(self, index: int) -> X86Vcpu: ...
+
+
+#: MSRs a saved vCPU state carries (FS/GS base travel in the segment caches, EFER and
+#: APIC_BASE in ``SpecialRegs``), in backend-neutral form
+SAVED_MSRS = (
+    0x10,  # TSC
+    0x174, 0x175, 0x176,  # SYSENTER_CS/ESP/EIP
+    0x1A0,  # MISC_ENABLE
+    0x277,  # PAT
+    0x2FF,  # MTRR_DEF_TYPE
+    0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,  # STAR LSTAR CSTAR SYSCALL_MASK
+    0xC0000102,  # KERNEL_GS_BASE
+    0xC0000103,  # TSC_AUX
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------
+# The XSAVE area's legacy region (Intel SDM vol. 1, 13.4.1) <-> FpuState
+
+XSTATE_BV_OFFSET = 512
+XSTATE_X87_SSE = 0x3
+_FXSAVE_HEAD = struct.Struct("<HHBxHQQI")  # fcw fsw ftw(abridged) fop fip fdp mxcsr
+
+
+def fpu_from_fxsave(area: bytes) -> FpuState:
+    fcw, fsw, ftw, fop, fip, fdp, mxcsr = _FXSAVE_HEAD.unpack_from(area, 0)
+    return FpuState(
+        fcw=fcw, fsw=fsw, ftwx=ftw, last_opcode=fop, last_ip=fip, last_dp=fdp, mxcsr=mxcsr,
+        fpr=[bytes(area[32 + 16 * i : 48 + 16 * i]) for i in range(8)],
+        xmm=[bytes(area[160 + 16 * i : 176 + 16 * i]) for i in range(16)],
+    )  # fmt: skip
+
+
+def fpu_into_xsave(area: bytes, fpu: FpuState) -> bytes:
+    """``area`` with its legacy region replaced by ``fpu`` and x87/SSE marked as not in init state."""
+    out = bytearray(area)
+    _FXSAVE_HEAD.pack_into(out, 0, fpu.fcw, fpu.fsw, fpu.ftwx, fpu.last_opcode, fpu.last_ip, fpu.last_dp, fpu.mxcsr)
+    for i in range(8):
+        out[32 + 16 * i : 48 + 16 * i] = bytes(fpu.fpr[i]).ljust(16, b"\0")[:16]
+    for i in range(16):
+        out[160 + 16 * i : 176 + 16 * i] = bytes(fpu.xmm[i]).ljust(16, b"\0")[:16]
+    bv = struct.unpack_from("<Q", out, XSTATE_BV_OFFSET)[0]
+    struct.pack_into("<Q", out, XSTATE_BV_OFFSET, bv | XSTATE_X87_SSE)
+    return bytes(out)
+
+

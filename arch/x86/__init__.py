@@ -1,0 +1,1 @@
+"""x86-64: MSR indices, control-register and flag bits, the PC's fixed addresses and ports."""
