@@ -1,10 +1,10 @@
-"""The device event loop: epoll on its own thread.
+"""The device event loop on its own thread: epoll on Linux, ``selectors`` elsewhere (host/poll.py).
 
-Devices register host fds (queue-notify eventfds, tap fds) with callbacks,
+Devices register host fds (queue-notify notifiers, tap fds) with callbacks,
 and one-shot or periodic timers; other threads may add work with
-``call_soon``. A wake-up eventfd interrupts ``epoll.poll`` for stop and for
-new timers. A callback that raises is logged and handed to its ``on_error``
-(the transport resets that device); the loop itself keeps running.
+``call_soon``. A wake-up notifier (host/notify.py) interrupts the wait for stop
+and for new timers. A callback that raises is logged and handed to its
+``on_error`` (the transport resets that device); the loop itself keeps running.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import os
-import select
 import threading
 import time
 from collections import deque
 from typing import Callable
 
 from pyvmm.errors import PyvmmError
+from pyvmm.host.notify import Notifier
+from pyvmm.host.poll import READABLE, PollError, Poller
 
 log = logging.getLogger("pyvmm.events")
 
@@ -57,9 +57,10 @@ class _Handler:
 class EventLoop:
     def __init__(self, name: str = "pyvmm-events"):
         self.name = name
-        self._epoll = select.epoll()
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._epoll.register(self._wake_fd, select.EPOLLIN)
+        self._poller = Poller()
+        self._wake = Notifier()
+        self._wake_fd = self._wake.fileno()
+        self._poller.register(self._wake_fd, READABLE)
         self._handlers: dict[int, _Handler] = {}
         self._timers: list[tuple[float, int, Timer]] = []
         self._sequence = itertools.count()
@@ -75,35 +76,36 @@ class EventLoop:
         self,
         fd: int,
         callback: Callable[[int], None],
-        events: int = select.EPOLLIN,
+        events: int = READABLE,
         *,
         on_error: Callable[[BaseException], None] | None = None,
         name: str | None = None,
     ) -> None:
-        """Call ``callback(events)`` on this loop's thread whenever ``fd`` is ready."""
+        """Call ``callback(events)`` on this loop's thread whenever ``fd`` is ready (host.poll masks)."""
         with self._lock:
             if fd in self._handlers or fd == self._wake_fd:
                 raise EventLoopError(f"event loop {self.name}: fd {fd} is already registered")
             self._handlers[fd] = _Handler(callback, on_error, name or f"fd {fd}")
             try:
-                self._epoll.register(fd, events)
-            except OSError as err:
+                self._poller.register(fd, events)
+            except (OSError, ValueError) as err:
                 del self._handlers[fd]
-                raise EventLoopError(f"event loop {self.name}: cannot watch fd {fd} ({name}): {err.strerror}") from err
+                why = str(err) if isinstance(err, PollError) else getattr(err, "strerror", None) or str(err)
+                raise EventLoopError(f"event loop {self.name}: cannot watch fd {fd} ({name}): {why}") from err
 
     def modify_fd(self, fd: int, events: int) -> None:
         with self._lock:
             if fd not in self._handlers:
                 raise EventLoopError(f"event loop {self.name}: fd {fd} is not registered")
-            self._epoll.modify(fd, events)
+            self._poller.modify(fd, events)
 
     def remove_fd(self, fd: int) -> None:
         """Stop watching ``fd`` (before closing it). Unknown fds are ignored."""
         with self._lock:
             if self._handlers.pop(fd, None) is not None:
                 try:
-                    self._epoll.unregister(fd)
-                except (OSError, ValueError):
+                    self._poller.unregister(fd)
+                except (OSError, ValueError, KeyError):
                     pass  # already closed by its owner
 
     def call_later(self, delay: float, callback: Callable[[], None], *, on_error=None, name: str | None = None) -> Timer:
@@ -118,19 +120,13 @@ class EventLoop:
         timer = Timer(time.monotonic() + max(0.0, delay), interval, callback, on_error, name or "timer")
         with self._lock:
             heapq.heappush(self._timers, (timer.deadline, next(self._sequence), timer))
-        self._wake()
+        self._wake.notify()
         return timer
 
     def call_soon(self, callback: Callable, *args) -> None:
         """Run ``callback(*args)`` on the loop thread (thread-safe)."""
         self._calls.append((callback, args))
-        self._wake()
-
-    def _wake(self) -> None:
-        try:
-            os.eventfd_write(self._wake_fd, 1)
-        except OSError:
-            pass  # closed: the loop is gone
+        self._wake.notify()
 
     # --- running ---------------------------------------------------------
     def start(self) -> None:
@@ -148,7 +144,7 @@ class EventLoop:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the loop thread and wait for it (callbacks in progress finish first)."""
         self._stopping = True
-        self._wake()
+        self._wake.notify()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -159,8 +155,8 @@ class EventLoop:
         self.stop()
         if not self._closed:
             self._closed = True
-            self._epoll.close()
-            os.close(self._wake_fd)
+            self._poller.close()
+            self._wake.close()
 
     def __enter__(self) -> EventLoop:
         return self
@@ -172,22 +168,19 @@ class EventLoop:
         """Wait for events (at most ``timeout`` s, or until the next timer) and dispatch them."""
         with self._lock:
             next_deadline = self._timers[0][0] if self._timers else None
-        wait = -1 if timeout is None else max(0.0, timeout)
+        wait = None if timeout is None else max(0.0, timeout)
         if next_deadline is not None:
             until_timer = max(0.0, next_deadline - time.monotonic())
-            wait = until_timer if wait < 0 else min(wait, until_timer)
+            wait = until_timer if wait is None else min(wait, until_timer)
         if self._calls:
             wait = 0
         try:
-            ready = self._epoll.poll(wait)
+            ready = self._poller.poll(wait)
         except InterruptedError:
             ready = []
         for fd, events in ready:
             if fd == self._wake_fd:
-                try:
-                    os.eventfd_read(self._wake_fd)
-                except BlockingIOError:
-                    pass
+                self._wake.clear()
                 continue
             handler = self._handlers.get(fd)
             if handler is not None:  # removed by an earlier callback of this round

@@ -12,9 +12,9 @@ crosvm use for level-triggered irqfds).
 from __future__ import annotations
 
 import os
-import select
 
 from pyvmm.devices.irq import IrqLine
+from pyvmm.host.poll import READABLE
 
 
 class IrqfdLine(IrqLine):
@@ -28,7 +28,7 @@ class IrqfdLine(IrqLine):
         self._resample = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             vm.irqfd(irq, self._trigger, resample=self._resample)
-            events.add_fd(self._resample, self._on_resample, select.EPOLLIN, name=f"irqfd resample (IRQ {irq})")
+            events.add_fd(self._resample, self._on_resample, READABLE, name=f"irqfd resample (IRQ {irq})")
         except BaseException:
             os.close(self._trigger)
             os.close(self._resample)

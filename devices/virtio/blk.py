@@ -1,24 +1,25 @@
 """virtio-blk (virtio 1.2, section 5.2) over a raw image file.
 
-Data moves straight between the file and guest memory: ``os.preadv`` /
-``os.pwritev`` on the descriptors' memoryviews, no intermediate buffer. A
+Data moves straight between the file and guest memory: vectored positional
+I/O on the descriptors' memoryviews (host/fileio.py), no intermediate buffer. A
 request's status byte is written only after its data is where it belongs:
 FLUSH is ``fsync`` before OK, and when the driver did not negotiate FLUSH
 every write is ``fdatasync``-ed before it completes (write-through).
 DISCARD and WRITE_ZEROES are offered only when the image's file system
 accepts ``fallocate(PUNCH_HOLE / ZERO_RANGE)``, probed when the image opens.
+Each image is locked while the VM runs (exclusive when writable, shared when
+read-only): a second VMM opening it for writing gets a one-line error.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import stat
 import struct
 
 from pyvmm.devices.virtio.device import DEVICE_ID_BLOCK, DeviceContext, VirtioDevice
 from pyvmm.errors import DeviceError
+from pyvmm.host.fileio import ImageFile, LockConflict, skip
 
 SECTOR_SIZE = 512
 SECTOR_SHIFT = 9
@@ -59,123 +60,59 @@ _SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
 # Config space up to and including write_zeroes_may_unmap (+3 bytes padding).
 _CONFIG = struct.Struct("<QII4xI8xBxHIIIIIB3x")
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-_IOV_MAX = 1024
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _fallocate(fd, mode, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
 class RawImage:
-    """The host side of a disk: a raw image file (or block device) and what it supports."""
+    """The host side of a disk: a raw image file (or block device), what it supports, and its lock.
 
-    def __init__(self, path: str | os.PathLike, *, read_only: bool = False):
+    ``lock``: take the image's lock (exclusive when writable, shared when read-only) so
+    that a second VMM cannot open it for writing while this guest uses it.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, read_only: bool = False, lock: bool = True):
         self.path = os.fspath(path)
         self.read_only = read_only
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         try:
-            self.fd = os.open(self.path, flags)
+            self.file = ImageFile(self.path, read_only=read_only)
         except OSError as err:
             raise DeviceError(f"virtio-blk: cannot open image {self.path!r}: {err.strerror}") from err
         try:
-            self.size = os.lseek(self.fd, 0, os.SEEK_END)
-            st = os.fstat(self.fd)
-            if read_only or stat.S_ISBLK(st.st_mode):
-                self.can_punch_hole = self.can_zero_range = False
-            else:
-                self.can_punch_hole, self.can_zero_range = self._probe_fallocate()
+            if lock:
+                self.file.lock()
+            self.size = self.file.size
+            self.can_punch_hole, self.can_zero_range = self.file.probe_fallocate()
+        except LockConflict as err:
+            self.file.close()
+            holder = "is open for writing in another VMM" if read_only else "is in use by another VMM"
+            raise DeviceError(
+                f"virtio-blk: image {self.path!r} {holder} (its lock is held); two guests writing one image "
+                "corrupt it. Stop the other VM, or set lock = false for this drive to share it anyway"
+            ) from err
         except OSError as err:
-            os.close(self.fd)
+            self.file.close()
             raise DeviceError(f"virtio-blk: cannot use image {self.path!r}: {err.strerror}") from err
 
-    def _probe_fallocate(self) -> tuple[bool, bool]:
-        """Which fallocate modes the image's file system accepts, tried on a scratch file beside it."""
-        directory = os.path.dirname(os.path.abspath(self.path))
-        try:
-            scratch = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        except OSError:
-            return self._probe_past_end()
-        try:
-            os.pwrite(scratch, bytes(8192), 0)
-            return _accepts(scratch, FALLOC_FL_PUNCH_HOLE, 0), _accepts(scratch, FALLOC_FL_ZERO_RANGE, 0)
-        finally:
-            os.close(scratch)
-
-    def _probe_past_end(self) -> tuple[bool, bool]:
-        # No scratch file possible (read-only directory): try beyond the end of the image, where a
-        # hole changes nothing; a zeroed range there is punched out again.
-        end = -(-self.size // 4096) * 4096
-        punch = _accepts(self.fd, FALLOC_FL_PUNCH_HOLE, end)
-        zero = _accepts(self.fd, FALLOC_FL_ZERO_RANGE, end)
-        if zero and punch:
-            _accepts(self.fd, FALLOC_FL_PUNCH_HOLE, end)
-        return punch, zero
-
-    # Vectored I/O straight from/into the views; loops over short transfers.
     def read_into(self, views: list, offset: int, length: int) -> None:
-        _full_transfer(os.preadv, self.fd, views, offset, length)
+        self.file.read_into(views, offset, length)
 
     def write_from(self, views: list, offset: int, length: int) -> None:
-        _full_transfer(os.pwritev, self.fd, views, offset, length)
+        self.file.write_from(views, offset, length)
 
     def flush(self) -> None:
-        os.fsync(self.fd)
+        self.file.flush()
 
     def sync_data(self) -> None:
-        os.fdatasync(self.fd)
+        self.file.sync_data()
 
     def discard(self, offset: int, length: int) -> None:
-        fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        self.file.punch_hole(offset, length)
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool) -> None:
         if self.can_punch_hole and (unmap or not self.can_zero_range):
             self.discard(offset, length)  # a hole reads back as zeroes
         else:
-            fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+            self.file.zero_range(offset, length)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _accepts(fd: int, mode: int, offset: int) -> bool:
-    try:
-        fallocate(fd, mode | FALLOC_FL_KEEP_SIZE, offset, 4096)
-        return True
-    except OSError:
-        return False
-
-
-def _full_transfer(op, fd: int, views: list, offset: int, length: int) -> None:
-    """Run preadv/pwritev until all ``length`` bytes of ``views`` are done; no progress is an I/O error."""
-    done = op(fd, views if len(views) <= _IOV_MAX else views[:_IOV_MAX], offset)
-    while done < length:  # rare: a short transfer, or more views than one call takes
-        if done < 0:
-            raise OSError(errno.EIO, f"short transfer at byte {offset} of the image")
-        count = op(fd, _skip(views, done)[:_IOV_MAX], offset + done)
-        if count <= 0:
-            raise OSError(errno.EIO, f"short transfer at byte {offset + done} of the image")
-        done += count
-
-
-def _skip(views: list, count: int) -> list:
-    """``views`` without their first ``count`` bytes."""
-    for i, view in enumerate(views):
-        if count < len(view):
-            return ([view[count:]] if count else [view]) + views[i + 1 :]
-        count -= len(view)
-    return []
+        self.file.close()
 
 
 class VirtioBlock(VirtioDevice):
@@ -195,8 +132,9 @@ class VirtioBlock(VirtioDevice):
         self._config = self._build_config()
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, read_only: bool = False, serial: str | None = None) -> VirtioBlock:
-        return cls(RawImage(path, read_only=read_only), serial=serial)
+    def open(cls, path: str | os.PathLike, *, read_only: bool = False, serial: str | None = None,
+             lock: bool = True) -> VirtioBlock:  # fmt: skip
+        return cls(RawImage(path, read_only=read_only, lock=lock), serial=serial)
 
     def device_features(self) -> int:
         features = super().device_features()
@@ -261,7 +199,7 @@ class VirtioBlock(VirtioDevice):
             data_in = readable[1:] if len(first) == _HEADER.size else [first[_HEADER.size :]] + readable[1:]
         else:
             kind, _reserved, sector = _HEADER.unpack(b"".join(bytes(v) for v in readable)[: _HEADER.size])
-            data_in = _skip(readable, _HEADER.size)
+            data_in = skip(readable, _HEADER.size)
 
         try:
             if kind == VIRTIO_BLK_T_IN:

@@ -89,7 +89,7 @@ class VirtioDevice:
         """The driver notified queue ``index`` (called on the event-loop thread)."""
 
     def poll_fds(self) -> list[tuple[int, int, Callable[[int], None]]]:
-        """Host fds the event loop should watch for this device: (fd, epoll events, callback)."""
+        """Host fds the event loop should watch for this device: (fd, host.poll mask, callback)."""
         return []
 
     def close(self) -> None:

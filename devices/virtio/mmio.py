@@ -6,10 +6,11 @@ held at level ``InterruptStatus != 0``.
 
 Queue notifications arrive either as a QueueNotify bus write or, with KVM, as
 an ioeventfd the builder registers at ``base + QUEUE_NOTIFY`` (datamatch =
-queue index). ``attach(loop)`` creates one eventfd per queue and serves them on
-the event-loop thread, so requests are never processed on a vCPU thread; the
-builder may hand the same eventfds to KVM. Without ``attach`` (unit tests), a
-QueueNotify write processes the queue synchronously.
+queue index). ``attach(loop)`` creates one notifier per queue (host/notify.py: an
+eventfd on Linux) and serves them on the event-loop thread, so requests are
+never processed on a vCPU thread; the builder may hand the same eventfds to
+KVM. Without ``attach`` (unit tests), a QueueNotify write processes the queue
+synchronously.
 
 Guest mistakes never escape: a ``QueueError`` (or any other failure while
 serving the device) sets DEVICE_NEEDS_RESET and raises a configuration-change
@@ -19,11 +20,11 @@ interrupt for this device only.
 from __future__ import annotations
 
 import logging
-import os
-import select
 import threading
 
 from pyvmm.devices.irq import IrqLine
+from pyvmm.host.notify import Notifier
+from pyvmm.host.poll import READABLE
 from pyvmm.devices.virtio.device import DeviceContext, VirtioDevice
 from pyvmm.devices.virtio.queue import QueueError, SplitQueue
 from pyvmm.devices.virtio.status import (
@@ -113,7 +114,7 @@ class VirtioMmio:
         self._irq_lock = threading.Lock()
         self.counters = {"resets": 0, "needs_reset": 0, "interrupts": 0, "notifications": 0}
         self.last_error: str | None = None
-        self._notify_fds: list[int] = []
+        self._notify_fds: list[Notifier] = []
         self._loop = None
         self._reset_state()
 
@@ -157,10 +158,7 @@ class VirtioMmio:
             index = int.from_bytes(data, "little") & 0xFFFF
             self.counters["notifications"] += 1
             if index < len(notify_fds):
-                try:
-                    os.eventfd_write(notify_fds[index], 1)
-                except OSError:
-                    pass  # closed during shutdown: the kick no longer matters
+                notify_fds[index].notify()  # a closed notifier (shutdown) ignores it
             return
         if offset == INTERRUPT_ACK and len(data) == 4:
             self._ack(int.from_bytes(data, "little"))
@@ -363,31 +361,29 @@ class VirtioMmio:
             self._interrupt(INTERRUPT_CONFIG_CHANGE)
 
     # --- event loop wiring ----------------------------------------------
-    def attach(self, loop) -> list[int]:
+    def attach(self, loop) -> list[Notifier]:
         """Serve this device's queues and host fds on ``loop``'s thread.
 
-        Returns one eventfd per queue (index = queue index); the builder may also register each
-        with KVM_IOEVENTFD at ``base + QUEUE_NOTIFY`` with datamatch = its index, so the guest's
-        kick never leaves the kernel.
+        Returns one notifier per queue (index = queue index); where it is an eventfd the builder
+        may also register it with KVM_IOEVENTFD at ``base + QUEUE_NOTIFY`` with datamatch = its
+        index, so the guest's kick never leaves the kernel.
         """
         with self.lock:
             if self._loop is not None:
                 raise PyvmmError(f"{self.name}: already attached to an event loop")
             self._loop = loop
-            self._notify_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in self.queues]
-        for index, fd in enumerate(self._notify_fds):
-            loop.add_fd(fd, self._notify_callback(fd, index), select.EPOLLIN, on_error=self.fail, name=f"{self.name} queue {index}")
+            self._notify_fds = [Notifier() for _ in self.queues]
+        for index, notifier in enumerate(self._notify_fds):
+            loop.add_fd(notifier.fileno(), self._notify_callback(notifier, index), READABLE, on_error=self.fail,
+                        name=f"{self.name} queue {index}")  # fmt: skip
         for fd, events, callback in self.device.poll_fds():
             loop.add_fd(fd, lambda ev, cb=callback: self.run_device(cb, ev), events, on_error=self.fail, name=f"{self.name} fd {fd}")
         return list(self._notify_fds)
 
-    def _notify_callback(self, fd: int, index: int):
+    def _notify_callback(self, notifier: Notifier, index: int):
         def on_notify(events: int) -> None:
-            try:
-                os.eventfd_read(fd)
-            except BlockingIOError:
-                return
-            self.queue_notify(index)
+            if notifier.clear():
+                self.queue_notify(index)
 
         return on_notify
 
@@ -395,14 +391,14 @@ class VirtioMmio:
         """Detach from the event loop and release the device's host resources."""
         with self.lock:
             loop, self._loop = self._loop, None
-            fds, self._notify_fds = self._notify_fds, []
+            notifiers, self._notify_fds = self._notify_fds, []
         if loop is not None:
-            for fd in fds:
-                loop.remove_fd(fd)
+            for notifier in notifiers:
+                loop.remove_fd(notifier.fileno())
             for fd, _events, _callback in self.device.poll_fds():
                 loop.remove_fd(fd)
-        for fd in fds:
-            os.close(fd)
+        for notifier in notifiers:
+            notifier.close()
         self.device.close()
         close_line = getattr(self.irq, "close", None)  # a line with host resources (KVM irqfd)
         if close_line is not None:

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import socket
 import struct
 
 from pyvmm.devices.virtio.device import DEVICE_ID_NET, VirtioDevice
 from pyvmm.errors import DeviceError
+from pyvmm.host.poll import EDGE, READABLE
 
 VIRTIO_NET_F_MAC = 5
 VIRTIO_NET_F_MRG_RXBUF = 15
@@ -116,7 +116,7 @@ class VirtioNet(VirtioDevice):
             self.receive()
 
     def poll_fds(self):
-        return [(self.backend.fileno(), select.EPOLLIN | select.EPOLLET, self._on_readable)]
+        return [(self.backend.fileno(), READABLE | EDGE, self._on_readable)]
 
     def close(self) -> None:
         self.backend.close()

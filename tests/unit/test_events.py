@@ -111,7 +111,7 @@ def test_queue_notify_served_on_the_loop_thread(loop):
     assert served_on == ["test-events"]
     # The builder can hand the same eventfd to KVM as an ioeventfd: a raw eventfd write works too.
     q.add([(buf, 32, True)], kick=False)
-    os.eventfd_write(notify_fds[0], 1)
+    notify_fds[0].notify()
     assert wait_for(lambda: q.used_idx() == 2)
     driver.transport.close()
 

@@ -342,3 +342,83 @@ def test_benchmark_smoke(tmp_path):
     for row in ("4Ki  read", "4Ki write", "64Ki  read", "64Ki write"):
         assert row in result.stdout
     assert "'errors': 0" in result.stdout
+
+
+def test_flush_completes_only_after_the_image_fd_is_synced(image, monkeypatch):
+    """A FLUSH's status byte turns OK only after fsync (F_FULLFSYNC on macOS) of the image's own fd:
+    a flush that completed without syncing would pass every request-level check."""
+    from pyvmm.host import fileio
+
+    disk = Disk(VirtioBlock.open(image))
+    disk.request(VIRTIO_BLK_T_OUT, 0, out=b"y" * 512)
+    image_fd = disk.device.image.file.fd
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append((fd, disk.mem.read(disk.driver._next_free - 1, 1)))  # the status byte, at that moment
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(fileio.sys, "platform", "linux")  # the fsync path, whatever the host
+    status, used, _ = disk.request(VIRTIO_BLK_T_FLUSH)
+    assert (status, used) == (VIRTIO_BLK_S_OK, 1)
+    assert [fd for fd, _ in synced] == [image_fd], "FLUSH completed without syncing the image"
+    assert synced[0][1] == b"\xff", "the status was written before the image was synced"
+
+
+def test_write_through_writes_are_data_synced_before_they_complete(image, monkeypatch):
+    """Without FLUSH negotiated, every write must be on stable storage (fdatasync) before its status."""
+    from pyvmm.host import fileio
+
+    disk = Disk(VirtioBlock.open(image), without=1 << VIRTIO_BLK_F_FLUSH)
+    synced = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    monkeypatch.setattr(fileio.sys, "platform", "linux")
+    status, _, _ = disk.request(VIRTIO_BLK_T_OUT, 0, out=b"z" * 512)
+    assert status == VIRTIO_BLK_S_OK and synced == [disk.device.image.file.fd]
+
+
+def test_a_second_writer_of_an_image_is_refused_with_its_name(image):
+    first = VirtioBlock.open(image)
+    try:
+        with pytest.raises(DeviceError, match=rf"image '{image}' is in use by another VMM .*lock = false"):
+            VirtioBlock.open(image)
+        with pytest.raises(DeviceError, match=r"is open for writing in another VMM"):
+            VirtioBlock.open(image, read_only=True)
+    finally:
+        first.close()
+    VirtioBlock.open(image).close()  # the lock went with the first VMM's image
+
+
+def test_readers_share_an_image_and_keep_writers_out(image):
+    readers = [VirtioBlock.open(image, read_only=True) for _ in range(2)]
+    try:
+        with pytest.raises(DeviceError, match="is in use by another VMM"):
+            VirtioBlock.open(image)
+    finally:
+        for reader in readers:
+            reader.close()
+
+
+def test_lock_false_opts_out(image):
+    first = VirtioBlock.open(image)
+    try:
+        VirtioBlock.open(image, lock=False).close()
+    finally:
+        first.close()
+
+
+def test_the_lock_conflicts_across_processes_too(image):
+    import subprocess
+    import sys
+
+    holder = VirtioBlock.open(image)
+    try:
+        code = ("import sys; from pyvmm.devices.virtio.blk import VirtioBlock\n"
+                "try:\n    VirtioBlock.open(sys.argv[1])\nexcept Exception as e:\n    print(e)\n")  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", code, str(image)], capture_output=True, text=True, timeout=60)
+        assert "is in use by another VMM" in out.stdout, out.stdout + out.stderr
+    finally:
+        holder.close()
