@@ -42,6 +42,8 @@ class DriveConfig:
     path: Path
     read_only: bool = False
     serial: str | None = None
+    #: lock the image while the VM runs (exclusive when writable, shared when read-only)
+    lock: bool = True
 
 
 @dataclass
@@ -82,6 +84,7 @@ _SCHEMA = {
         "path": ((str,), "a path string"),
         "read_only": ((bool,), "true or false"),
         "serial": ((str,), "a string"),
+        "lock": ((bool,), "true or false"),
     },
     "net": {
         "tap": ((str,), "a string"),
@@ -181,6 +184,7 @@ def config_from_dict(data: dict, *, base_dir: str | os.PathLike = ".", source: s
             fail(f"{key}.path", "missing: name the disk image file")
         drive = DriveConfig(path=_existing_file(base_dir, entry["path"], source, f"{key}.path"))
         drive.read_only = entry.get("read_only", False)
+        drive.lock = entry.get("lock", True)
         if not drive.read_only and not os.access(drive.path, os.W_OK):
             fail(f"{key}.path", f"image not writable (permission denied): {drive.path}; set read_only = true")
         if "serial" in entry:
@@ -247,20 +251,30 @@ def parse_accel(value, *, source: str = "<command line>", key: str = "machine.ac
 def _existing_file(base_dir: Path, value: str, source: str, key: str) -> Path:
     if not value:
         raise ConfigError("is empty; expected a file path", file=source, key=key)
-    path = (base_dir / os.path.expanduser(value)).resolve()
-    if not path.exists():
+    if "\0" in value:
+        raise ConfigError(f"{value!r} contains a NUL character; file names cannot", file=source, key=key)
+    try:
+        path = (base_dir / os.path.expanduser(value)).resolve()
+        exists, regular, readable = path.exists(), path.is_file(), os.access(path, os.R_OK)
+    except (OSError, RuntimeError) as err:  # a name too long, a symlink loop, ...
+        why = getattr(err, "strerror", None) or str(err)
+        raise ConfigError(f"cannot use {value!r} as a file path: {why}", file=source, key=key) from err
+    if not exists:
         raise ConfigError(f"file not found: {path}", file=source, key=key)
-    if not path.is_file():
+    if not regular:
         raise ConfigError(f"not a regular file: {path}", file=source, key=key)
-    if not os.access(path, os.R_OK):
+    if not readable:
         raise ConfigError(f"file not readable (permission denied): {path}", file=source, key=key)
     return path
 
 
 def _check_kernel_format(path: Path, source: str) -> None:
     """A cheap sniff so a wrong file is named at config time; the loader checks the rest."""
-    with open(path, "rb") as f:
-        head = f.read(0x210)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(0x210)
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}", file=source, key="boot.kernel") from err
     if head[:4] == b"\x7fELF":
         return
     if len(head) >= 0x206 and head[0x1FE:0x200] == b"\x55\xaa" and head[0x202:0x206] == b"HdrS":

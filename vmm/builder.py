@@ -207,7 +207,8 @@ def _virtio_devices(config: VmConfig, vm, memory: GuestMemory, mmio: MmioBus, ev
     """
     models = []
     for i, drive in enumerate(config.drives):
-        models.append((f"virtio-blk{i}", lambda d=drive: VirtioBlock.open(d.path, read_only=d.read_only, serial=d.serial)))
+        models.append((f"virtio-blk{i}", lambda d=drive: VirtioBlock.open(d.path, read_only=d.read_only, serial=d.serial,
+                                                                          lock=d.lock)))
     for i, net in enumerate(config.nets):
         models.append((f"virtio-net{i}", lambda n=net: VirtioNet(TapBackend(n.tap), mac=n.mac)))
     if config.rng:
@@ -225,8 +226,9 @@ def _virtio_devices(config: VmConfig, vm, memory: GuestMemory, mmio: MmioBus, ev
             # Where the hypervisor can, queue notifications reach the event loop
             # without a vCPU exit (KVM ioeventfd: datamatch = queue index).
             if Capability.IOEVENTFD in vm.capabilities:
-                for index, fd in enumerate(notify_fds):
-                    vm.ioeventfd(base + QUEUE_NOTIFY, 4, fd, datamatch=index)
+                for index, notifier in enumerate(notify_fds):
+                    if notifier.is_eventfd:
+                        vm.ioeventfd(base + QUEUE_NOTIFY, 4, notifier.fileno(), datamatch=index)
             log.info("%s at %#x, IRQ %d", name, base, irq)
     except BaseException:
         for transport in transports:

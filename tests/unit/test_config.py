@@ -69,6 +69,7 @@ def test_bzimage_passes_the_format_sniff(tmp_path):
         ('[machine]\nvcpus = true\n[boot]\nkernel = "vmlinux"\n', "machine.vcpus", "must be an integer, not a boolean"),
         ('[machine]\nvcpus = 0\n[boot]\nkernel = "vmlinux"\n', "machine.vcpus", "at least 1"),
         ('[machine]\nvcpus = 300\n[boot]\nkernel = "vmlinux"\n', "machine.vcpus", "254"),
+        ('[machine]\nvcpus = 255\n[boot]\nkernel = "vmlinux"\n', "machine.vcpus", "255 is more than the 254"),
         ('[machine]\nmemory_mib = 1.5\n[boot]\nkernel = "vmlinux"\n', "machine.memory_mib", "not a float"),
         ('[machine]\nmemory_mib = 4\n[boot]\nkernel = "vmlinux"\n', "machine.memory_mib", f"minimum of {MIN_MEMORY_MIB} MiB"),
         ('[machine]\nmemory_mib = 100000000\n[boot]\nkernel = "vmlinux"\n', "machine.memory_mib", "more than this host"),
@@ -226,3 +227,71 @@ def test_unwritable_image_needs_read_only(tmp_path, kernel_file, monkeypatch):
         load_config(write(tmp_path, '[boot]\nkernel = "vmlinux"\n[[drive]]\npath = "disk.img"\n'))
     cfg = load_config(write(tmp_path, '[boot]\nkernel = "vmlinux"\n[[drive]]\npath = "disk.img"\nread_only = true\n'))
     assert cfg.drives[0].read_only
+
+
+@pytest.mark.parametrize("key", ["kernel", "initrd"])
+def test_a_nul_byte_in_a_path_is_a_config_error(tmp_path, kernel_file, key):
+    boot = {"kernel": "vmlinux", key: "a\u0000b"}
+    with pytest.raises(ConfigError, match=rf"<dict>: boot.{key}: 'a\\x00b' contains a NUL character"):
+        config_from_dict({"boot": boot}, base_dir=tmp_path)
+
+
+def test_a_nul_byte_in_a_config_file_path_through_the_cli(tmp_path, kernel_file, capsys):
+    from pyvmm.cli import main
+
+    config = write(tmp_path, '[boot]\nkernel = "a\\u0000b"\n')
+    assert main(["boot", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "boot.kernel" in err and "NUL" in err and "Traceback" not in err
+
+
+def test_an_overlong_path_is_a_config_error(tmp_path, kernel_file):
+    with pytest.raises(ConfigError, match="boot.kernel: cannot use .* as a file path"):
+        config_from_dict({"boot": {"kernel": "x" * 5000}}, base_dir=tmp_path)
+
+
+# --- fuzzing: whatever the structure, config_from_dict answers with a config or a ConfigError
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_KEYS = ["machine", "boot", "drive", "net", "rng", "vcpus", "memory_mib", "accel", "fallback", "kernel", "initrd",
+         "cmdline", "path", "read_only", "serial", "lock", "tap", "mac", "enabled", "other"]  # fmt: skip
+_scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats(allow_nan=True)
+            | st.text(max_size=40) | st.sampled_from(["vmlinux", "a\x00b", "", "~", "/dev/null", "auto", "kvm",
+                                                     "52:54:00:12:34:56", "x" * 300]))  # fmt: skip
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
+                       | st.dictionaries(st.sampled_from(_KEYS) | st.text(max_size=8), inner, max_size=5),
+                       max_leaves=20)  # fmt: skip
+_configs = st.dictionaries(st.sampled_from(_KEYS), _values, max_size=6) | _values
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=_configs)
+def test_config_from_dict_raises_only_config_errors(tmp_path, kernel_file, data):
+    try:
+        config_from_dict(data, base_dir=tmp_path)
+    except ConfigError as err:
+        assert "\n" not in str(err) and str(err).startswith("<dict>")
+
+
+_sections = st.fixed_dictionaries(
+    {"boot": st.fixed_dictionaries({"kernel": st.just("vmlinux") | _scalars},
+                                   optional={"initrd": _scalars, "cmdline": _scalars})},
+    optional={
+        "machine": st.dictionaries(st.sampled_from(["vcpus", "memory_mib", "accel", "fallback"]), _values, max_size=4),
+        "drive": st.lists(st.dictionaries(st.sampled_from(["path", "read_only", "serial", "lock"]), _values,
+                                          max_size=4), max_size=3),
+        "net": st.lists(st.dictionaries(st.sampled_from(["tap", "mac"]), _values, max_size=2), max_size=2),
+        "rng": st.dictionaries(st.sampled_from(["enabled"]), _values, max_size=1),
+    },
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=_sections)
+def test_well_shaped_configs_with_bad_values_raise_only_config_errors(tmp_path, kernel_file, data):
+    try:
+        config_from_dict(data, base_dir=tmp_path)
+    except ConfigError as err:
+        assert "\n" not in str(err)
