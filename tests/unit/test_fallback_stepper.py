@@ -259,6 +259,22 @@ def test_an_event_kvm_was_injecting_is_delivered_first_and_nothing_runs(machine)
     assert vcpu.events_set and vcpu.events.exception is None
 
 
+@pytest.mark.parametrize("events, vector", [(PendingEvents(interrupt=0x30), 0x30),
+                                             (PendingEvents(nmi_injected=True), 2)])  # fmt: skip
+def test_an_interrupt_being_injected_is_delivered_once_and_then_cleared(machine, events, vector):
+    """An external interrupt (or NMI) the hypervisor was injecting when its emulator failed: the step
+    delivers it through the IDT and tells the hypervisor it is done, or the guest would take it twice."""
+    memory, manager, _, _ = machine
+    gate = (HANDLER & 0xFFFF) | (0x08 << 16) | (0x8E << 40) | ((HANDLER >> 16) << 48)
+    memory.write_int(IDT + vector * 8, 8, gate)
+    vcpu = EventVcpu(events)
+    vcpu.regs.rflags = 0x202
+    step(memory, manager, vcpu, b"\xf3\x0f\xb8\xc3")  # popcnt eax, ebx: must not run yet
+    assert vcpu.regs.rip == HANDLER and struct.unpack("<I", memory.read(STACK - 12, 4))[0] == CODE
+    assert vcpu.events.interrupt is None and not vcpu.events.nmi_injected
+    assert vcpu.events.nmi_masked is (vector == 2)  # an NMI's delivery blocks NMIs until IRET
+
+
 def test_interrupt_shadow_ends_after_the_stepped_instruction(machine):
     memory, manager, _, _ = machine
     vcpu = EventVcpu(PendingEvents(shadow=SHADOW_STI))

@@ -781,6 +781,36 @@ def test_chip_interrupt_interrupts_a_spin_loop(guest):
     assert latency < 0.1
 
 
+@pytest.mark.parametrize("trap", [False, True])
+def test_a_64bit_interrupt_gate_clears_if_and_a_trap_gate_keeps_it(guest, trap):
+    """Long-mode delivery of an external interrupt: IF = 0 in the handler through an interrupt
+    gate (type 0xE), unchanged through a trap gate (0xF) (SDM vol. 3, 6.12.1.3)."""
+    guest.setup_long_mode()
+    sym = guest.load(
+        """
+        .code64
+        h30:
+        pushfq
+        pop %rax
+        out %eax, $0xE3
+        1: jmp 1b
+        start:
+        sti
+        2: jmp 2b
+        """
+    )
+    guest.gate64(0x30, sym["h30"], trap=trap)
+    regs = guest.vcpu.get_regs()
+    regs.rip = sym["start"]
+    guest.vcpu.set_regs(regs)
+    thread, result = run_async(guest.vcpu)
+    time.sleep(0.02)
+    guest.chip.raise_vector(0x30)
+    thread.join(2)
+    (port, rflags), = outs([result["exit"]])
+    assert port == 0xE3 and bool(rflags & 0x200) is trap
+
+
 def test_interrupt_waits_for_if(guest):
     guest.setup_long_mode()
     sym = guest.load(

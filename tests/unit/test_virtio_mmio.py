@@ -107,6 +107,22 @@ def test_wrong_status_order_needs_reset(driver, sequence):
     assert driver.status == 0
 
 
+def test_needs_reset_is_sticky_until_the_driver_resets(driver):
+    """A device in DEVICE_NEEDS_RESET must not reach DRIVER_OK by the next valid step: only a reset clears it."""
+    driver.negotiate()
+    driver.queues = [driver.setup_queue(i) for i in range(len(driver.transport.queues))]
+    driver.write_reg(mmio.DRIVER_FEATURES, 0)  # after FEATURES_OK: a rule break
+    assert driver.status & DEVICE_NEEDS_RESET
+    driver.set_status(driver.status | DRIVER_OK)  # what would be the next step without the break
+    assert driver.status & DEVICE_NEEDS_RESET and not driver.status & DRIVER_OK
+    assert not driver.transport.active
+    assert next_step(ADF | DEVICE_NEEDS_RESET, ADFO) is Step.WRONG_ORDER
+    assert next_step(ADF | DEVICE_NEEDS_RESET, ADFO | DEVICE_NEEDS_RESET) is Step.WRONG_ORDER
+    assert next_step(ADF | DEVICE_NEEDS_RESET, ADF | DEVICE_NEEDS_RESET) is Step.UNCHANGED
+    driver.setup()  # a reset, then the whole probe again: now it works
+    assert driver.transport.active and not driver.status & DEVICE_NEEDS_RESET
+
+
 def test_failed_is_accepted_and_stops_the_device(driver):
     driver.setup()
     driver.set_status(ADFO | FAILED)
