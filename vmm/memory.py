@@ -1,6 +1,6 @@
 """Guest physical memory: regions of anonymous host memory with checked access.
 
-A leaf module (imports nothing of pyvmm but the error type), after rust-vmm's
+A leaf module (imports nothing of pyvmm but the error type and host/), after rust-vmm's
 ``vm-memory``: every access names a guest-physical range, the range is checked
 against the regions, and ``view()`` hands out a zero-copy ``memoryview`` that
 cannot reach outside the region it lies in. Device models, loaders and
@@ -17,6 +17,7 @@ import mmap
 from dataclasses import dataclass
 
 from pyvmm.errors import GuestMemoryError
+from pyvmm.host import memory as host_memory
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,13 @@ class GuestMemory:
     def anonymous(cls, layout: list[tuple[int, int]]) -> GuestMemory:
         """Allocate ``(guest_addr, size)`` regions from anonymous, lazily-populated host memory."""
         regions = []
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
         for guest_addr, size in layout:
             if size <= 0 or size % mmap.PAGESIZE or guest_addr % mmap.PAGESIZE:
                 raise GuestMemoryError(f"guest memory region {guest_addr:#x}+{size:#x} is not page-aligned")
-            buf = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                buf = host_memory.anonymous(size)
+            except OSError as err:
+                raise GuestMemoryError(f"cannot allocate {size >> 20} MiB of guest RAM: {err.strerror}") from err
             regions.append(GuestRegion(guest_addr, size, buf, memoryview(buf)))
         return cls(regions)
 

@@ -58,7 +58,14 @@ def test_only_the_engine_module_creates_unicorn_engines():
 
 def test_guest_memory_is_a_leaf():
     ours = {m for m in imported_modules(ROOT / "vmm" / "memory.py") if m.startswith("pyvmm")}
-    assert ours <= {"pyvmm.errors"}
+    assert ours <= {"pyvmm.errors", "pyvmm.host"}
+
+
+def test_host_services_import_only_errors():
+    """host/ sits under everything: devices, vmm and the CLI use it; it uses nothing of theirs."""
+    for path in sources("host"):
+        ours = {m for m in imported_modules(path) if m.startswith("pyvmm")}
+        assert ours <= {"pyvmm.errors"}, f"{path.relative_to(ROOT)} imports {ours}"
 
 
 def test_ffi_declares_only():

@@ -1,0 +1,19 @@
+"""Anonymous host memory for guest RAM: lazily populated, page-aligned, shareable with a hypervisor.
+
+POSIX: a private anonymous mapping without swap reservation (MAP_NORESERVE where it
+exists), so a large guest costs only the pages it touches. Windows: a
+pagefile-backed mapping (``mmap.mmap(-1, size)``), committed page by page on first
+touch. Both are what KVM, Hypervisor.framework and WHPX can map as guest memory.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+
+def anonymous(size: int) -> mmap.mmap:
+    """``size`` bytes of zeroed memory (``size`` a multiple of the page size)."""
+    if not hasattr(mmap, "MAP_ANONYMOUS"):  # Windows: no flags argument
+        return mmap.mmap(-1, size)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+    return mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
