@@ -2,7 +2,10 @@
 
 Exit status of ``pyvmm boot``: 0 when the guest resets or powers off, the
 byte a guest writes to the debug-exit port, 2 for a bad config or kernel,
-1 (or another non-zero value) for a fatal VMM or guest error, 130 on Ctrl-C.
+1 (or another non-zero value) for a fatal VMM or guest error, 124 after
+``--timeout``, and 128 + the signal's number when SIGINT (130), SIGTERM (143)
+or SIGHUP (129) ended it: each is a clean stop (devices flushed and closed,
+created TAP devices removed, the terminal restored), as QEMU does.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -21,6 +25,22 @@ from pyvmm.errors import PyvmmError
 log = logging.getLogger("pyvmm")
 
 ESCAPE = b"\x01"  # Ctrl-A, then x: quit (as in QEMU)
+#: signals that end ``pyvmm boot`` with a clean stop (what systemd, container runtimes and
+#: orchestrators send); SIGINT is Python's KeyboardInterrupt
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Terminated(BaseException):
+    """A stop signal arrived: unwinds like KeyboardInterrupt, so every ``with``/``finally`` cleans up."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+def _on_stop_signal(signum, frame) -> None:
+    raise Terminated(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    previous = _install_stop_signals()
     try:
         return args.func(args)
     except PyvmmError as err:
@@ -38,6 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pyvmm: interrupted", file=sys.stderr)
         return 130
+    except Terminated as stop:
+        print(f"pyvmm: terminated by {stop.name}", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _install_stop_signals() -> dict:
+    """Make SIGTERM/SIGHUP raise ``Terminated`` in the main thread (where Python runs handlers)."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, _on_stop_signal)
+    return previous
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,6 +168,8 @@ def _run(vm, timeout: float | None) -> int:
                     status = machine.stop("quit from the console (Ctrl-A x)")
         except KeyboardInterrupt:
             status = machine.stop("interrupted (Ctrl-C)", code=130)
+        except Terminated as stop:
+            status = machine.stop(f"terminated by {stop.name}", code=128 + stop.signum)
         finally:
             if stdin:
                 stdin.restore()
@@ -147,49 +185,58 @@ def _run(vm, timeout: float | None) -> int:
         return status.code
 
 
+class EscapeFilter:
+    """Keys typed -> bytes for the guest, sans-IO: Ctrl-A x quits, Ctrl-A Ctrl-A sends one Ctrl-A."""
+
+    def __init__(self):
+        self.escaped = False
+        self.quit = False
+
+    def feed(self, data: bytes) -> bytes:
+        out = bytearray()
+        for byte in data:
+            ch = bytes([byte])
+            if self.quit:
+                break
+            if self.escaped:
+                self.escaped = False
+                if ch in (b"x", b"X"):
+                    self.quit = True
+                    break
+                out += ch
+            elif ch == ESCAPE:
+                self.escaped = True
+            else:
+                out += ch
+        return bytes(out)
+
+
 class _StdinForwarder:
-    """Host terminal -> guest serial, in raw mode; Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A."""
+    """Host terminal -> guest serial, in raw mode (host/console.py), through ``EscapeFilter``."""
 
     def __init__(self, vm):
+        from pyvmm.host.console import Keyboard
+
         self.vm = vm
-        self.quit_requested = False
-        self._saved = None
+        self.keyboard = Keyboard(sys.stdin)
+        self.filter = EscapeFilter()
+
+    @property
+    def quit_requested(self) -> bool:
+        return self.filter.quit
 
     def start(self) -> None:
-        import termios
-        import tty
-
-        fd = sys.stdin.fileno()
-        self._saved = termios.tcgetattr(fd)
-        tty.setraw(fd)
+        self.keyboard.enter()
         threading.Thread(target=self._pump, name="stdin", daemon=True).start()
 
     def _pump(self) -> None:
-        fd = sys.stdin.fileno()
-        escaped = False
-        while not self.quit_requested:
-            data = os.read(fd, 1024)
+        while not self.filter.quit:
+            data = self.keyboard.read()
             if not data:
                 return
-            out = bytearray()
-            for byte in data:
-                ch = bytes([byte])
-                if escaped:
-                    escaped = False
-                    if ch in (b"x", b"X"):
-                        self.quit_requested = True
-                        break
-                    out += ch
-                elif ch == ESCAPE:
-                    escaped = True
-                else:
-                    out += ch
+            out = self.filter.feed(data)
             if out:
-                self.vm.console.write(bytes(out))
+                self.vm.console.write(out)
 
     def restore(self) -> None:
-        if self._saved is not None:
-            import termios
-
-            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self._saved)
-            self._saved = None
+        self.keyboard.restore()

@@ -46,6 +46,7 @@ class Machine:
             self.events.start()  # device I/O must be served before the guest can notify
         for loop in self.loops:
             loop.start()
+        log.info("VM started: %d vCPU(s) on %s", len(self.loops), self.accel)
 
     def wait(self, timeout: float | None = None) -> ExitStatus | None:
         """Block until the VM exits; returns its status (None on timeout)."""

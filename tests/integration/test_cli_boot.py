@@ -77,3 +77,32 @@ def test_kvm_emulation_failure_without_fallback_names_bytes_and_rip(tmp_path):
         r"\(bytes: f3 0f b8 c0 [0-9a-f ]+\) and the fallback is off",
         line,
     ), line
+
+
+@pytest.mark.parametrize("signame, status", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_stop_signals_are_a_clean_stop_with_128_plus_the_signal(tmp_path, backend, signame, status):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from elfgen import pvh_elf as make_elf
+
+    kernel = tmp_path / "spin.elf"
+    kernel.write_bytes(make_elf(JMP_SELF))
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[machine]\nmemory_mib = 32\naccel = "{backend}"\n[boot]\nkernel = "{kernel}"\n'
+                      f'[[drive]]\npath = "{image}"\n')  # fmt: skip
+    vm = subprocess.Popen([sys.executable, "-m", "pyvmm", "boot", str(config), "-v"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(2.0)
+    assert vm.poll() is None, vm.communicate()[1]
+    vm.send_signal(getattr(signal, signame))
+    out, err = vm.communicate(timeout=30)
+    assert vm.returncode == status, err
+    assert f"terminated by {signame}" in err and "Traceback" not in err
+    from pyvmm.devices.virtio.blk import VirtioBlock
+
+    VirtioBlock.open(image).close()  # the image lock went with the VM

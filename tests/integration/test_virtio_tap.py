@@ -84,3 +84,23 @@ def test_a_device_that_is_not_a_tap_is_a_one_line_error(tmp_path, netns, backend
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pyvmm: error: tap 'lo'"), err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("signame, status", [("SIGTERM", 143), ("SIGHUP", 129), ("SIGINT", 130)])
+def test_stop_signals_end_the_vm_cleanly_and_remove_the_tap(tmp_path, netns, backend, signame, status):
+    """What systemd, container runtimes and orchestrators send: a clean stop, status 128 + signal."""
+    import signal
+
+    kernel = tmp_path / "spin.elf"
+    kernel.write_bytes(pvh_elf(JMP_SELF))
+    vm = start(tmp_path, netns, backend, kernel, "pyvmmsig0", "-v")
+    deadline = time.monotonic() + 30
+    while "pyvmmsig0" not in links(netns) and vm.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "pyvmmsig0" in links(netns), "the TAP device never appeared"
+    time.sleep(1.0)  # into the run phase
+    vm.send_signal(getattr(signal, signame))
+    out, err = vm.communicate(timeout=30)
+    assert vm.returncode == status, err
+    assert "VM started" in err and "Traceback" not in err
+    assert "pyvmmsig0" not in links(netns), f"{signame} left the TAP pyvmm created behind"
