@@ -1,4 +1,4 @@
-"""A TAP interface as a virtio-net backend (Linux /dev/net/tun).
+"""A TAP interface as a virtio-net backend (Linux /dev/net/tun; elsewhere a one-line error).
 
 Opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR and a 12-byte vnet header, so
 each read or write is exactly one frame in the layout virtio-net uses, and
@@ -13,9 +13,9 @@ existed is left alone.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import struct
+import sys
 
 from pyvmm.devices.virtio.net import NET_HDR_SIZE
 from pyvmm.errors import DeviceError
@@ -38,6 +38,11 @@ class TapBackend:
         self.name = name
         self.created = False
         self.fd = -1
+        if not sys.platform.startswith("linux"):
+            raise DeviceError(f"tap {name!r}: TAP networking needs Linux (/dev/net/tun); this host is {sys.platform}, "
+                              "where [[net]] devices are not supported yet")  # fmt: skip
+        import fcntl  # Linux only, like the rest of this backend
+
         if not os.path.exists(f"/sys/class/net/{name}") and os.geteuid() == 0:
             self._create()
         try:

@@ -123,3 +123,15 @@ def test_hole_punching_is_absent_off_linux(tmp_path, monkeypatch):
             image.punch_hole(0, 4096)
     finally:
         image.close()
+
+
+@pytest.mark.parametrize("platform", ["darwin", "win32"])
+def test_tap_networking_says_in_one_line_that_it_needs_linux(monkeypatch, platform):
+    from pyvmm.devices.virtio import tap
+    from pyvmm.errors import DeviceError
+
+    monkeypatch.setattr(tap.sys, "platform", platform)
+    with pytest.raises(DeviceError) as err:
+        tap.TapBackend("tap0")
+    assert str(err.value) == (f"tap 'tap0': TAP networking needs Linux (/dev/net/tun); this host is {platform}, "
+                              "where [[net]] devices are not supported yet")  # fmt: skip
