@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Callable
 
+from pyvmm.devices.guestlog import GuestLog
 from pyvmm.errors import DeviceError
 from pyvmm.vmm import layout
 
@@ -91,6 +92,7 @@ class Cmos:
         self._offset = 0.0  # guest RTC time minus clock(), in seconds
         self._frozen: dict[int, int] | None = None  # binary field values while the clock is held
         self._last_uip_clock: float | None = None
+        self.guest_log = GuestLog(log, "cmos")
         self._store_memory_size(memory_size)
 
     # ---- bus interface -------------------------------------------------
@@ -191,7 +193,8 @@ class Cmos:
             )
             time.gmtime(epoch)  # rejects years the host cannot represent
         except (ValueError, OverflowError, OSError):
-            log.warning("cmos: guest set an invalid time %s; the clock keeps its old time", fields)
+            self.guest_log.warning("invalid time", "cmos: guest set an invalid time %s; the clock keeps its old time",
+                                   fields)  # fmt: skip
             return
         # Keep the host clock's sub-second phase so seconds tick in step with it.
         self._offset = epoch - math.floor(self._clock())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from pyvmm.devices.guestlog import GuestLog
 from pyvmm.devices.irq import IrqLine
 from pyvmm.host.notify import Notifier
 from pyvmm.host.poll import READABLE
@@ -113,6 +114,8 @@ class VirtioMmio:
         # for a batch of device I/O running under ``lock`` on the event-loop thread.
         self._irq_lock = threading.Lock()
         self.counters = {"resets": 0, "needs_reset": 0, "interrupts": 0, "notifications": 0}
+        #: what the guest can make this transport log, rate-limited per kind
+        self.guest_log = GuestLog(log, self.name)
         self.last_error: str | None = None
         self._notify_fds: list[Notifier] = []
         self._loop = None
@@ -267,7 +270,7 @@ class VirtioMmio:
         elif step is Step.FEATURES_OK:
             problem = features_problem(self.device.device_features(), self.driver_features)
             if problem:
-                log.info("%s: FEATURES_OK refused: %s", self.name, problem)
+                self.guest_log.info("features refused", "%s: FEATURES_OK refused: %s", self.name, problem)
                 self.last_error = problem
             else:
                 self.status = value
@@ -275,7 +278,7 @@ class VirtioMmio:
             self.status = value
             self._activate()
         elif step is Step.FAILED:
-            log.info("%s: the driver set FAILED (status %#x)", self.name, value)
+            self.guest_log.info("driver failed", "%s: the driver set FAILED (status %#x)", self.name, value)
             self.status |= FAILED
         elif step is Step.WRONG_ORDER:
             raise QueueError(f"{self.name}: status {value:#x} written out of order after {self.status:#x}")
@@ -351,9 +354,9 @@ class VirtioMmio:
         """The driver broke a rule or serving the device failed: NEEDS_RESET plus a config interrupt."""
         with self.lock:
             if isinstance(err, PyvmmError):
-                log.warning("%s: device needs reset: %s", self.name, err)
+                self.guest_log.warning("needs reset", "%s: device needs reset: %s", self.name, err)
             else:
-                log.error("%s: device failed, needs reset", self.name, exc_info=err)
+                self.guest_log.error("device failure", "%s: device failed, needs reset", self.name, exc_info=err)
             self.last_error = str(err)
             self.counters["needs_reset"] += 1
             self.device.metrics.errors += 1
@@ -399,6 +402,7 @@ class VirtioMmio:
                 loop.remove_fd(fd)
         for notifier in notifiers:
             notifier.close()
+        self.guest_log.flush()
         self.device.close()
         close_line = getattr(self.irq, "close", None)  # a line with host resources (KVM irqfd)
         if close_line is not None:
