@@ -352,3 +352,41 @@ def test_emufail_guest_through_pyvmm_boot_reports_fallbacks(tmp_path):
             assert re.search(rf"^pyvmm: INFO pyvmm\.machine: +\d+ x .*{name}", summary, re.MULTILINE), summary
             # and the first time each is seen it is logged
             assert re.search(rf"fallback: vcpu 0 at rip 0x[0-9a-f]+: KVM cannot emulate [^\n]*{name}", result.stderr)
+
+
+IMPORTS_AFTER_BOOT = """
+import sys
+from pyvmm.cli import main
+status = main(["boot", sys.argv[1]])
+print("modules:", " ".join(m for m in ("unicorn", "capstone") if m in sys.modules))
+sys.exit(status)
+"""
+
+
+def _boot_and_list_imports(tmp_path, kernel):
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[machine]\nmemory_mib = 32\naccel = "kvm"\n[boot]\nkernel = "{kernel}"\n')
+    result = subprocess.run([sys.executable, "-c", IMPORTS_AFTER_BOOT, str(config)], capture_output=True, text=True,
+                            timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout.rsplit("modules:", 1)[1].split()
+
+
+def test_a_kvm_boot_with_the_fallback_armed_imports_no_interpreter(tmp_path):
+    """The fallback costs nothing until an instruction needs it: no unicorn, no capstone."""
+    from conftest import GUESTS
+
+    needs("kvm")
+    assert _boot_and_list_imports(tmp_path, GUESTS / "hello.elf") == []
+
+
+def test_the_first_fallback_imports_the_interpreter(tmp_path):
+    """The other side of the test above (it must be able to see an import): a guest that needs it."""
+    from conftest import GUESTS
+    from pyvmm.accel import kvm
+
+    needs("kvm")
+    needs("interp")
+    if not kvm.is_pvm_host():
+        pytest.skip("on a VT-x/AMD-V host KVM's emulator runs emufail's instructions itself")
+    assert _boot_and_list_imports(tmp_path, GUESTS / "emufail.elf") == ["unicorn", "capstone"]
