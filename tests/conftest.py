@@ -13,6 +13,16 @@ GUESTS = ROOT / "tests" / "guests"
 ASSETS = Path(os.environ.get("PYVMM_TEST_ASSETS", ROOT / "tests" / "assets"))
 
 
+SLOW_TEST_TIMEOUT = 1500  # seconds; the ten-boot test takes ~6 minutes on these 2-core machines
+
+
+def pytest_collection_modifyitems(config, items):
+    """Long end-to-end boots (marker ``slow``) get a longer per-test timeout than the default."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT))
+
+
 @pytest.fixture(params=["kvm", "interp"])
 def backend(request):
     """Each accelerator in turn; skipped with the probe's reason where it is not usable."""
