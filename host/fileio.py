@@ -117,12 +117,12 @@ class ImageFile:
     def flush(self) -> None:
         """Everything written so far is on stable storage."""
         if sys.platform == "darwin":
-            import fcntl
-
             try:
+                import fcntl
+
                 fcntl.fcntl(self.fd, F_FULLFSYNC)
                 return
-            except OSError:
+            except (ImportError, OSError):
                 pass  # a file system without F_FULLFSYNC: plain fsync is the best there is
         os.fsync(self.fd)
 
@@ -165,21 +165,27 @@ class ImageFile:
         return punch, zero
 
     # --- locks ----------------------------------------------------------------
-    def lock(self) -> None:
-        """Exclusive for a writable image, shared for a read-only one; ``LockConflict`` when taken."""
+    def lock(self) -> bool:
+        """Exclusive for a writable image, shared for a read-only one; ``LockConflict`` when taken.
+
+        False when this platform offers no file locks at all (then nothing is locked).
+        """
         exclusive = not self.read_only
         try:
             if os.name == "nt":
                 _windows_lock(self.fd, exclusive)
             else:
-                import fcntl
-
+                try:
+                    import fcntl
+                except ImportError:
+                    return False
                 fcntl.flock(self.fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except OSError as err:
             if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK) or getattr(err, "winerror", 0) == 33:
                 raise LockConflict(err.errno, err.strerror or "locked") from err
             raise
         self._locked = True
+        return True
 
     def close(self) -> None:
         if self.fd >= 0:

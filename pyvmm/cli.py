@@ -146,9 +146,7 @@ def _cmd_demo(args) -> int:
 def _run(vm, timeout: float | None) -> int:
     start = time.monotonic()
     with vm:
-        machine = vm.machine  # build: config and kernel errors surface here
-        for probe in machine.rejected_accels:
-            log.info("accelerator %s not used: %s", probe.name, probe.reason)
+        machine = vm.machine  # build: config and kernel errors surface here (the builder logs the choice)
         stdin = _StdinForwarder(vm) if sys.stdin is not None and sys.stdin.isatty() else None
         try:
             if stdin:

@@ -188,6 +188,7 @@ class InterpVcpu(system.EngineHooks):
         self.set_sregs(sregs)
         self.set_regs(Regs(rip=rip, rdx=0x600))
         self.set_fpu(FpuState())
+        self.engine.xcr0 = 1  # the architectural reset value (x87 only); unicorn starts at 3
 
     # ------------------------------------------------------------------
     # memory

@@ -14,12 +14,15 @@ read-only): a second VMM opening it for writing gets a one-line error.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import struct
 
 from pyvmm.devices.virtio.device import DEVICE_ID_BLOCK, DeviceContext, VirtioDevice
 from pyvmm.errors import DeviceError
 from pyvmm.host.fileio import ImageFile, LockConflict, skip
+
+log = logging.getLogger("pyvmm.virtio.blk")
 
 SECTOR_SIZE = 512
 SECTOR_SHIFT = 9
@@ -75,8 +78,9 @@ class RawImage:
         except OSError as err:
             raise DeviceError(f"virtio-blk: cannot open image {self.path!r}: {err.strerror}") from err
         try:
-            if lock:
-                self.file.lock()
+            if lock and not self.file.lock():
+                log.warning("virtio-blk: this platform has no file locks: image %s is not protected against a "
+                            "second VMM writing it", self.path)  # fmt: skip
             self.size = self.file.size
             self.can_punch_hole, self.can_zero_range = self.file.probe_fallocate()
         except LockConflict as err:

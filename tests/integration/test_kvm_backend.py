@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from pyvmm import accel
 from pyvmm.accel import kvm
 from pyvmm.accel.core import EmulationFailure, Interrupted, IoIn, IoOut, MmioRead, MmioWrite, Shutdown
 from pyvmm.accel.x86 import CpuidEntry, DescriptorTable, FpuState, Regs, Segment
@@ -290,6 +291,52 @@ def test_register_and_state_round_trips(make_guest):
     vcpu.set_xcrs(xcrs)
     assert vcpu.get_mp_state() == k.KVM_MP_STATE_RUNNABLE
     vcpu.set_mp_state(k.KVM_MP_STATE_RUNNABLE)
+
+
+def test_save_and_restore_state_round_trip(make_guest):
+    """save_state is tagged by backend and arch and restores into a fresh vCPU exactly."""
+    from pyvmm.accel.core import Capability
+
+    guest = make_guest(JMP_SELF)
+    assert {Capability.IN_KERNEL_IRQCHIP, Capability.IRQFD, Capability.IOEVENTFD} <= guest.vm.capabilities
+    vcpu = guest.vcpu
+    regs = vcpu.get_regs()
+    regs.rbx, regs.r12 = 0xABCDEF, 0x1234
+    vcpu.set_regs(regs)
+    vcpu.set_msrs({msrs.MSR_LSTAR: 0xFFFFFFFF81000000, msrs.MSR_IA32_SYSENTER_ESP: 0x9000})
+    vcpu.set_fpu(FpuState(fcw=0x27F, xmm=[bytes([i + 1]) * 16 for i in range(16)]))
+    state = vcpu.save_state()
+    assert (state.backend, state.arch) == ("kvm", "x86_64")
+    other = make_guest(JMP_SELF)
+    other.vcpu.restore_state(state)
+    assert other.vcpu.get_regs() == regs
+    assert other.vcpu.get_sregs() == vcpu.get_sregs()
+    assert other.vcpu.get_fpu().xmm == [bytes([i + 1]) * 16 for i in range(16)]
+    assert other.vcpu.get_msrs([msrs.MSR_LSTAR, msrs.MSR_IA32_SYSENTER_ESP]) == {
+        msrs.MSR_LSTAR: 0xFFFFFFFF81000000, msrs.MSR_IA32_SYSENTER_ESP: 0x9000}
+    assert other.vcpu.get_events() == vcpu.get_events()
+
+
+def test_an_interpreter_state_restores_on_kvm(make_guest):
+    """The architectural part of another backend's state maps onto KVM (cross-backend restore)."""
+    from pyvmm.accel.interp import InterpVm
+
+    if not accel.probe("interp").usable:
+        pytest.skip("interpreter not usable here")
+    guest = make_guest(JMP_SELF)
+    interp = InterpVm(1)
+    try:
+        source = interp.create_vcpu(0)
+        source.set_sregs(guest.vcpu.get_sregs())
+        source.set_regs(Regs(rip=GUEST_CODE, rsp=0x7000, rax=42, rflags=0x2))
+        source.set_msrs({msrs.MSR_STAR: 0x0023001000000000})
+        state = source.save_state()
+    finally:
+        interp.close()
+    assert state.backend == "interp"
+    guest.vcpu.restore_state(state)
+    assert guest.vcpu.get_regs() == Regs(rip=GUEST_CODE, rsp=0x7000, rax=42, rflags=0x2)
+    assert guest.vcpu.get_msrs([msrs.MSR_STAR]) == {msrs.MSR_STAR: 0x0023001000000000}
 
 
 def test_unreadable_msr_is_named(make_guest):

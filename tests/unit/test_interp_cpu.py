@@ -23,8 +23,14 @@ from pyvmm.accel.core import InternalError, Interrupted, IoIn, IoOut, MmioRead, 
 from pyvmm.accel.x86 import DescriptorTable, FpuState, Regs, Segment, SpecialRegs  # noqa: E402
 from pyvmm.vmm.memory import GuestMemory  # noqa: E402
 
-if not (shutil.which("as") and shutil.which("ld") and shutil.which("objcopy")):
-    pytest.skip("binutils (as, ld, objcopy) are needed to build the test guests", allow_module_level=True)
+def _gnu_binutils() -> bool:
+    if not (shutil.which("as") and shutil.which("ld") and shutil.which("objcopy")):
+        return False
+    return "GNU" in subprocess.run(["as", "--version"], capture_output=True, text=True).stdout
+
+
+if not _gnu_binutils():
+    pytest.skip("GNU binutils (as, ld, objcopy) are needed to build the test guests", allow_module_level=True)
 
 GDT = 0x500
 TSS = 0x600
@@ -296,6 +302,29 @@ def test_regs_sregs_fpu_round_trip(guest):
     assert (back.fcw, back.fsw, back.ftwx, back.mxcsr, back.xmm, back.fpr) == (
         fpu.fcw, fpu.fsw, fpu.ftwx, fpu.mxcsr, fpu.xmm, fpu.fpr
     )  # fmt: skip
+
+
+def test_save_and_restore_state_round_trip(guest):
+    """save_state is tagged (backend, arch) and restores into a fresh interpreter vCPU exactly."""
+    guest.setup_long_mode()
+    vcpu = guest.vcpu
+    regs = vcpu.get_regs()
+    regs.rbx, regs.r13 = 0xFEEDF00D, 0x77
+    vcpu.set_regs(regs)
+    vcpu.set_msrs({0xC0000082: 0xFFFFFFFF81000000, 0x277: 0x0007040600070406, 0xC0000103: 5})
+    vcpu.set_fpu(FpuState(fcw=0x27F, xmm=[bytes([i + 3]) * 16 for i in range(16)]))
+    state = vcpu.save_state()
+    assert (state.backend, state.arch, state.cpu.mp_state) == ("interp", "x86_64", "runnable")
+    other = Guest()
+    try:
+        other.vcpu.restore_state(state)
+        assert other.vcpu.get_regs() == regs
+        assert other.vcpu.get_sregs() == vcpu.get_sregs()
+        assert other.vcpu.get_fpu() == vcpu.get_fpu()
+        assert other.vcpu.get_msrs([0xC0000082, 0x277, 0xC0000103]) == {0xC0000082: 0xFFFFFFFF81000000,
+                                                                        0x277: 0x0007040600070406, 0xC0000103: 5}
+    finally:
+        other.close()
 
 
 def test_msrs_round_trip(guest):
