@@ -337,8 +337,12 @@ def _discover(peek) -> Layout:
     pattern = (0, 1) * 3
     flips = [i for i in range(0, CPU_STATE_SCAN, 4)
              if tuple(struct.unpack_from("<I", sample, i)[0] for sample in samples) == pattern]  # fmt: skip
-    if len(flips) != 1:
-        _fail(f"CPUState halted not found ({len(flips)} candidates)")
+    # Under load another flag has been seen to follow the same pattern (1 run in ~900). In
+    # unicorn's CPUState ``halted`` comes shortly before ``uc``: take the nearest candidate below.
+    before_uc = [i for i in flips if cpu_uc - 0x100 <= i < cpu_uc]
+    if not before_uc:
+        _fail(f"CPUState halted not found ({len(flips)} candidates, none just before CPUState.uc)")
+    flips = [max(before_uc)]
     return Layout(invalid_addr, invalid_addr + 8, uc_cpu, exit_request, env_pointer, env_pointer + 8, flips[0], cpu_uc,
                   _find_xcr0(uc, page))  # fmt: skip
 
