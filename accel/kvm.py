@@ -31,6 +31,7 @@ from pyvmm.accel.core import (
     MmioWrite,
     Shutdown,
     SystemEvent,
+    StateError,
     VcpuExit,
     VcpuState,
 )
@@ -47,6 +48,7 @@ from pyvmm.accel.x86 import (
     X86CpuState,
     fpu_from_fxsave,
     fpu_into_xsave,
+    restorable,
 )
 from pyvmm.errors import AccelError
 from pyvmm.ffi import kvm as k
@@ -773,11 +775,10 @@ class KvmVcpu:
         return VcpuState("kvm", ARCH, STATE_VERSION, cpu, {"xsave": xsave, "xcrs": self.get_xcrs()})
 
     def restore_state(self, state: VcpuState) -> None:
-        if state.arch != ARCH:
-            raise AccelError("kvm", f"cannot restore a {state.arch} vCPU state on an {ARCH} vCPU")
-        if state.backend == "kvm" and state.version > STATE_VERSION:
-            raise AccelError("kvm", f"vCPU state version {state.version} is newer than this pyvmm ({STATE_VERSION})")
-        cpu: X86CpuState = state.cpu
+        try:
+            cpu = restorable(state, "kvm", STATE_VERSION)
+        except StateError as err:
+            raise AccelError("kvm", str(err)) from err
         private = state.private if state.backend == "kvm" else {}
         self.set_sregs(cpu.sregs)
         self.set_regs(cpu.regs)

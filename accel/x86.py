@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from pyvmm.accel.core import VcpuOps, VmOps
+from pyvmm.accel.core import StateError, VcpuOps, VmOps
 
 ARCH = "x86_64"
 
@@ -185,6 +185,19 @@ class X86CpuState:
     lapic: bytes | None = None
     #: "runnable", "halted", "wait-for-sipi"
     mp_state: str = "runnable"
+
+
+def restorable(state, backend: str, version: int) -> X86CpuState:
+    """The architectural state of ``state`` if an x86 ``backend`` at state ``version`` can load it.
+
+    Any backend's x86 state is restorable (its architectural part); a state this backend
+    wrote is refused only when a newer pyvmm wrote it. Raises ``StateError``.
+    """
+    if state.arch != ARCH:
+        raise StateError(f"cannot restore a {state.arch} vCPU state on an {ARCH} vCPU")
+    if state.backend == backend and state.version > version:
+        raise StateError(f"vCPU state version {state.version} is newer than this pyvmm's ({version})")
+    return state.cpu
 
 
 @runtime_checkable

@@ -36,7 +36,17 @@ import time
 from unicorn import UC_ERR_INSN_INVALID, UcError
 from unicorn import x86_const as x86
 
-from pyvmm.accel.core import InternalError, Interrupted, IoIn, IoOut, MmioRead, MmioWrite, Shutdown, VcpuState
+from pyvmm.accel.core import (
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Shutdown,
+    StateError,
+    VcpuState,
+)
 from pyvmm.accel.interp import engine, system
 from pyvmm.accel.interp.cpuid import CpuidTable
 from pyvmm.accel.interp.engine import NEVER, Engine, host_tsc
@@ -51,6 +61,7 @@ from pyvmm.accel.x86 import (
     Segment,
     SpecialRegs,
     X86CpuState,
+    restorable,
 )
 from pyvmm.accel.irqchip.delivery import Delivery, deliver_pending
 from pyvmm.arch.x86.insn import ends_with_shadow_instruction
@@ -725,11 +736,10 @@ class InterpVcpu(system.EngineHooks):
         return VcpuState("interp", ARCH, STATE_VERSION, cpu, {"msr_shadow": dict(self._msr_shadow)})
 
     def restore_state(self, state: VcpuState) -> None:
-        if state.arch != ARCH:
-            raise AccelError("interp", f"cannot restore a {state.arch} vCPU state on an {ARCH} vCPU")
-        if state.backend == "interp" and state.version > STATE_VERSION:
-            raise AccelError("interp", f"vCPU state version {state.version} is newer than this pyvmm ({STATE_VERSION})")
-        cpu: X86CpuState = state.cpu
+        try:
+            cpu = restorable(state, "interp", STATE_VERSION)
+        except StateError as err:
+            raise AccelError("interp", str(err)) from err
         self.set_sregs(cpu.sregs)
         self.set_regs(cpu.regs)
         self.set_fpu(cpu.fpu)

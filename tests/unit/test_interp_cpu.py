@@ -327,6 +327,18 @@ def test_save_and_restore_state_round_trip(guest):
         other.close()
 
 
+def test_a_state_from_a_newer_pyvmm_or_another_arch_is_refused(guest):
+    from dataclasses import replace
+
+    from pyvmm.errors import AccelError
+
+    state = guest.vcpu.save_state()
+    with pytest.raises(AccelError, match="interp: vCPU state version 99 is newer than this pyvmm's"):
+        guest.vcpu.restore_state(replace(state, version=99))
+    with pytest.raises(AccelError, match="cannot restore a aarch64 vCPU state on an x86_64 vCPU"):
+        guest.vcpu.restore_state(replace(state, arch="aarch64"))
+
+
 def test_msrs_round_trip(guest):
     vcpu = guest.vcpu
     vcpu.set_msrs({0xC0000082: 0xFFFFFFFF81000000, 0x277: 0x0007040600070406, 0x174: 0x10, 0xC0000102: 0x1234})
