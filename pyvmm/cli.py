@@ -20,7 +20,7 @@ import time
 from importlib import resources
 
 from pyvmm import __version__
-from pyvmm.errors import PyvmmError
+from pyvmm.errors import PyvmmError, one_line
 
 log = logging.getLogger("pyvmm")
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PyvmmError as err:
-        print(f"pyvmm: error: {err}", file=sys.stderr)
+        print(f"pyvmm: error: {one_line(str(err))}", file=sys.stderr)
         return err.exit_status
     except KeyboardInterrupt:
         print("pyvmm: interrupted", file=sys.stderr)
@@ -179,7 +179,7 @@ def _run(vm, timeout: float | None) -> int:
         for name, metrics in machine.device_metrics().items():
             log.info("%s: %s", name, ", ".join(f"{k} {v}" for k, v in metrics.items() if k != "device"))
         if status.error is not None:
-            print(f"pyvmm: error: {status.error}", file=sys.stderr)
+            print(f"pyvmm: error: {one_line(str(status.error))}", file=sys.stderr)
         return status.code
 
 

@@ -186,13 +186,13 @@ def config_from_dict(data: dict, *, base_dir: str | os.PathLike = ".", source: s
         drive.read_only = entry.get("read_only", False)
         drive.lock = entry.get("lock", True)
         if not drive.read_only and not os.access(drive.path, os.W_OK):
-            fail(f"{key}.path", f"image not writable (permission denied): {drive.path}; set read_only = true")
+            fail(f"{key}.path", f"image not writable (permission denied): {_shown(drive.path)}; set read_only = true")
         if "serial" in entry:
             drive.serial = entry["serial"]
             if len(drive.serial.encode()) > VIRTIO_BLK_SERIAL_MAX or not drive.serial.isascii():
                 fail(f"{key}.serial", f"must be at most {VIRTIO_BLK_SERIAL_MAX} ASCII characters")
         if any(d.path == drive.path for d in config.drives):
-            fail(f"{key}.path", f"{drive.path} is already used by another drive")
+            fail(f"{key}.path", f"{_shown(drive.path)} is already used by another drive")
         config.drives.append(drive)
 
     for i, entry in enumerate(data.get("net", [])):
@@ -260,12 +260,18 @@ def _existing_file(base_dir: Path, value: str, source: str, key: str) -> Path:
         why = getattr(err, "strerror", None) or str(err)
         raise ConfigError(f"cannot use {value!r} as a file path: {why}", file=source, key=key) from err
     if not exists:
-        raise ConfigError(f"file not found: {path}", file=source, key=key)
+        raise ConfigError(f"file not found: {_shown(path)}", file=source, key=key)
     if not regular:
-        raise ConfigError(f"not a regular file: {path}", file=source, key=key)
+        raise ConfigError(f"not a regular file: {_shown(path)}", file=source, key=key)
     if not readable:
-        raise ConfigError(f"file not readable (permission denied): {path}", file=source, key=key)
+        raise ConfigError(f"file not readable (permission denied): {_shown(path)}", file=source, key=key)
     return path
+
+
+def _shown(path) -> str:
+    """A path as an error message shows it: as is, or quoted with escapes when it holds control characters."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
 
 
 def _check_kernel_format(path: Path, source: str) -> None:
@@ -274,12 +280,12 @@ def _check_kernel_format(path: Path, source: str) -> None:
         with open(path, "rb") as f:
             head = f.read(0x210)
     except OSError as err:
-        raise ConfigError(f"cannot read {path}: {err.strerror}", file=source, key="boot.kernel") from err
+        raise ConfigError(f"cannot read {_shown(path)}: {err.strerror}", file=source, key="boot.kernel") from err
     if head[:4] == b"\x7fELF":
         return
     if len(head) >= 0x206 and head[0x1FE:0x200] == b"\x55\xaa" and head[0x202:0x206] == b"HdrS":
         return
-    raise ConfigError(f"{path} is neither an ELF vmlinux nor a bzImage", file=source, key="boot.kernel")
+    raise ConfigError(f"{_shown(path)} is neither an ELF vmlinux nor a bzImage", file=source, key="boot.kernel")
 
 
 def _host_memory_mib() -> int | None:

@@ -5,6 +5,11 @@ anything else escaping is a bug in pyvmm and is reported as such.
 """
 
 
+def one_line(message: str) -> str:
+    """Errors are one line: a newline that came from outside (a key, a file name, a guest string) is escaped."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 class PyvmmError(Exception):
     """Base of every error pyvmm raises on purpose."""
 
@@ -20,7 +25,7 @@ class ConfigError(PyvmmError):
     def __init__(self, problem: str, *, file: str | None = None, key: str | None = None):
         self.problem, self.file, self.key = problem, file, key
         where = ": ".join(part for part in (file, key) if part)
-        super().__init__(f"{where}: {problem}" if where else problem)
+        super().__init__(one_line(f"{where}: {problem}" if where else problem))
 
 
 class AccelError(PyvmmError):

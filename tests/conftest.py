@@ -7,6 +7,14 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI replays the same examples every run (a red run must mean a regression, not a new draw);
+# developers' runs draw new ones. PYVMM_FUZZ_EXAMPLES raises the count for a long run by hand.
+settings.register_profile("dev", max_examples=300)
+settings.register_profile("ci", max_examples=300, derandomize=True, print_blob=True)
+settings.register_profile("long", max_examples=int(os.environ.get("PYVMM_FUZZ_EXAMPLES", "20000")))
+settings.load_profile("long" if os.environ.get("PYVMM_FUZZ_EXAMPLES") else "ci" if os.environ.get("CI") else "dev")
 
 ROOT = Path(__file__).resolve().parent.parent
 GUESTS = ROOT / "tests" / "guests"

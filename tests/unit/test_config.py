@@ -266,7 +266,7 @@ _values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
 _configs = st.dictionaries(st.sampled_from(_KEYS), _values, max_size=6) | _values
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=_configs)
 def test_config_from_dict_raises_only_config_errors(tmp_path, kernel_file, data):
     try:
@@ -288,10 +288,23 @@ _sections = st.fixed_dictionaries(
 )  # fmt: skip
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=_sections)
 def test_well_shaped_configs_with_bad_values_raise_only_config_errors(tmp_path, kernel_file, data):
     try:
         config_from_dict(data, base_dir=tmp_path)
     except ConfigError as err:
         assert "\n" not in str(err)
+
+
+def test_a_newline_in_a_path_stays_on_the_one_line_of_the_error(tmp_path, kernel_file):
+    """Found by the fuzz test above: 'kernel = "\\n"' gave a two-line message."""
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"boot": {"kernel": "\n"}}, base_dir=tmp_path)
+    assert "\n" not in str(err.value) and "file not found" in str(err.value)
+
+
+def test_the_cli_keeps_any_error_on_one_line():
+    from pyvmm.errors import one_line
+
+    assert one_line("a\nb\r") == "a\\nb\\r"
