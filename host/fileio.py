@@ -34,6 +34,11 @@ F_FULLFSYNC = 51  # macOS <fcntl.h>
 WINDOWS_LOCK_OFFSET = 0x7FFF_FFFF_0000_0000  # LockFileEx region: one byte, past any image
 
 
+#: flock errors that mean "this file system has no locks", not "someone holds it"
+NO_LOCKS_HERE = frozenset(getattr(errno, name) for name in ("ENOLCK", "EOPNOTSUPP", "ENOTSUP", "ENOSYS", "EINVAL")
+                          if hasattr(errno, name))  # fmt: skip
+
+
 class LockConflict(OSError):
     """Another open of the image holds a conflicting lock."""
 
@@ -183,6 +188,8 @@ class ImageFile:
         except OSError as err:
             if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK) or getattr(err, "winerror", 0) == 33:
                 raise LockConflict(err.errno, err.strerror or "locked") from err
+            if err.errno in NO_LOCKS_HERE:
+                return False  # NFS without lockd, file systems that refuse flock: like no locks at all
             raise
         self._locked = True
         return True

@@ -2,8 +2,9 @@
 
 POSIX: a private anonymous mapping without swap reservation (MAP_NORESERVE where it
 exists), so a large guest costs only the pages it touches. Windows: a
-pagefile-backed mapping (``mmap.mmap(-1, size)``), committed page by page on first
-touch. Both are what KVM, Hypervisor.framework and WHPX can map as guest memory.
+pagefile-backed mapping (``mmap.mmap(-1, size)``): physical pages come on first
+touch, but the whole size is charged against the commit limit at once (not yet
+reserve-then-commit). Both are what KVM, Hypervisor.framework and WHPX can map.
 """
 
 from __future__ import annotations

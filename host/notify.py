@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 
 
 class Notifier:
@@ -19,6 +20,7 @@ class Notifier:
     def __init__(self, kind: str | None = None):
         kind = kind or default_kind()
         self.kind = kind
+        self._lock = threading.Lock()  # notify() from vCPU threads vs close() from the VMM
         self._write_fd = -1
         self._sockets: tuple[socket.socket, socket.socket] | None = None
         if kind == "eventfd":
@@ -45,19 +47,18 @@ class Notifier:
 
     def notify(self) -> None:
         """Make the fd readable (any thread). A closed notifier ignores it."""
-        if self._fd < 0:
-            return
-        try:
-            if self.kind == "eventfd":
-                os.eventfd_write(self._fd, 1)
-            elif self.kind == "pipe":
-                os.write(self._write_fd, b"\1")
-            else:
-                self._sockets[1].send(b"\1")
-        except (BlockingIOError, InterruptedError):
-            pass  # already full of notifications: one more changes nothing
-        except (OSError, TypeError, AttributeError):
-            pass  # closed during shutdown: the notification no longer matters
+        with self._lock:  # never a write to an fd number close() has just given back
+            if self._fd < 0:
+                return
+            try:
+                if self.kind == "eventfd":
+                    os.eventfd_write(self._fd, 1)
+                elif self.kind == "pipe":
+                    os.write(self._write_fd, b"\1")
+                else:
+                    self._sockets[1].send(b"\1")
+            except (BlockingIOError, InterruptedError):
+                pass  # already full of notifications: one more changes nothing
 
     def clear(self) -> bool:
         """Consume every pending notification; True when there was one."""
@@ -79,15 +80,17 @@ class Notifier:
             return False
 
     def close(self) -> None:
-        if self._sockets is not None:
-            for sock in self._sockets:
-                sock.close()
+        with self._lock:
+            fds, sockets = (self._fd, self._write_fd), self._sockets
+            self._fd = self._write_fd = -1
             self._sockets = None
+        if sockets is not None:
+            for sock in sockets:
+                sock.close()
         else:
-            for fd in (self._fd, self._write_fd):
+            for fd in fds:
                 if fd >= 0:
                     os.close(fd)
-        self._fd = self._write_fd = -1
 
 
 def default_kind() -> str:

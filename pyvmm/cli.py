@@ -40,6 +40,10 @@ class Terminated(BaseException):
 
 
 def _on_stop_signal(signum, frame) -> None:
+    # One stop is enough: a second signal (systemd resends, a closing terminal sends SIGHUP
+    # then SIGTERM) must not interrupt the clean-up the first one started.
+    for other in STOP_SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
     raise Terminated(signum)
 
 
@@ -72,6 +76,8 @@ def _install_stop_signals() -> dict:
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                continue  # nohup and parents that ignore SIGHUP keep it ignored
             previous[signum] = signal.signal(signum, _on_stop_signal)
     return previous
 

@@ -154,12 +154,30 @@ class _Peek:
         for start in range(0, size, 4096):
             length = min(4096, size - start)
             try:
-                if os.write(write_fd, (ctypes.c_char * length).from_address(address + start)) != length:
-                    return None
+                written = os.write(write_fd, (ctypes.c_char * length).from_address(address + start))
             except OSError:
+                written = -1
+            if written != length:
+                # part of a chunk may have gone into the pipe before the fault (BSD pipes keep it)
+                self._drain()
                 return None
-            chunks.append(os.read(read_fd, length))
+            data = os.read(read_fd, length)
+            if len(data) != length:
+                self._drain()
+                return None
+            chunks.append(data)
         return b"".join(chunks)
+
+    def _drain(self) -> None:
+        read_fd = self._pipe[0]
+        os.set_blocking(read_fd, False)
+        try:
+            while os.read(read_fd, 65536):
+                pass
+        except BlockingIOError:
+            pass
+        finally:
+            os.set_blocking(read_fd, True)
 
     def close(self) -> None:
         if self._pipe is not None:
@@ -219,7 +237,11 @@ def _handle(uc: Uc) -> int:
 def _anchor(uc: Uc, peek) -> int:
     """Address of ``uc_struct.target_page_size``, found by the values of the fields after it."""
     base = _handle(uc)
-    raw = peek(base, UC_STRUCT_SCAN) or peek(base, 0x1000)
+    try:
+        raw = peek(base, UC_STRUCT_SCAN)
+    except AccelError:
+        raw = None
+    raw = raw or peek(base, 0x1000)
     if raw is None:
         _fail("uc_struct cannot be read")
     context_bytes = uc.context_save().size
@@ -232,6 +254,14 @@ def _anchor(uc: Uc, peek) -> int:
     if len(found) != 1:
         _fail(f"uc_struct run-state fields not found ({len(found)} candidates)")
     return base + found[0]
+
+
+def _soft(peek, address: int, size: int) -> bytes | None:
+    """A read that may fail (probing candidate pointers): None instead of an error."""
+    try:
+        return peek(address, size)
+    except AccelError:
+        return None
 
 
 def _u64s(raw: bytes) -> list[int]:
@@ -254,10 +284,10 @@ def _find_cpu_state(uc: Uc, peek) -> tuple[int, int, int]:
     for index, value in enumerate(_u64s(raw)):
         if value % 16 or value < 0x10000 or value == base:
             continue
-        head = peek(value, 8)
+        head = _soft(peek, value, 8)
         if head is None or struct.unpack("<ii", head) != (1, 1):
             continue
-        block = peek(value, CPU_STATE_SCAN)
+        block = _soft(peek, value, CPU_STATE_SCAN)
         if block is None:
             continue
         back = [i * 8 for i, v in enumerate(_u64s(block)) if v == base]
@@ -270,8 +300,15 @@ def _find_cpu_state(uc: Uc, peek) -> tuple[int, int, int]:
 
 def _discover_layout() -> Layout:
     peek = _Peek()
+
+    def checked(address: int, size: int) -> bytes:
+        data = peek(address, size)
+        if data is None:
+            _fail(f"engine memory at {address:#x}+{size:#x} cannot be read")
+        return data
+
     try:
-        return _discover(peek)
+        return _discover(checked)
     finally:
         peek.close()
 
@@ -375,7 +412,7 @@ def layout() -> Layout:
                 found = _discover_layout()
                 _verify(found)
                 _layout = found
-            except UcError as err:
+            except (UcError, TypeError, ValueError, struct.error) as err:
                 _layout_error = AccelError("interp", f"unicorn version/layout not supported: layout probe failed: {err}")
                 raise _layout_error from err
             except AccelError as err:

@@ -710,10 +710,11 @@ class InterpVcpu(system.EngineHooks):
     def set_events(self, events: PendingEvents) -> None:
         """Deliver what another backend was injecting, and take over its interrupt shadow."""
         self._state_written()
-        if events.shadow:
-            blob = engine.Blob(self.uc)
-            blob.hflags = blob.hflags | engine.HF_INHIBIT_IRQ
-            blob.restore()
+        blob = engine.Blob(self.uc)
+        blob.hflags = (blob.hflags | engine.HF_INHIBIT_IRQ) if events.shadow else (blob.hflags & ~engine.HF_INHIBIT_IRQ)
+        blob.restore()
+        if events.injecting and self._memory_changed:
+            self._sync_memory()  # delivery reads the IDT and pushes a frame: guest RAM must be mapped
         try:
             if events.exception is not None:
                 system.deliver(self.uc, events.exception, error_code=events.exception_error_code, ram=self._ram)

@@ -135,3 +135,39 @@ def test_tap_networking_says_in_one_line_that_it_needs_linux(monkeypatch, platfo
         tap.TapBackend("tap0")
     assert str(err.value) == (f"tap 'tap0': TAP networking needs Linux (/dev/net/tun); this host is {platform}, "
                               "where [[net]] devices are not supported yet")  # fmt: skip
+
+
+def test_a_file_system_without_locks_is_used_unlocked(tmp_path, monkeypatch):
+    """NFS without lockd (ENOLCK) or a file system refusing flock: no lock, not a refusal to boot."""
+    import errno
+    import fcntl
+
+    path = tmp_path / "img"
+    path.write_bytes(bytes(4096))
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    image = fileio.ImageFile(path)
+    try:
+        assert image.lock() is False
+    finally:
+        image.close()
+
+
+def test_an_ignored_sighup_stays_ignored(monkeypatch):
+    import signal
+
+    from pyvmm import cli
+
+    if not hasattr(signal, "SIGHUP"):
+        pytest.skip("no SIGHUP on this platform")
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        installed = cli._install_stop_signals()
+        assert signal.SIGHUP not in installed and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        for signum, handler in installed.items():
+            signal.signal(signum, handler)
+    finally:
+        signal.signal(signal.SIGHUP, previous)

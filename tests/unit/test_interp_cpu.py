@@ -339,6 +339,21 @@ def test_a_state_from_a_newer_pyvmm_or_another_arch_is_refused(guest):
         guest.vcpu.restore_state(replace(state, arch="aarch64"))
 
 
+def test_an_event_being_injected_is_delivered_on_a_vcpu_that_never_ran(guest):
+    """Restoring a state caught mid-injection (from KVM, say) delivers the event through the IDT at once."""
+    from pyvmm.accel.x86 import PendingEvents
+
+    guest.setup_long_mode()
+    sym = guest.load(".code64\nh30:\n1: jmp 1b\nstart:\n2: jmp 2b\n")
+    guest.gate64(0x30, sym["h30"])
+    regs = guest.vcpu.get_regs()
+    regs.rip, regs.rflags = sym["start"], 0x202
+    guest.vcpu.set_regs(regs)
+    guest.vcpu.set_events(PendingEvents(interrupt=0x30))
+    assert guest.vcpu.get_regs().rip == sym["h30"]
+    assert guest.mem.read_int(STACK_TOP - 40, 8) == sym["start"]  # the frame returns to the interrupted RIP
+
+
 def test_msrs_round_trip(guest):
     vcpu = guest.vcpu
     vcpu.set_msrs({0xC0000082: 0xFFFFFFFF81000000, 0x277: 0x0007040600070406, 0x174: 0x10, 0xC0000102: 0x1234})
