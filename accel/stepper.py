@@ -27,7 +27,7 @@ from unicorn import UC_ERR_INSN_INVALID, UcError
 from unicorn import x86_const as x86
 
 from pyvmm.accel.interp import engine, system
-from pyvmm.accel.interp.cpuid import CpuidTable
+from pyvmm.accel.x86 import CpuidTable
 from pyvmm.accel.interp.engine import NEVER, Engine, cache_to_segment, host_tsc
 from pyvmm.accel.x86 import CpuidEntry, FpuState, PendingEvents, Regs, SpecialRegs
 from pyvmm.arch.x86.msrs import MSR_IA32_TSC as MSR_TSC

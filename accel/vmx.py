@@ -31,17 +31,11 @@ def segment_to_access_rights(seg: Segment) -> int:
     """The VMCS access-rights word of ``seg`` (an unusable segment has only bit 16 set)."""
     if seg.unusable or not seg.present:
         return AR_UNUSABLE
-    return ((seg.type & AR_TYPE_MASK) | (AR_S if seg.s else 0) | ((seg.dpl & 3) << AR_DPL_SHIFT) | AR_P
-            | (AR_AVL if seg.avl else 0) | (AR_L if seg.l else 0) | (AR_DB if seg.db else 0) | (AR_G if seg.g else 0))  # fmt: skip
+    return seg.attributes()
 
 
 def access_rights_to_segment(selector: int, base: int, limit: int, rights: int) -> Segment:
-    unusable = bool(rights & AR_UNUSABLE)
-    return Segment(
-        base=base, limit=limit, selector=selector, type=rights & AR_TYPE_MASK, present=bool(rights & AR_P) and not unusable,
-        dpl=(rights >> AR_DPL_SHIFT) & 3, db=bool(rights & AR_DB), s=bool(rights & AR_S), l=bool(rights & AR_L),
-        g=bool(rights & AR_G), avl=bool(rights & AR_AVL), unusable=unusable,
-    )  # fmt: skip
+    return Segment.from_attributes(selector, base, limit, rights & 0xFFFF, unusable=bool(rights & AR_UNUSABLE))
 
 
 # --- interruption information (SDM 24.8.3, Table 24-16; 27.2.2) ------------------

@@ -16,22 +16,11 @@ from pyvmm.ffi import whpx as w
 
 def segment_to_whv(seg: Segment) -> tuple[int, int, int, int]:
     """(Base, Limit, Selector, Attributes) of a WHV_X64_SEGMENT_REGISTER; an unusable segment is not present."""
-    present = seg.present and not seg.unusable
-    attributes = ((seg.type & w.SEGMENT_TYPE_MASK) | (w.SEGMENT_NON_SYSTEM if seg.s else 0)
-                  | ((seg.dpl & 3) << w.SEGMENT_DPL_SHIFT) | (w.SEGMENT_PRESENT if present else 0)
-                  | (w.SEGMENT_AVAILABLE if seg.avl else 0) | (w.SEGMENT_LONG if seg.l else 0)
-                  | (w.SEGMENT_DEFAULT if seg.db else 0) | (w.SEGMENT_GRANULARITY if seg.g else 0))  # fmt: skip
-    return seg.base, seg.limit, seg.selector, attributes
+    return seg.base, seg.limit, seg.selector, seg.attributes()
 
 
 def whv_to_segment(base: int, limit: int, selector: int, attributes: int) -> Segment:
-    present = bool(attributes & w.SEGMENT_PRESENT)
-    return Segment(
-        base=base, limit=limit, selector=selector, type=attributes & w.SEGMENT_TYPE_MASK, present=present,
-        dpl=(attributes >> w.SEGMENT_DPL_SHIFT) & 3, db=bool(attributes & w.SEGMENT_DEFAULT),
-        s=bool(attributes & w.SEGMENT_NON_SYSTEM), l=bool(attributes & w.SEGMENT_LONG),
-        g=bool(attributes & w.SEGMENT_GRANULARITY), avl=bool(attributes & w.SEGMENT_AVAILABLE), unusable=not present,
-    )  # fmt: skip
+    return Segment.from_attributes(selector, base, limit, attributes)
 
 
 def pending_interruption(vector: int, kind: int = w.WHvX64PendingInterrupt, *, error_code: int | None = None,

@@ -42,6 +42,11 @@ REG_NAMES = tuple(Regs.__dataclass_fields__)
 GPR_NAMES = tuple(f for f in REG_NAMES if f not in ("rip", "rflags"))
 
 
+# the descriptor attribute word (SDM 3.4.5), bits 40-55 of a GDT entry
+ATTR_S, ATTR_DPL_SHIFT, ATTR_P = 1 << 4, 5, 1 << 7
+ATTR_AVL, ATTR_L, ATTR_DB, ATTR_G = 1 << 12, 1 << 13, 1 << 14, 1 << 15
+
+
 @dataclass
 class Segment:
     """A segment register with its hidden (descriptor cache) part."""
@@ -59,28 +64,38 @@ class Segment:
     avl: bool = False
     unusable: bool = False
 
+    def attributes(self) -> int:
+        """The descriptor's attribute word (type, S, DPL, P, AVL, L, D/B, G in bits 0-15): the layout
+        of VMX access rights, WHV segment attributes and, shifted left by 8, QEMU's segment flags.
+        An unusable segment is not present."""
+        present = self.present and not self.unusable
+        return ((self.type & 0xF) | (ATTR_S if self.s else 0) | ((self.dpl & 3) << ATTR_DPL_SHIFT)
+                | (ATTR_P if present else 0) | (ATTR_AVL if self.avl else 0) | (ATTR_L if self.l else 0)
+                | (ATTR_DB if self.db else 0) | (ATTR_G if self.g else 0))  # fmt: skip
+
+    @classmethod
+    def from_attributes(cls, selector: int, base: int, limit: int, attributes: int, *,
+                        unusable: bool | None = None) -> Segment:  # fmt: skip
+        """The segment with attribute word ``attributes``; unusable when not present unless told."""
+        present = bool(attributes & ATTR_P) and not unusable
+        return cls(
+            base=base, limit=limit, selector=selector, type=attributes & 0xF, present=present,
+            dpl=(attributes >> ATTR_DPL_SHIFT) & 3, db=bool(attributes & ATTR_DB), s=bool(attributes & ATTR_S),
+            l=bool(attributes & ATTR_L), g=bool(attributes & ATTR_G), avl=bool(attributes & ATTR_AVL),
+            unusable=not present if unusable is None else unusable,
+        )  # fmt: skip
+
     @classmethod
     def from_descriptor(cls, selector: int, descriptor: int) -> Segment:
         """Decode a 64-bit GDT entry into a segment cache."""
         base = ((descriptor >> 16) & 0xFFFFFF) | (((descriptor >> 56) & 0xFF) << 24)
         limit = (descriptor & 0xFFFF) | (((descriptor >> 48) & 0xF) << 16)
-        flags = (descriptor >> 40) & 0xF0FF
-        g = bool(flags & 0x8000)
-        if g:
+        attributes = (descriptor >> 40) & 0xF0FF
+        if attributes & ATTR_G:
             limit = (limit << 12) | 0xFFF
-        return cls(
-            base=base,
-            limit=limit,
-            selector=selector,
-            type=flags & 0xF,
-            s=bool(flags & 0x10),
-            dpl=(flags >> 5) & 3,
-            present=bool(flags & 0x80),
-            avl=bool(flags & 0x1000),
-            l=bool(flags & 0x2000),
-            db=bool(flags & 0x4000),
-            g=g,
-        )
+        segment = cls.from_attributes(selector, base, limit, attributes, unusable=False)
+        segment.present = bool(attributes & ATTR_P)
+        return segment
 
 
 @dataclass
@@ -272,3 +287,37 @@ def fpu_into_xsave(area: bytes, fpu: FpuState) -> bytes:
     return bytes(out)
 
 
+CPUID1_ECX_OSXSAVE = 1 << 27  # mirrors CR4.OSXSAVE (bit 18) when XSAVE (ECX bit 26) is offered
+
+
+class CpuidTable:
+    """Answers the guest's CPUID from a list of entries, as KVM does for the table it was given."""
+
+    def __init__(self, entries: list[CpuidEntry]):
+        self.plain: dict[int, tuple[int, int, int, int]] = {}
+        self.indexed: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+        for e in entries:
+            regs = (e.eax, e.ebx, e.ecx, e.edx)
+            if e.indexed:
+                self.indexed[(e.function, e.index)] = regs
+            else:
+                self.plain[e.function] = regs
+        self.functions = {e.function for e in entries}
+        basic = self.plain.get(0) or self.indexed.get((0, 0))
+        self.max_basic = basic[0] if basic else 0
+
+    def lookup(self, leaf: int, index: int, cr4: int) -> tuple[int, int, int, int]:
+        regs = self.indexed.get((leaf, index))
+        if regs is None:
+            regs = self.plain.get(leaf)
+        if regs is None:
+            if leaf in self.functions:  # an indexed leaf with an unlisted sub-leaf
+                return 0, 0, 0, 0
+            if leaf < 0x40000000 and leaf > self.max_basic and self.max_basic in self.plain:
+                return self.plain[self.max_basic]  # Intel: out-of-range leaves return the highest basic leaf
+            return 0, 0, 0, 0
+        if leaf == 1:
+            eax, ebx, ecx, edx = regs
+            ecx = (ecx & ~CPUID1_ECX_OSXSAVE) | (CPUID1_ECX_OSXSAVE if cr4 & (1 << 18) and ecx & (1 << 26) else 0)
+            return eax, ebx, ecx, edx
+        return regs

@@ -143,36 +143,3 @@ def _trim(leaf: int, index: int, regs: tuple[int, int, int, int]) -> tuple[int, 
         else:
             eax = ebx = ecx = edx = 0
     return eax, ebx, ecx, edx
-
-
-class CpuidTable:
-    """Answers the guest's CPUID from a list of entries, as KVM does for the table it was given."""
-
-    def __init__(self, entries: list[CpuidEntry]):
-        self.plain: dict[int, tuple[int, int, int, int]] = {}
-        self.indexed: dict[tuple[int, int], tuple[int, int, int, int]] = {}
-        for e in entries:
-            regs = (e.eax, e.ebx, e.ecx, e.edx)
-            if e.indexed:
-                self.indexed[(e.function, e.index)] = regs
-            else:
-                self.plain[e.function] = regs
-        self.functions = {e.function for e in entries}
-        basic = self.plain.get(0) or self.indexed.get((0, 0))
-        self.max_basic = basic[0] if basic else 0
-
-    def lookup(self, leaf: int, index: int, cr4: int) -> tuple[int, int, int, int]:
-        regs = self.indexed.get((leaf, index))
-        if regs is None:
-            regs = self.plain.get(leaf)
-        if regs is None:
-            if leaf in self.functions:  # an indexed leaf with an unlisted sub-leaf
-                return 0, 0, 0, 0
-            if leaf < 0x40000000 and leaf > self.max_basic and self.max_basic in self.plain:
-                return self.plain[self.max_basic]  # Intel: out-of-range leaves return the highest basic leaf
-            return 0, 0, 0, 0
-        if leaf == 1:
-            eax, ebx, ecx, edx = regs
-            ecx = (ecx & ~OSXSAVE) | (OSXSAVE if cr4 & (1 << 18) and ecx & (1 << 26) else 0)
-            return eax, ebx, ecx, edx
-        return regs

@@ -46,6 +46,7 @@ from unicorn import (
 )
 from unicorn import x86_const as x86
 
+from pyvmm.arch.x86.registers import RFLAGS_VM
 from pyvmm.accel.x86 import DescriptorTable, FpuState, Regs, Segment, SpecialRegs
 from pyvmm.arch.x86.msrs import MSR_EFER
 from pyvmm.errors import AccelError
@@ -513,36 +514,12 @@ def compute_hflags(old: int, cr0: int, efer: int, cs_flags: int, ss_flags: int, 
 
 
 def segment_to_cache(seg: Segment) -> tuple[int, int, int, int]:
-    present = seg.present and not seg.unusable
-    flags = (
-        ((seg.type & 0xF) << DESC_TYPE_SHIFT)
-        | (DESC_S if seg.s else 0)
-        | ((seg.dpl & 3) << DESC_DPL_SHIFT)
-        | (DESC_P if present else 0)
-        | (DESC_AVL if seg.avl else 0)
-        | (DESC_L if seg.l else 0)
-        | (DESC_B if seg.db else 0)
-        | (DESC_G if seg.g else 0)
-    )
-    return seg.selector, seg.base, seg.limit, flags
+    """(selector, base, limit, flags) of QEMU's SegmentCache: the attribute word shifted by 8."""
+    return seg.selector, seg.base, seg.limit, seg.attributes() << DESC_TYPE_SHIFT
 
 
 def cache_to_segment(selector: int, base: int, limit: int, flags: int) -> Segment:
-    present = bool(flags & DESC_P)
-    return Segment(
-        base=base,
-        limit=limit,
-        selector=selector,
-        type=(flags >> DESC_TYPE_SHIFT) & 0xF,
-        present=present,
-        dpl=(flags >> DESC_DPL_SHIFT) & 3,
-        db=bool(flags & DESC_B),
-        s=bool(flags & DESC_S),
-        l=bool(flags & DESC_L),
-        g=bool(flags & DESC_G),
-        avl=bool(flags & DESC_AVL),
-        unusable=not present,
-    )
+    return Segment.from_attributes(selector, base, limit, (flags >> DESC_TYPE_SHIFT) & 0xF0FF)
 
 
 # --------------------------------------------------------------------------
@@ -941,7 +918,7 @@ class Engine:
         blob.write("<Q", EFER, sregs.efer)
         bases = caches[DS][1] | caches[ES][1] | caches[SS][1]
         hflags = compute_hflags(blob.hflags, sregs.cr0, sregs.efer, caches[CS][3], caches[SS][3], bases != 0,
-                                bool(rflags & (1 << 17)))  # fmt: skip
+                                bool(rflags & RFLAGS_VM))  # fmt: skip
         blob.hflags = hflags | (HF_INHIBIT_IRQ if shadow else 0)
         blob.write("<i", OLD_EXCEPTION, -1)
 

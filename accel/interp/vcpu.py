@@ -48,7 +48,7 @@ from pyvmm.accel.core import (
     VcpuState,
 )
 from pyvmm.accel.interp import engine, system
-from pyvmm.accel.interp.cpuid import CpuidTable
+from pyvmm.accel.x86 import CpuidTable
 from pyvmm.accel.interp.engine import NEVER, Engine, host_tsc
 from pyvmm.accel.x86 import (
     ARCH,
