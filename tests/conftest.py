@@ -31,11 +31,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT))
 
 
-@pytest.fixture(params=["kvm", "interp"])
-def backend(request):
-    """Each accelerator in turn; skipped with the probe's reason where it is not usable."""
+FAKES_BOOT = ROOT / "tests" / "fakes" / "boot"
+
+
+@pytest.fixture(params=["kvm", "interp", "hvf"])
+def backend(request, monkeypatch):
+    """Each accelerator in turn; skipped with the probe's reason where it is not usable.
+
+    Hypervisor.framework runs against its fake (tests/fakes), in this process and in
+    ``pyvmm`` child processes (tests/fakes/boot/sitecustomize.py).
+    """
     from pyvmm import accel
 
+    if request.param in ("hvf", "whpx"):
+        from fakes import install
+
+        _, undo = install(request.param)
+        request.addfinalizer(undo)
+        monkeypatch.setenv("PYVMM_FAKE_PLATFORM", request.param)
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(FAKES_BOOT), os.environ.get("PYTHONPATH")])))
     probe = accel.probe(request.param)
     if not probe.usable:
         pytest.skip(f"{request.param} not usable here: {probe.reason}")

@@ -1,0 +1,319 @@
+"""What a hypervisor backend without in-kernel interrupt controllers does around its run call.
+
+Hypervisor.framework (Intel) and WHPX (as pyvmm drives it) leave the LAPIC,
+IOAPIC, PIC and PIT to the VMM: the VM-level userspace irqchip
+(``accel/irqchip``). ``HypervisorVcpu`` holds the part of such a vCPU that does
+not depend on the hypervisor:
+
+* the loop around one hypervisor run (``_run_once``, the backend's): timer
+  polling, INIT/SIPI, ``hlt`` (the vCPU sleeps in the VMM until an interrupt is
+  deliverable), interrupt and NMI delivery at an instruction boundary, and an
+  interrupt-window request when the guest cannot take one yet;
+* port I/O and MMIO routing: irqchip ports and pages are served here, the rest
+  goes to the VMM's handler (``serve_io_directly``) or becomes an exit;
+* instructions the hypervisor leaves undecoded (MMIO, string I/O) are executed
+  by the interpreter's stepper, with their accesses routed the same way;
+* stopping: ``request_stop``/``wake`` kick a running vCPU out of the
+  hypervisor, repeating the kick until the run call has returned, because a
+  kick that lands just before the run call starts may be lost; a kicker thread
+  does the same when the irqchip's next timer deadline passes.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+from pyvmm.accel.core import EmulationFailure, Interrupted, IoIn, IoOut, MmioRead, MmioWrite
+from pyvmm.accel.irqchip.delivery import Delivery, deliver_pending
+from pyvmm.accel.x86 import CpuidTable, Regs, Segment, SpecialRegs
+from pyvmm.arch.x86.pc import PAGE_SIZE
+from pyvmm.arch.x86.registers import RFLAGS_IF
+from pyvmm.errors import AccelError, PyvmmError
+
+KICK_REPEAT = 0.0005  # a kick is repeated this often until the run call returns (s)
+STALE_DEADLINE_RETRY = 0.001
+
+
+def init_state(cs_selector: int = 0xF000, cs_base: int = 0xFFFF0000, rip: int = 0xFFF0) -> tuple[Regs, SpecialRegs]:
+    """The architectural INIT state (real mode) with CS:IP as given; a SIPI gives vector << 8 : 0."""
+    sregs = SpecialRegs()
+    sregs.cs = Segment(base=cs_base, selector=cs_selector, type=11)
+    return Regs(rip=rip, rdx=0x600), sregs
+
+
+class SlotMemory:
+    """Guest RAM as the stepper sees it (``regions`` of guest_addr, size, buffer), from a VM's slots."""
+
+    def __init__(self, slots: dict[int, tuple[int, object]]):
+        self.regions = [SimpleNamespace(guest_addr=addr, size=len(buf), buffer=buf) for addr, buf in slots.values()]
+
+
+class _Bus:
+    """The stepper's view of port I/O or MMIO: irqchip first, then the VMM's handler."""
+
+    def __init__(self, vcpu: HypervisorVcpu, mmio: bool):
+        self.vcpu, self.is_mmio = vcpu, mmio
+
+    def read(self, addr: int, data: memoryview) -> None:
+        self.vcpu._access(MmioRead(addr, data) if self.is_mmio else IoIn(addr, data))
+
+    def write(self, addr: int, data) -> None:
+        self.vcpu._access(MmioWrite(addr, bytes(data)) if self.is_mmio else IoOut(addr, bytes(data)))
+
+
+class HypervisorVcpu:
+    """The hypervisor-neutral part of a vCPU served by the userspace irqchip; see the module text.
+
+    A backend subclass provides ``_run_once()`` (one hypervisor run; returns an exit for the
+    VMM or None), ``_hv_kick()`` (make a run in progress return; callable from any thread),
+    ``_window_open()``, ``_inject(vector)``, ``_inject_nmi()``, ``_request_window(on)`` and the
+    register accessors of ``accel/x86.py``.
+    """
+
+    backend = "?"
+
+    def __init__(self, vm, index: int):
+        self.index = index
+        self._vm = vm
+        self._chip = vm.irqchip
+        self._cpuid = CpuidTable([])
+        self._io_handler = None
+        self._emulator = None
+        self._cond = threading.Condition()
+        self._stop_requested = False
+        self._kick_wanted = False
+        self._in_run = False
+        self._epoch = 0
+        self._closing = False
+        self._halted = False
+        self._wait_for_sipi = index != 0
+        self._kicker: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ I/O
+    def serve_io_directly(self, handler) -> None:
+        """Call ``handler(exit)`` for port I/O and MMIO on the vCPU's thread instead of returning them."""
+        self._io_handler = handler
+
+    def _access(self, access) -> None:
+        """One access of an emulated instruction: irqchip, else the VMM's handler (synchronous)."""
+        chip, kind = self._chip, type(access)
+        if kind is IoIn or kind is IoOut:
+            if chip.handles_port(access.port):
+                if kind is IoIn:
+                    access.data[:] = chip.pio_read(self.index, access.port, len(access.data)).to_bytes(len(access.data), "little")
+                else:
+                    chip.pio_write(self.index, access.port, len(access.data), int.from_bytes(access.data, "little"))
+                return
+        elif chip.handles_mmio(access.addr):
+            if kind is MmioRead:
+                access.data[:] = chip.mmio_read(self.index, access.addr, len(access.data)).to_bytes(len(access.data), "little")
+            else:
+                chip.mmio_write(self.index, access.addr, len(access.data), int.from_bytes(access.data, "little"))
+            return
+        if self._io_handler is None:
+            raise AccelError(self.backend, f"vCPU {self.index}: an emulated instruction's {kind.__name__} needs the "
+                                           "VMM's I/O handler (serve_io_directly)")  # fmt: skip
+        self._io_handler(access)
+
+    def _port_io(self, port: int, data, is_in: bool):
+        """A decoded IN/OUT: served here or by the handler (None), or the exit for the VMM."""
+        access = IoIn(port, data) if is_in else IoOut(port, data)
+        if self._chip.handles_port(port) or self._io_handler is not None:
+            self._access(access)
+            return None
+        return access
+
+    def _emulate(self, rip: int) -> None:
+        """Execute the instruction at ``rip`` in the interpreter's stepper (MMIO, string I/O)."""
+        if self._emulator is None:
+            from pyvmm.accel.fallback.manager import FallbackManager
+
+            bus_pio, bus_mmio = _Bus(self, mmio=False), _Bus(self, mmio=True)
+            self._emulator = FallbackManager(SlotMemory(self._vm.slots), bus_pio, bus_mmio, self._vm.capabilities,
+                                             hypervisor=self._vm.title)  # fmt: skip
+            self._emulator.set_cpuid(self.index, self._cpuid_entries)
+        try:
+            self._emulator(self, EmulationFailure(rip, b""))
+        except PyvmmError:
+            raise
+        except Exception as err:  # the stepper's own failure: say where
+            raise AccelError(self.backend, f"vCPU {self.index}: emulating the instruction at {rip:#x} failed: {err}") from err
+
+    # ------------------------------------------------------------------ CPUID
+    _cpuid_entries: list = []
+
+    def set_cpuid(self, entries) -> None:
+        if not entries:
+            raise AccelError(self.backend, "set_cpuid: empty CPUID table")
+        self._cpuid_entries = list(entries)
+        self._cpuid = CpuidTable(self._cpuid_entries)
+        if self._emulator is not None:
+            self._emulator.set_cpuid(self.index, self._cpuid_entries)
+
+    def cpuid_answer(self, leaf: int, index: int, cr4: int) -> tuple[int, int, int, int]:
+        return self._cpuid.lookup(leaf & 0xFFFFFFFF, index & 0xFFFFFFFF, cr4)
+
+    # ------------------------------------------------------------------ stopping and waking
+    def request_stop(self) -> None:
+        """From any thread: the current or next ``run()`` returns ``Interrupted`` promptly."""
+        with self._cond:
+            self._stop_requested = True
+        self.wake()
+
+    def wake(self) -> None:
+        """The irqchip's wake callback (any thread): something may be deliverable now."""
+        with self._cond:
+            self._kick_wanted = True
+            self._cond.notify_all()
+
+    def _enter_run(self) -> bool:
+        """Just before the hypervisor run: False when a stop or kick is already due (do not enter)."""
+        with self._cond:
+            if self._stop_requested or self._kick_wanted or self._closing:
+                self._kick_wanted = False
+                return False
+            self._in_run = True
+            self._cond.notify_all()
+            return True
+
+    def _left_run(self) -> None:
+        with self._cond:
+            self._in_run = False
+            self._kick_wanted = False
+            self._epoch += 1
+            self._cond.notify_all()
+
+    def _start_kicker(self) -> None:
+        if self._kicker is None:
+            self._kicker = threading.Thread(target=self._kicker_main, name=f"{self.backend}-kicker-{self.index}",
+                                            daemon=True)  # fmt: skip
+            self._kicker.start()
+
+    def _kicker_main(self) -> None:
+        """Kick the running vCPU when asked to or when a timer deadline passes; repeat until it left the run."""
+        cond, chip = self._cond, self._chip
+        last_kicked_due = None
+        while True:
+            with cond:
+                while True:
+                    if self._closing:
+                        return
+                    if not self._in_run:
+                        cond.wait()
+                        continue
+                    if self._kick_wanted:
+                        break
+                    due = chip.next_deadline(self.index)
+                    window = self._window_poll_due()
+                    if window is not None and (due is None or window < due):
+                        due = window
+                    if due is not None:
+                        timeout = due - chip.clock()
+                        if timeout <= 0 and due != last_kicked_due:
+                            last_kicked_due = due
+                            break
+                        timeout = max(timeout, STALE_DEADLINE_RETRY)
+                    cond.wait(None if due is None else timeout)
+                epoch = self._epoch
+            while True:
+                self._hv_kick()
+                with cond:
+                    if self._epoch != epoch or not self._in_run or self._closing:
+                        break
+                    cond.wait(KICK_REPEAT)
+
+    def _window_poll_due(self) -> float | None:
+        """When the backend must look again for an interrupt window it cannot request (None: never)."""
+        return None
+
+    def _sleep(self) -> None:
+        """hlt / wait-for-SIPI: block until woken, stopped or the next timer deadline."""
+        chip = self._chip
+        with self._cond:
+            while not (self._kick_wanted or self._stop_requested or self._closing):
+                due = None if self._wait_for_sipi else chip.next_deadline(self.index)
+                if due is not None:
+                    timeout = due - chip.clock()
+                    if timeout <= 0:
+                        break
+                    self._cond.wait(timeout)
+                    if due - chip.clock() <= 0:
+                        break
+                else:
+                    self._cond.wait()
+            self._kick_wanted = False
+
+    def _take_stop(self) -> bool:
+        with self._cond:
+            stop, self._stop_requested = self._stop_requested, False
+            return stop
+
+    # ------------------------------------------------------------------ the loop
+    def _complete_pending(self) -> None:
+        """Finish the instruction of the exit returned last (the VMM has filled its data)."""
+
+    def run(self):
+        if self._closing:
+            return Interrupted()
+        self._start_kicker()
+        self._complete_pending()
+        chip, index = self._chip, self.index
+        while True:
+            if self._take_stop():
+                return Interrupted()
+            chip.poll()
+            self._handle_init_sipi()
+            if self._wait_for_sipi:
+                self._sleep()
+                continue
+            if self._halted:
+                if not (chip.has_nmi(index) or (chip.has_interrupt(index) and self._interrupts_enabled())):
+                    self._sleep()
+                    continue
+                self._halted = False
+            outcome = deliver_pending(chip, index, self._window_open, self._inject, self._inject_nmi)
+            self._request_window(outcome is Delivery.WINDOW)
+            exit_value = self._run_once()
+            if exit_value is not None:
+                return exit_value
+
+    def _interrupts_enabled(self) -> bool:
+        return bool(self.get_regs().rflags & RFLAGS_IF)
+
+    def _handle_init_sipi(self) -> None:
+        for kind, vector in self._chip.take_init_sipi(self.index):
+            if kind == "init":
+                self._load_init_state(*init_state())
+                self._wait_for_sipi = True
+                self._halted = False
+            elif kind == "sipi" and self._wait_for_sipi:
+                self._load_init_state(*init_state(vector << 8, vector << 12, 0))
+                self._wait_for_sipi = False
+
+    def _load_init_state(self, regs: Regs, sregs: SpecialRegs) -> None:
+        sregs.apic_base = self._chip.get_apic_base(self.index)
+        self.set_sregs(sregs)
+        self.set_regs(regs)
+
+    @property
+    def mp_state(self) -> str:
+        return "wait-for-sipi" if self._wait_for_sipi else "halted" if self._halted else "runnable"
+
+    def _set_mp_state(self, state: str) -> None:
+        self._wait_for_sipi = state == "wait-for-sipi"
+        self._halted = state == "halted"
+
+    def _stop_threads(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._kicker is not None:
+            self._kicker.join(1)
+        if self._emulator is not None:
+            self._emulator.close()
+            self._emulator = None
+
+
+def page_aligned(guest_addr: int, size: int) -> bool:
+    return not (guest_addr % PAGE_SIZE or size % PAGE_SIZE or size == 0)
