@@ -216,10 +216,10 @@ class _FakeVcpu:
     # --- running ----------------------------------------------------------------------
     def run(self) -> int:
         vmcs = self.vmcs
-        if self.scripted:
+        problem = self._load()
+        if problem is None and self.scripted:  # entered, and the scripted exit came at once
             self._exit(self.scripted.pop(0))
             return HV_SUCCESS
-        problem = self._load()
         if problem is not None:
             self.fake.entry_failures.append(problem)
             self._exit({EXIT_REASON: EXIT_ENTRY_FAILURE | 1 << 31}, save=False)
