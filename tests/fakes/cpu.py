@@ -12,6 +12,11 @@ way, with RIP at the instruction). ``TrappingCpu`` gives that:
 * CPUID: recorded and skipped, RIP put back;
 * HLT: recorded when the engine halts, RIP put back onto the HLT.
 
+Known gap, to be fixed: after an instruction-hook trap (IN/OUT, CPUID) unicorn notices the
+stop only at the next guest memory access or block end, so register-only instructions that
+follow run before the stop and again after RIP is put back (``cpuid; inc rcx`` three times
+left RCX = 3). MMIO traps are exact: the access abandons its instruction.
+
 What the fakes cannot make it do, because the software CPU executes these
 itself: exits on RDMSR/WRMSR, MOV to CR0/CR4 and XSETBV. The fakes offer
 ``script_exit`` for those (a recorded exit with the platform's fields), and
