@@ -4,18 +4,17 @@ A VM exit happens *instead of* the instruction that causes it (Intel SDM vol. 3
 27.1: the state is saved as before the instruction; WHPX reports exits the same
 way, with RIP at the instruction). ``TrappingCpu`` gives that:
 
-* port I/O: the IN/OUT hook records the access and stops the engine right after
-  the instruction (unicorn's emu_stop from an instruction hook), then the
-  registers the instruction changed (RAX, RCX, RSI, RDI, RIP) are put back;
+* port I/O: the IN/OUT hook records the access and the engine context (still the
+  one before the instruction) and stops the engine; the context is put back after
+  the stop, undoing the instruction and anything unicorn ran past it;
 * every address outside guest RAM: the MMIO callback records the access and stops
   the engine, which abandons the instruction (RIP stays on it, nothing written);
-* CPUID: recorded and skipped, RIP put back;
+* CPUID: recorded and skipped, the context before it put back the same way;
 * HLT: recorded when the engine halts, RIP put back onto the HLT.
 
-Known gap, to be fixed: after an instruction-hook trap (IN/OUT, CPUID) unicorn notices the
-stop only at the next guest memory access or block end, so register-only instructions that
-follow run before the stop and again after RIP is put back (``cpuid; inc rcx`` three times
-left RCX = 3). MMIO traps are exact: the access abandons its instruction.
+Why the context: after an emu_stop from an instruction hook unicorn notices the stop
+only at the next guest memory access or block end, so register-only instructions
+after the trapped one (``cpuid; inc esi``) would otherwise run twice.
 
 What the fakes cannot make it do, because the software CPU executes these
 itself: exits on RDMSR/WRMSR, MOV to CR0/CR4 and XSETBV. The fakes offer
@@ -28,6 +27,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 from unicorn import x86_const as x86
 
 from pyvmm.accel.core import Interrupted, Shutdown
@@ -49,6 +49,8 @@ class Trap:
     is_write: bool = False
     value: int = 0
     length: int = 0
+    string: bool = False
+    rep: bool = False
     detail: str = ""
 
 
@@ -125,7 +127,7 @@ class TrappingCpu(InterpVcpu):
         super().__init__(vm, index, vm._default_cpuid(index), vm._engine_lock)
         self._wait_for_sipi = False  # a hardware vCPU runs from whatever state it is given
         self.trap: Trap | None = None
-        self._saved = None
+        self._before = None  # the engine context at an instruction-hook trap
         self.poll_due: float | None = None
         self._flush = False
         vm.irqchip.cpus[index] = self
@@ -148,20 +150,21 @@ class TrappingCpu(InterpVcpu):
         """Drop translated code before the next run (another vCPU or the VMM may have written it)."""
         self._flush = True
 
-    def _trapped(self, trap: Trap) -> None:
+    def _trapped(self, trap: Trap, *, snapshot: bool = False) -> None:
+        """Record ``trap`` and stop. ``snapshot``: from an instruction hook, where the state is still the
+        one before the instruction but unicorn may run on past it (to the next memory access or the
+        block's end) before it stops: that state is kept and put back after the stop."""
         if self.trap is None:
             self.trap = trap
+            self._before = self.uc.context_save() if snapshot else None
         self.uc.emu_stop()
         with self._cond:
             self._stop_requested = True
 
     def trap_port(self, port: int, size: int, value):
-        uc = self.uc
         if self.trap is None:
-            self._saved = {r: uc.reg_read(r) for r in (x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_RSI,
-                                                        x86.UC_X86_REG_RDI)}  # fmt: skip
-            self._trapped(Trap("io", rip=uc.reg_read(x86.UC_X86_REG_RIP), port=port, size=size,
-                               is_write=value is not None, value=value or 0))  # fmt: skip
+            self._trapped(Trap("io", rip=self.uc.reg_read(x86.UC_X86_REG_RIP), port=port, size=size,
+                               is_write=value is not None, value=value or 0), snapshot=True)  # fmt: skip
         return 0
 
     def trap_mmio(self, addr: int, size: int, value):
@@ -171,8 +174,8 @@ class TrappingCpu(InterpVcpu):
 
     def _on_cpuid(self, uc, _):
         if self.trap is None:
-            self._trapped(Trap("cpuid", rip=uc.reg_read(x86.UC_X86_REG_RIP)))
-        return 1  # skipped: RIP is put back onto it
+            self._trapped(Trap("cpuid", rip=uc.reg_read(x86.UC_X86_REG_RIP)), snapshot=True)
+        return 1  # skipped; the state before it is put back
 
     def _sleep(self) -> None:
         if self._halted:
@@ -196,29 +199,35 @@ class TrappingCpu(InterpVcpu):
                 return Trap("shutdown", detail=result.reason)
             return Trap("error", detail=f"{result}")
         uc = self.uc
+        if self._before is not None:
+            paging = (x86.UC_X86_REG_CR0, x86.UC_X86_REG_CR3, x86.UC_X86_REG_CR4)
+            ran_past = [uc.reg_read(r) for r in paging]
+            uc.context_restore(self._before)  # whatever ran past the trapped instruction is undone
+            self._before = None
+            if ran_past != [uc.reg_read(r) for r in paging]:
+                uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)  # translations made under the undone paging state
         if trap.kind == "io":
-            uc.reg_write_batch(tuple(self._saved.items()))
-            uc.reg_write(x86.UC_X86_REG_RIP, trap.rip)
-            trap.length = self._io_length(trap.rip)
+            trap.length, trap.string, trap.rep = self.decode_io(trap.rip)
         elif trap.kind == "cpuid":
             trap.length = 2
-            uc.reg_write(x86.UC_X86_REG_RIP, trap.rip)
         elif trap.kind == "hlt":
             uc.reg_write(x86.UC_X86_REG_RIP, trap.rip)
         elif trap.kind == "mmio":
             trap.rip = uc.reg_read(x86.UC_X86_REG_RIP)
         return trap
 
-    def _io_length(self, rip: int) -> int:
-        """The length of the I/O instruction at ``rip`` (prefixes, then one opcode byte, plus imm8)."""
+    def decode_io(self, rip: int) -> tuple[int, bool, bool]:
+        """(length, string, REP) of the I/O instruction at ``rip``: prefixes, one opcode byte, an imm8."""
         from pyvmm.accel.interp import engine, system
 
         state = system.MachineState(self.uc, self._ram)
         code = state.read_bytes(state.segs[engine.CS][1] + rip, 15)
-        n = 0
-        while code[n] in (0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65) or 0x40 <= code[n] <= 0x4F:
+        n, rep = 0, False
+        while code[n] in (0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65) or (
+                state.code64 and 0x40 <= code[n] <= 0x4F):  # fmt: skip
+            rep |= code[n] == 0xF3
             n += 1
-        return n + (2 if code[n] in (0xE4, 0xE5, 0xE6, 0xE7) else 1)
+        return n + (2 if code[n] in (0xE4, 0xE5, 0xE6, 0xE7) else 1), code[n] in (0x6C, 0x6D, 0x6E, 0x6F), rep
 
 
 def new_cpus(vcpu_count: int) -> InterpVm:

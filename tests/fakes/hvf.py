@@ -253,8 +253,8 @@ class _FakeVcpu:
             if not vmcs[CPU] & UNCOND_IO_EXITING:
                 self.fake.entry_failures.append("port I/O with unconditional I/O exiting off (this fake has no ports)")
                 return HV_ERROR
-            string, rep = self._string_rep(trap.rip)
-            qualification = (trap.size - 1) | (0 if trap.is_write else 8) | string << 4 | rep << 5 | trap.port << 16
+            qualification = ((trap.size - 1) | (0 if trap.is_write else 8) | trap.string << 4 | trap.rep << 5
+                             | trap.port << 16)  # fmt: skip
             self._exit({EXIT_REASON: EXIT_IO, EXIT_QUALIFICATION: qualification, EXIT_INSTR_LEN: trap.length})
         elif trap.kind == "mmio":
             qualification = (2 if trap.is_write else 1) | 1 << 7 | 1 << 8
@@ -273,17 +273,6 @@ class _FakeVcpu:
             self.fake.entry_failures.append(f"the software CPU failed: {trap.detail}")
             return HV_ERROR
         return HV_SUCCESS
-
-    def _string_rep(self, rip: int) -> tuple[int, int]:
-        from pyvmm.accel.interp import engine, system
-
-        state = system.MachineState(self.cpu.uc, self.cpu._ram)
-        code = state.read_bytes(state.segs[engine.CS][1] + rip, 15)
-        rep = n = 0
-        while code[n] in (0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65) or 0x40 <= code[n] <= 0x4F:
-            rep |= code[n] == 0xF3
-            n += 1
-        return int(code[n] in (0x6C, 0x6D, 0x6E, 0x6F)), rep
 
     def _exit(self, fields: dict, *, save: bool = True) -> None:
         vmcs = self.vmcs

@@ -35,6 +35,25 @@ def _vm(fake, guest="hello.elf", vcpus=1):
     return VM.from_dict(config)
 
 
+def _real_mode_vcpu(code: bytes):
+    """A VM with 64 KiB of RAM holding ``code`` at 0x1000 and vCPU 0 in real mode about to run it."""
+    import mmap
+
+    from pyvmm.accel.hvf import HvfVm
+    from pyvmm.accel.x86 import Regs, Segment, SpecialRegs
+
+    vm = HvfVm(1)
+    ram = mmap.mmap(-1, 0x10000)
+    ram[0x1000:0x1000 + len(code)] = code
+    vm.map_memory(0, 0, ram)
+    vcpu = vm.create_vcpu(0)
+    sregs = SpecialRegs()
+    sregs.cs = Segment(base=0, selector=0, type=11)
+    vcpu.set_sregs(sregs)
+    vcpu.set_regs(Regs(rip=0x1000, rflags=2))
+    return vm, vcpu
+
+
 def test_a_guest_run_keeps_every_vcpu_call_on_its_owning_thread(fake):
     vm = _vm(fake, "smp.elf", vcpus=2)
     try:
@@ -81,21 +100,8 @@ def test_scripted_msr_and_cr_exits_are_handled_as_the_sdm_says(fake):
 def test_request_stop_from_another_thread_ends_a_spinning_guest(fake, tmp_path):
     """A guest that never exits (jmp $) stops within a second of request_stop (hv_vcpu_interrupt, repeated
     until the run call has returned, because the fake drops a kick that lands outside hv_vcpu_run)."""
-    from pyvmm.accel.hvf import HvfVm
-    import mmap
-
-    from pyvmm.accel.x86 import Regs, Segment, SpecialRegs
-
-    vm = HvfVm(1)
-    ram = mmap.mmap(-1, 0x10000)
-    ram[0x1000:0x1002] = b"\xeb\xfe"  # jmp $
+    vm, vcpu = _real_mode_vcpu(b"\xeb\xfe")  # jmp $
     try:
-        vm.map_memory(0, 0, ram)
-        vcpu = vm.create_vcpu(0)
-        sregs = SpecialRegs()
-        sregs.cs = Segment(base=0, selector=0, type=11)
-        vcpu.set_sregs(sregs)
-        vcpu.set_regs(Regs(rip=0x1000, rflags=2))
         results = []
         runner = threading.Thread(target=lambda: results.append(vcpu.run()))
         runner.start()
@@ -131,24 +137,32 @@ def test_check_on_apple_silicon_sends_x86_guests_to_the_interpreter(fake, monkey
 
 def test_an_io_exit_without_the_vmms_handler_is_returned_as_an_exit(fake):
     """OUT to a port outside the irqchip with no serve_io_directly handler: an IoOut exit, RIP past it."""
-    from pyvmm.accel.hvf import HvfVm
-    import mmap
-
-    from pyvmm.accel.x86 import Regs, Segment, SpecialRegs
-
-    vm = HvfVm(1)
-    ram = mmap.mmap(-1, 0x10000)
-    ram[0x1000:0x1003] = b"\xb0\x41\xe6"  # mov al, 0x41; out 0xf8, al (imm8 below)
-    ram[0x1003:0x1004] = b"\xf8"
+    vm, vcpu = _real_mode_vcpu(b"\xb0\x41\xe6\xf8")  # mov al, 0x41; out 0xf8, al
     try:
-        vm.map_memory(0, 0, ram)
-        vcpu = vm.create_vcpu(0)
-        sregs = SpecialRegs()
-        sregs.cs = Segment(base=0, selector=0, type=11)
-        vcpu.set_sregs(sregs)
-        vcpu.set_regs(Regs(rip=0x1000, rflags=2))
         exit_value = vcpu.run()
         assert isinstance(exit_value, IoOut) and exit_value.port == 0xF8 and bytes(exit_value.data) == b"A"
         assert vcpu.get_regs().rip == 0x1004
+    finally:
+        vm.close()
+
+
+@pytest.mark.parametrize("trapped", [b"\x0f\xa2", b"\xe6\xf8", b"\xe4\xf8"], ids=["cpuid", "out", "in"])
+def test_an_exit_comes_before_the_instructions_after_it(fake, trapped):
+    """A VM exit is taken at the instruction (SDM 27.1): the register-only instructions after it run
+    once, after the VMM resumed the guest, not also before the exit. Then OUT to 0xf9 ends the test."""
+    inc_si = b"\x66\x46"  # inc esi (real mode, operand-size prefix): CPUID leaves ESI alone
+    vm, vcpu = _real_mode_vcpu(trapped + inc_si * 3 + b"\xe6\xf9")
+    try:
+        first = vcpu.run()
+        if trapped == b"\xe6\xf8":
+            assert isinstance(first, IoOut) and first.port == 0xF8
+        if trapped == b"\xe4\xf8":
+            first.data[:] = b"\x00"
+        after_first = vcpu.get_regs()
+        if trapped != b"\x0f\xa2":
+            assert after_first.rsi == 0, "nothing after the trapped instruction may run before its exit"
+        last = vcpu.run() if trapped != b"\x0f\xa2" else first
+        assert isinstance(last, IoOut) and last.port == 0xF9
+        assert vcpu.get_regs().rsi & 0xFFFFFFFF == 3
     finally:
         vm.close()
