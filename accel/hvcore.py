@@ -25,14 +25,13 @@ import threading
 from types import SimpleNamespace
 
 from pyvmm.accel.core import EmulationFailure, Interrupted, IoIn, IoOut, MmioRead, MmioWrite
-from pyvmm.accel.irqchip.delivery import Delivery, deliver_pending
+from pyvmm.accel.irqchip.delivery import STALE_DEADLINE_RETRY, Delivery, HaltWait, deliver_pending
 from pyvmm.accel.x86 import CpuidTable, Regs, Segment, SpecialRegs
 from pyvmm.arch.x86.pc import PAGE_SIZE
 from pyvmm.arch.x86.registers import RFLAGS_IF
 from pyvmm.errors import AccelError, PyvmmError
 
 KICK_REPEAT = 0.0005  # a kick is repeated this often until the run call returns (s)
-STALE_DEADLINE_RETRY = 0.001
 
 
 def init_state(cs_selector: int = 0xF000, cs_base: int = 0xFFFF0000, rip: int = 0xFFF0) -> tuple[Regs, SpecialRegs]:
@@ -77,6 +76,7 @@ class HypervisorVcpu:
         self.index = index
         self._vm = vm
         self._chip = vm.irqchip
+        self._cpuid_entries: list = []
         self._cpuid = CpuidTable([])
         self._io_handler = None
         self._emulator = None
@@ -89,6 +89,7 @@ class HypervisorVcpu:
         self._halted = False
         self._wait_for_sipi = index != 0
         self._kicker: threading.Thread | None = None
+        self._halt_wait = HaltWait(self._chip, index)
 
     # ------------------------------------------------------------------ I/O
     def serve_io_directly(self, handler) -> None:
@@ -131,7 +132,7 @@ class HypervisorVcpu:
 
             bus_pio, bus_mmio = _Bus(self, mmio=False), _Bus(self, mmio=True)
             self._emulator = FallbackManager(SlotMemory(self._vm.slots), bus_pio, bus_mmio, self._vm.capabilities,
-                                             hypervisor=self._vm.title)  # fmt: skip
+                                             hypervisor=self._vm.title, why="leaves to the VMM")  # fmt: skip
             self._emulator.set_cpuid(self.index, self._cpuid_entries)
         try:
             self._emulator(self, EmulationFailure(rip, b""))
@@ -141,8 +142,6 @@ class HypervisorVcpu:
             raise AccelError(self.backend, f"vCPU {self.index}: emulating the instruction at {rip:#x} failed: {err}") from err
 
     # ------------------------------------------------------------------ CPUID
-    _cpuid_entries: list = []
-
     def set_cpuid(self, entries) -> None:
         if not entries:
             raise AccelError(self.backend, "set_cpuid: empty CPUID table")
@@ -205,9 +204,6 @@ class HypervisorVcpu:
                     if self._kick_wanted:
                         break
                     due = chip.next_deadline(self.index)
-                    window = self._window_poll_due()
-                    if window is not None and (due is None or window < due):
-                        due = window
                     if due is not None:
                         timeout = due - chip.clock()
                         if timeout <= 0 and due != last_kicked_due:
@@ -223,25 +219,11 @@ class HypervisorVcpu:
                         break
                     cond.wait(KICK_REPEAT)
 
-    def _window_poll_due(self) -> float | None:
-        """When the backend must look again for an interrupt window it cannot request (None: never)."""
-        return None
-
     def _sleep(self) -> None:
-        """hlt / wait-for-SIPI: block until woken, stopped or the next timer deadline."""
-        chip = self._chip
+        """hlt / wait-for-SIPI: block until woken, stopped or the next timer deadline (``HaltWait``)."""
         with self._cond:
-            while not (self._kick_wanted or self._stop_requested or self._closing):
-                due = None if self._wait_for_sipi else chip.next_deadline(self.index)
-                if due is not None:
-                    timeout = due - chip.clock()
-                    if timeout <= 0:
-                        break
-                    self._cond.wait(timeout)
-                    if due - chip.clock() <= 0:
-                        break
-                else:
-                    self._cond.wait()
+            self._halt_wait.wait(self._cond, lambda: self._kick_wanted or self._stop_requested or self._closing,
+                                 timers=not self._wait_for_sipi)  # fmt: skip
             self._kick_wanted = False
 
     def _take_stop(self) -> bool:
@@ -279,6 +261,7 @@ class HypervisorVcpu:
                 return exit_value
 
     def _interrupts_enabled(self) -> bool:
+        """RFLAGS.IF (a backend reads just that register where it can)."""
         return bool(self.get_regs().rflags & RFLAGS_IF)
 
     def _handle_init_sipi(self) -> None:

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import platform
 import queue
-import sys
 import threading
 
 from pyvmm.accel import vmx
-from pyvmm.accel.core import Capability, Halt, InternalError, Shutdown, StateError, VcpuState
+from pyvmm.accel.core import Capability, InternalError, Shutdown, StateError, VcpuState
 from pyvmm.accel.hvcore import HypervisorVcpu, page_aligned
 from pyvmm.accel.x86 import (
     ARCH,
@@ -62,7 +61,6 @@ CR4_HOST_OWNED = CR4_VMXE  # VMX requires it set; the guest must not see it
 _GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13",
               "r14", "r15")  # the GPR numbering of MOV-CR and instruction-information fields  # fmt: skip
 _REG_FIELDS = tuple(Regs.__dataclass_fields__)
-_SEGMENTS = tuple(h.VMCS_GUEST_SEGMENTS)
 
 _library = None
 
@@ -510,8 +508,11 @@ class HvfVcpu(HypervisorVcpu):
         self._set_events(PendingEvents(**{f: getattr(events, f) for f in events.__dataclass_fields__ if f != "private"}))
 
     # ------------------------------------------------------------------ interrupts (hvcore's hooks)
+    def _interrupts_enabled(self) -> bool:
+        return bool(self._rreg("RFLAGS") & RFLAGS_IF)
+
     def _window_open(self) -> bool:
-        if not self._rreg("RFLAGS") & RFLAGS_IF:
+        if not self._interrupts_enabled():
             return False
         if self._rvmcs(h.VMCS_GUEST_INTERRUPTIBILITY) & (h.GUEST_INTRBILITY_STI_BLOCKING | h.GUEST_INTRBILITY_MOVSS_BLOCKING):
             return False

@@ -77,9 +77,10 @@ class FallbackManager:
     """
 
     def __init__(self, memory, pio, mmio, capabilities=frozenset({Capability.IN_KERNEL_IRQCHIP}), *,
-                 hypervisor: str = "KVM"):  # fmt: skip
+                 hypervisor: str = "KVM", why: str = "cannot emulate"):  # fmt: skip
         self.memory, self.pio, self.mmio = memory, pio, mmio
         self.hypervisor = hypervisor
+        self.why = why  # "<hypervisor> <why> <instruction>" in the first-time log line
         self.capabilities = frozenset(capabilities)
         self._steppers: dict[int, object] = {}
         self._cpuid: dict[int, list[CpuidEntry]] = {}
@@ -275,8 +276,8 @@ class FallbackManager:
             self.seconds += elapsed
         if first:
             log.info(
-                "fallback: vcpu %d at rip %#x: %s cannot emulate %s (%s); stepped in the interpreter%s",
-                index, state.regs.rip, self.hypervisor, text, insn.hex(" "), f", {delivered} delivered" if delivered else "",
+                "fallback: vcpu %d at rip %#x: %s %s %s (%s); stepped in the interpreter%s",
+                index, state.regs.rip, self.hypervisor, self.why, text, insn.hex(" "), f", {delivered} delivered" if delivered else "",
             )
 
     def _fail(self, vcpu, state, insn: bytes, text: str, why: str):

@@ -63,7 +63,7 @@ from pyvmm.accel.x86 import (
     X86CpuState,
     restorable,
 )
-from pyvmm.accel.irqchip.delivery import Delivery, deliver_pending
+from pyvmm.accel.irqchip.delivery import STALE_DEADLINE_RETRY, Delivery, HaltWait, deliver_pending
 from pyvmm.arch.x86.insn import ends_with_shadow_instruction
 from pyvmm.arch.x86.msrs import MSR_IA32_APIC_BASE as MSR_APIC_BASE
 from pyvmm.arch.x86.msrs import MSR_IA32_TSC as MSR_TSC
@@ -76,7 +76,6 @@ STATE_VERSION = 1
 IRQ_WINDOW_FIRST = 0.00002
 IRQ_WINDOW_MAX = 0.001
 KICK_REPEAT = 0.0002  # a stop request is repeated this often until the loop acknowledges (s)
-STALE_DEADLINE_RETRY = 0.001  # a timer deadline still in the past after poll() is retried this often (s)
 
 #: MSRs unicorn implements natively (reg_read/reg_write of UC_X86_REG_MSR)
 NATIVE_MSRS = frozenset(
@@ -180,7 +179,7 @@ class InterpVcpu(system.EngineHooks):
         self._slice_due: float | None = None  # another vCPU waits for the engine lock
         self._kicked_deadline: float | None = None  # kicker: the past deadline it last stopped the engine for
         self._kicked_at = 0.0
-        self._sleep_stale_due: float | None = None
+        self._halt_wait = HaltWait(self._chip, index)
         self.exits_posted = 0
 
         self._halted_flag = self.engine.halted
@@ -435,29 +434,10 @@ class InterpVcpu(system.EngineHooks):
                 self.uc.ctl_flush_tb()  # other vCPUs may have written the trampoline
 
     def _sleep(self) -> None:
-        """hlt / wait-for-SIPI: block until woken, stopped or the next timer deadline (never spin).
-
-        A deadline already in the past returns at once the first time (the loop
-        polls the chip); if poll() left it in the past, it is retried no more
-        often than every STALE_DEADLINE_RETRY rather than ignored, so a timer can
-        never be lost.
-        """
-        chip = self._chip
+        """hlt / wait-for-SIPI: block until woken, stopped or the next timer deadline (``HaltWait``)."""
         with self._cond:
-            while not (self._wakeup or self._stop_requested or self._closing):
-                due = None if self._wait_for_sipi else chip.next_deadline(self.index)
-                timeout = None
-                if due is not None:
-                    timeout = due - chip.clock()
-                    if timeout <= 0:
-                        if due != self._sleep_stale_due:
-                            self._sleep_stale_due = due
-                            break
-                        timeout = STALE_DEADLINE_RETRY
-                        self._sleep_stale_due = None  # after this wait, poll again
-                self._cond.wait(timeout)
-                if timeout is not None and not self._wakeup and due is not None and due - chip.clock() <= 0:
-                    break
+            self._halt_wait.wait(self._cond, lambda: self._wakeup or self._stop_requested or self._closing,
+                                 timers=not self._wait_for_sipi)  # fmt: skip
             self._wakeup = False
 
     def _inject(self):

@@ -13,6 +13,9 @@ from __future__ import annotations
 import enum
 from typing import Callable
 
+#: a timer deadline still in the past after poll() is retried this often (s), never spun on or dropped
+STALE_DEADLINE_RETRY = 0.001
+
 
 class Delivery(enum.Enum):
     NONE = "nothing pending"
@@ -34,3 +37,36 @@ def deliver_pending(chip, index: int, window_open: Callable[[], bool], inject: C
     if vector is not None:
         inject(vector)
     return Delivery.INJECTED
+
+
+class HaltWait:
+    """``hlt`` and wait-for-SIPI of one vCPU on the userspace irqchip, the same way for every backend.
+
+    ``wait`` blocks until ``woken()`` or the vCPU's next timer deadline and never
+    spins: a deadline already in the past returns at once the first time (the
+    backend then polls the chip); if poll() left it in the past, it is retried no
+    more often than every ``STALE_DEADLINE_RETRY`` rather than ignored, so a
+    timer can never be lost.
+    """
+
+    def __init__(self, chip, index: int):
+        self._chip, self._index = chip, index
+        self._stale_due: float | None = None
+
+    def wait(self, cond, woken: Callable[[], bool], *, timers: bool = True) -> None:
+        """With ``cond`` (a Condition) held; ``timers`` False: wait for ``woken()`` only (wait-for-SIPI)."""
+        chip = self._chip
+        while not woken():
+            due = chip.next_deadline(self._index) if timers else None
+            timeout = None
+            if due is not None:
+                timeout = due - chip.clock()
+                if timeout <= 0:
+                    if due != self._stale_due:
+                        self._stale_due = due
+                        return
+                    timeout = STALE_DEADLINE_RETRY
+                    self._stale_due = None  # after this wait, poll again
+            cond.wait(timeout)
+            if due is not None and not woken() and due - chip.clock() <= 0:
+                return
