@@ -29,10 +29,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, replace
 
 from pyvmm.accel.core import Capability, EmulationFailure
 from pyvmm.accel.x86 import SHADOW_MOV_SS, SHADOW_STI, CpuidEntry, SpecialRegs, fpu_from_fxsave, fpu_into_xsave
+from pyvmm.arch.x86.insn import rep_count_mask
 from pyvmm.arch.x86.msrs import MSR_IA32_TSC as MSR_TSC
 from pyvmm.errors import AccelError, GuestError
 
@@ -214,6 +215,18 @@ class FallbackManager:
             events.shadow = new_shadow
             vcpu.set_events(events)
 
+    def _past_a_finished_rep(self, state, insn: bytes, sregs: SpecialRegs, after: dict) -> dict:
+        """unicorn steps a REP string instruction one iteration at a time and, after the last one, stops
+        on the instruction with the count at zero; the CPU moves past it (SDM vol. 2, REP): so does the
+        state given back."""
+        from pyvmm.accel.stepper import Stepper
+
+        mask = rep_count_mask(insn, code_bits=self._code_bits(sregs))
+        regs = Stepper.regs_of(after)
+        if mask is None or regs.rip != state.regs.rip or regs.rcx & mask:
+            return after
+        return {**after, "gprs": astuple(replace(regs, rip=regs.rip + len(insn)))}
+
     # ------------------------------------------------------------ the callback
     def __call__(self, vcpu, failure: EmulationFailure) -> None:
         from pyvmm.accel.stepper import MovedState, StepRefused
@@ -258,6 +271,8 @@ class FallbackManager:
         except StepRefused as err:
             self._fail(vcpu, state, insn, text, str(err))
         after = stepper.snapshot(full, msrs)
+        if delivered is None and not events_changed:
+            after = self._past_a_finished_rep(state, insn, sregs, after)
         if (after["crs"], after["gdt"], after["idt"], after["efer"]) != (before["crs"], before["gdt"], before["idt"],
                                                                            before["efer"]):  # fmt: skip
             stepper.system_changed()

@@ -46,3 +46,25 @@ def ends_with_shadow_instruction(code: bytes, *, code64: bool, addr16: bool = Fa
         if start + 1 + modrm_length(code[start + 1], sib, addr16=addr16) == len(code):
             return True
     return False
+
+
+LEGACY_PREFIXES = frozenset((0x66, 0x67, 0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65))
+REP_PREFIXES = frozenset((0xF2, 0xF3))
+ADDRESS_SIZE_PREFIX = 0x67
+
+
+def rep_count_mask(code: bytes, *, code_bits: int) -> int | None:
+    """For a REP-prefixed instruction, the mask of the count register it uses (RCX, ECX or CX by the
+    address size, SDM vol. 2 "REP/REPE/REPZ"); None when ``code`` has no REP prefix."""
+    rep = override = False
+    for byte in code:
+        if byte in REP_PREFIXES:
+            rep = True
+        elif byte == ADDRESS_SIZE_PREFIX:
+            override = True
+        elif byte not in LEGACY_PREFIXES and not (code_bits == 64 and 0x40 <= byte <= 0x4F):
+            break
+    if not rep:
+        return None
+    bits = {64: 32 if override else 64, 32: 16 if override else 32, 16: 32 if override else 16}[code_bits]
+    return (1 << bits) - 1

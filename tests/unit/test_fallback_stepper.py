@@ -317,3 +317,29 @@ def test_xrstor_with_avx_in_xcr0_is_refused(machine):
     with pytest.raises(GuestError, match=r"cannot execute xrstor .*XCR0 is 0x7: the interpreter's xrstor covers only"):
         step(memory, manager, vcpu, b"\x0f\xae\x2f")  # xrstor [edi]
     assert vcpu.writes == []
+
+
+@pytest.mark.parametrize("count, rip_after", [(3, CODE), (1, CODE + 2)])
+def test_a_rep_string_step_moves_past_the_instruction_after_its_last_iteration(machine, count, rip_after):
+    """One iteration per step, as the CPU does between interrupts; after the last one the CPU is past
+    the instruction (SDM vol. 2 REP), where unicorn's single step leaves it on it with ECX = 0."""
+    memory, manager, port, _ = machine
+    vcpu = FakeVcpu()
+    memory.write(0x5000, b"ABC")
+    vcpu.regs.rdx, vcpu.regs.rsi, vcpu.regs.rcx = 0x510, 0x5000, count
+    step(memory, manager, vcpu, b"\xf3\x6e")  # rep outsb
+    assert port.written == [(0, b"A")]
+    assert (vcpu.regs.rcx, vcpu.regs.rsi, vcpu.regs.rip) == (count - 1, 0x5001, rip_after)
+
+
+def test_the_rep_count_register_follows_the_address_size():
+    from pyvmm.arch.x86.insn import rep_count_mask
+
+    assert rep_count_mask(b"\xf3\x6e", code_bits=64) == (1 << 64) - 1
+    assert rep_count_mask(b"\x67\xf3\x6e", code_bits=64) == 0xFFFFFFFF
+    assert rep_count_mask(b"\xf3\x48\xa5", code_bits=64) == (1 << 64) - 1  # rep movsq: REX after the prefix
+    assert rep_count_mask(b"\xf3\x6e", code_bits=32) == 0xFFFFFFFF
+    assert rep_count_mask(b"\x67\xf3\x6e", code_bits=32) == 0xFFFF
+    assert rep_count_mask(b"\xf3\x6e", code_bits=16) == 0xFFFF
+    assert rep_count_mask(b"\x6e", code_bits=32) is None
+    assert rep_count_mask(b"\x48\x89\xc3", code_bits=64) is None  # mov rbx, rax
