@@ -4,17 +4,24 @@ A VM exit happens *instead of* the instruction that causes it (Intel SDM vol. 3
 27.1: the state is saved as before the instruction; WHPX reports exits the same
 way, with RIP at the instruction). ``TrappingCpu`` gives that:
 
-* port I/O: the IN/OUT hook records the access and the engine context (still the
-  one before the instruction) and stops the engine; the context is put back after
-  the stop, undoing the instruction and anything unicorn ran past it;
-* every address outside guest RAM: the MMIO callback records the access and stops
-  the engine, which abandons the instruction (RIP stays on it, nothing written);
-* CPUID: recorded and skipped, the context before it put back the same way;
+* port I/O and CPUID: the instruction's hook parks the engine (the interpreter's
+  exit-from-inside-an-instruction) with the state still the one before the
+  instruction, and the fake reports the exit from there. When the VMM resumes
+  the guest, the parked instruction completes with the VMM's result (the IN
+  value, the CPUID registers); the fake first checks that the VMM wrote exactly
+  what the instruction's completion produces (``expected_completion``), because
+  the engine, not the VMM's registers, carries on from there;
+* an access outside guest RAM (the interpreter's MMIO callback) parks the engine the
+  same way; a memory hook over those addresses makes unicorn keep RIP exact there.
+  The VMM executes such an instruction itself (VMX does not decode it), so on
+  resume the fake loads the VMM's state instead, and the engine must not finish
+  its own copy: the interpreter's replacement rule drops the rest of the block's
+  I/O, and guest RAM is read-only to the engine until that block has ended;
 * HLT: recorded when the engine halts, RIP put back onto the HLT.
 
-Why the context: after an emu_stop from an instruction hook unicorn notices the stop
-only at the next guest memory access or block end, so register-only instructions
-after the trapped one (``cpuid; inc esi``) would otherwise run twice.
+The engine keeps the interpreter's rule that stops take effect only between
+translation blocks (stops from other threads mid-instruction would re-execute
+read-modify-write instructions), so nothing here stops it inside a block.
 
 What the fakes cannot make it do, because the software CPU executes these
 itself: exits on RDMSR/WRMSR, MOV to CR0/CR4 and XSETBV. The fakes offer
@@ -24,17 +31,26 @@ their docstrings say how guest writes of host-owned bits are treated.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
+from unicorn import UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ
 from unicorn import x86_const as x86
 
-from pyvmm.accel.core import Interrupted, Shutdown
+from pyvmm.accel.core import InternalError, Interrupted, IoIn, IoOut, MmioRead, MmioWrite, Shutdown
+from pyvmm.accel.interp import engine, system
 from pyvmm.accel.interp.vcpu import InterpVcpu
 from pyvmm.accel.interp.vm import InterpVm
+from pyvmm.accel.x86 import Regs
 
 LAPIC_TIMER_HZ = 1_000_000_000
+_PREFIXES = frozenset((0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65))
+
+
+class CpuidExit(NamedTuple):
+    """Posted from the CPUID hook: the engine waits there for the VMM's answer."""
 
 
 @dataclass
@@ -55,8 +71,8 @@ class Trap:
 
 
 class NoInterruptController:
-    """Stands where the interpreter's irqchip would be: it owns every port and unbacked address
-    (so each one traps) and never has an interrupt; events arrive by injection only."""
+    """Stands where the interpreter's irqchip would be: it owns no port and no address (so each one
+    becomes an exit) and never has an interrupt; events arrive by injection only."""
 
     LAPIC_TIMER_HZ = LAPIC_TIMER_HZ
 
@@ -69,28 +85,21 @@ class NoInterruptController:
         self._wake = wake
 
     def handles_port(self, port: int) -> bool:
-        return True
+        return False
 
     def handles_mmio(self, addr: int) -> bool:
-        return True
-
-    def pio_read(self, index, port, size):
-        return self.cpus[index].trap_port(port, size, None)
-
-    def pio_write(self, index, port, size, value):
-        self.cpus[index].trap_port(port, size, value)
-
-    def mmio_read(self, index, addr, size):
-        return self.cpus[index].trap_mmio(addr, size, None)
-
-    def mmio_write(self, index, addr, size, value):
-        self.cpus[index].trap_mmio(addr, size, value)
+        return False
 
     def poll(self) -> None:
-        pass
+        now = self.clock()
+        for cpu in self.cpus.values():
+            if cpu.poll_due is not None and now >= cpu.poll_due:
+                cpu.poll_due = None
+                cpu.request_stop()  # the fake looks for a requested interrupt window
 
     def next_deadline(self, index: int):
-        return self.cpus[index].poll_due if index in self.cpus else None
+        cpu = self.cpus.get(index)
+        return None if cpu is None else cpu.poll_due
 
     def has_interrupt(self, index: int) -> bool:
         return False
@@ -108,7 +117,8 @@ class NoInterruptController:
         return []
 
     def take_cross_cpu_ipi(self, index: int) -> bool:
-        return self.cpus[index].take_flush() if index in self.cpus else False
+        cpu = self.cpus.get(index)
+        return False if cpu is None else cpu.take_flush()
 
     def get_apic_base(self, index: int) -> int:
         return 0xFEE00000 | (0x900 if index == 0 else 0x800)
@@ -127,20 +137,13 @@ class TrappingCpu(InterpVcpu):
         super().__init__(vm, index, vm._default_cpuid(index), vm._engine_lock)
         self._wait_for_sipi = False  # a hardware vCPU runs from whatever state it is given
         self.trap: Trap | None = None
-        self._before = None  # the engine context at an instruction-hook trap
+        self.parked = None  # the IoIn/IoOut/CpuidExit the engine waits in, with its Trap
+        self.cpuid_answer: tuple[int, int, int, int] | None = None
         self.poll_due: float | None = None
         self._flush = False
+        self._mmio_hooks: list = []
+        self._frozen = False
         vm.irqchip.cpus[index] = self
-        # The interpreter makes emu_stop take effect only at block boundaries (engine._disable_midblock_exits,
-        # against stops from other threads). Here emu_stop is called only from this engine's own hooks, and a
-        # VM exit must come right at the instruction: unicorn's own behaviour (stop after an I/O or CPUID
-        # instruction; an MMIO access abandons its instruction) is restored for this engine.
-        import ctypes
-
-        from pyvmm.accel.interp import engine as interp_engine
-
-        flag = interp_engine._anchor_fast(self.uc) + interp_engine.NO_EXIT_REQUEST_FROM_ANCHOR
-        ctypes.c_uint8.from_address(flag).value = 0
 
     def take_flush(self) -> bool:
         flush, self._flush = self._flush, False
@@ -150,32 +153,37 @@ class TrappingCpu(InterpVcpu):
         """Drop translated code before the next run (another vCPU or the VMM may have written it)."""
         self._flush = True
 
-    def _trapped(self, trap: Trap, *, snapshot: bool = False) -> None:
-        """Record ``trap`` and stop. ``snapshot``: from an instruction hook, where the state is still the
-        one before the instruction but unicorn may run on past it (to the next memory access or the
-        block's end) before it stops: that state is kept and put back after the stop."""
-        if self.trap is None:
-            self.trap = trap
-            self._before = self.uc.context_save() if snapshot else None
-        self.uc.emu_stop()
-        with self._cond:
-            self._stop_requested = True
+    # --- traps ------------------------------------------------------------------------
+    def _sync_memory(self) -> None:
+        super()._sync_memory()
+        # with a memory hook, unicorn keeps RIP exact at memory accesses (else an MMIO callback sees the
+        # block's start): one hook per MMIO gap, doing nothing
+        for handle in self._mmio_hooks:
+            self.uc.hook_del(handle)
+        self._mmio_hooks = [self.uc.hook_add(UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE, _no_op, None, start,
+                                             start + size - 1) for start, size in self.engine._holes]  # fmt: skip
 
-    def trap_port(self, port: int, size: int, value):
-        if self.trap is None:
-            self._trapped(Trap("io", rip=self.uc.reg_read(x86.UC_X86_REG_RIP), port=port, size=size,
-                               is_write=value is not None, value=value or 0), snapshot=True)  # fmt: skip
-        return 0
+    def freeze_ram(self) -> None:
+        """Guest RAM read-only to this engine (its writes are dropped) until the current block has ended."""
+        for addr, size, _, _ in self._vm.slots.values():
+            self.uc.mem_protect(addr, size, UC_PROT_READ | UC_PROT_EXEC)
+        self._frozen = True
 
-    def trap_mmio(self, addr: int, size: int, value):
-        if self.trap is None:
-            self._trapped(Trap("mmio", addr=addr, size=size, is_write=value is not None, value=value or 0))
-        return 0
+    def _run_engine(self):
+        result = super()._run_engine()
+        if self._frozen:
+            self._frozen = False
+            for addr, size, _, readonly in self._vm.slots.values():
+                self.uc.mem_protect(addr, size, UC_PROT_READ | UC_PROT_EXEC if readonly else UC_PROT_ALL)
+        return result
 
     def _on_cpuid(self, uc, _):
-        if self.trap is None:
-            self._trapped(Trap("cpuid", rip=uc.reg_read(x86.UC_X86_REG_RIP)), snapshot=True)
-        return 1  # skipped; the state before it is put back
+        self.cpuid_answer = None
+        if self._io_from_hook(CpuidExit()) and self.cpuid_answer is not None:
+            eax, ebx, ecx, edx = self.cpuid_answer
+            uc.reg_write_batch(((x86.UC_X86_REG_RAX, eax), (x86.UC_X86_REG_RBX, ebx), (x86.UC_X86_REG_RCX, ecx),
+                                (x86.UC_X86_REG_RDX, edx)))  # fmt: skip
+        return 1  # the engine's own CPUID is skipped
 
     def _sleep(self) -> None:
         if self._halted:
@@ -187,50 +195,86 @@ class TrappingCpu(InterpVcpu):
             return
         super()._sleep()
 
-    def run_until_trap(self) -> Trap:
-        """Run the guest until it traps, is stopped (``request_stop``) or fails."""
-        self.trap = None
-        result = self.run()
-        trap, self.trap = self.trap, None
-        if trap is None:
-            if isinstance(result, Interrupted):
-                return Trap("stop")
-            if isinstance(result, Shutdown):
-                return Trap("shutdown", detail=result.reason)
-            return Trap("error", detail=f"{result}")
-        uc = self.uc
-        if self._before is not None:
-            paging = (x86.UC_X86_REG_CR0, x86.UC_X86_REG_CR3, x86.UC_X86_REG_CR4)
-            ran_past = [uc.reg_read(r) for r in paging]
-            uc.context_restore(self._before)  # whatever ran past the trapped instruction is undone
-            self._before = None
-            if ran_past != [uc.reg_read(r) for r in paging]:
-                uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)  # translations made under the undone paging state
-        if trap.kind == "io":
-            trap.length, trap.string, trap.rep = self.decode_io(trap.rip)
-        elif trap.kind == "cpuid":
-            trap.length = 2
-        elif trap.kind == "hlt":
-            uc.reg_write(x86.UC_X86_REG_RIP, trap.rip)
-        elif trap.kind == "mmio":
-            trap.rip = uc.reg_read(x86.UC_X86_REG_RIP)
-        return trap
-
     def decode_io(self, rip: int) -> tuple[int, bool, bool]:
         """(length, string, REP) of the I/O instruction at ``rip``: prefixes, one opcode byte, an imm8."""
-        from pyvmm.accel.interp import engine, system
-
         state = system.MachineState(self.uc, self._ram)
         code = state.read_bytes(state.segs[engine.CS][1] + rip, 15)
         n, rep = 0, False
-        while code[n] in (0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65) or (
-                state.code64 and 0x40 <= code[n] <= 0x4F):  # fmt: skip
+        while code[n] in _PREFIXES or (state.code64 and 0x40 <= code[n] <= 0x4F):
             rep |= code[n] == 0xF3
             n += 1
         return n + (2 if code[n] in (0xE4, 0xE5, 0xE6, 0xE7) else 1), code[n] in (0x6C, 0x6D, 0x6E, 0x6F), rep
+
+    def run_until_trap(self) -> Trap:
+        """Run (or resume) the guest until it traps, is stopped (``request_stop``) or fails."""
+        self.trap = None
+        self.parked = None
+        result = self.run()
+        kind = type(result)
+        if kind is IoIn or kind is IoOut:
+            rip = self.get_regs().rip
+            length, string, rep = self.decode_io(rip)
+            trap = Trap("io", rip=rip, port=result.port, size=len(result.data), is_write=kind is IoOut,
+                        value=int.from_bytes(result.data, "little") if kind is IoOut else 0, length=length,
+                        string=string, rep=rep)  # fmt: skip
+            self.parked = (result, trap)
+            return trap
+        if kind is MmioRead or kind is MmioWrite:
+            trap = Trap("mmio", rip=self.get_regs().rip, addr=result.addr, size=len(result.data),
+                        is_write=kind is MmioWrite, value=int.from_bytes(result.data, "little") if kind is MmioWrite else 0)
+            self.parked = (result, trap)
+            return trap
+        if kind is CpuidExit:
+            trap = Trap("cpuid", rip=self.get_regs().rip, length=2)
+            self.parked = (result, trap)
+            return trap
+        trap, self.trap = self.trap, None
+        if trap is not None:
+            if trap.kind == "hlt":
+                self.set_regs(dataclasses.replace(self.get_regs(), rip=trap.rip))
+            return trap
+        if kind is Interrupted:
+            return Trap("stop")
+        if kind is Shutdown:
+            return Trap("shutdown", detail=result.reason)
+        return Trap("error", detail=result.detail if kind is InternalError else f"{result}")
+
+    # --- resuming a parked instruction --------------------------------------------------
+    def expected_completion(self, before: Regs) -> Regs:
+        """The registers the parked instruction leaves, given the VMM's result (SDM vol. 2 IN, OUT, INS,
+        OUTS, CPUID): what a VMM must write before resuming, and what the engine will produce."""
+        exit_value, trap = self.parked
+        regs = dict(before.__dict__)
+        if trap.kind == "cpuid":
+            regs.update(zip(("rax", "rbx", "rcx", "rdx"), self.cpuid_answer), rip=trap.rip + 2)
+            return Regs(**regs)
+        size, mask = trap.size, (1 << (8 * trap.size)) - 1
+        if not trap.string:
+            if not trap.is_write:
+                value = int.from_bytes(exit_value.data, "little")
+                regs["rax"] = value if size == 4 else (before.rax & ~mask) | value
+            regs["rip"] = trap.rip + trap.length
+            return Regs(**regs)
+        step = -size if before.rflags & (1 << 10) else size  # DF
+        pointer = "rdi" if not trap.is_write else "rsi"
+        regs[pointer] = (regs[pointer] + step) & ((1 << 64) - 1)
+        if trap.rep:
+            regs["rcx"] = (before.rcx - 1) & ((1 << 64) - 1)
+            regs["rip"] = trap.rip if regs["rcx"] else trap.rip + trap.length
+        else:
+            regs["rip"] = trap.rip + trap.length
+        return Regs(**regs)
+
+    def string_input_bytes(self, rdi: int, size: int) -> bytes:
+        """What a VMM's INS left at ES:RDI (the parked INS then stores the same bytes again)."""
+        state = system.MachineState(self.uc, self._ram)
+        return state.read_bytes(state.segs[engine.ES][1] + rdi, size)
+
+
+def _no_op(*args) -> None:
+    pass
 
 
 def new_cpus(vcpu_count: int) -> InterpVm:
     """An interpreter VM without an interrupt controller, for a fake's vCPUs."""
     return InterpVm(vcpu_count, irqchip=NoInterruptController(vcpu_count))
-

@@ -18,7 +18,7 @@ SDM vol. 3C):
   executes, with qualification size-1, direction (1 = in), string, REP and port
   (SDM Table 27-5); HLT exits when "HLT exiting" is on (SDM 25.1.3); CPUID always
   exits (SDM 25.1.2). Instruction lengths are in VMCS_RO_VMEXIT_INSTR_LEN (SDM 27.2.5).
-* An access to a guest-physical address hv_vm_map did not map is an EPT violation
+* A data access to a guest-physical address hv_vm_map did not map is an EPT violation
   before the instruction executes: qualification bit 0 read / bit 1 write, bits 7
   and 8 (a data access through a linear address), the address in
   VMCS_GUEST_PHYSICAL_ADDRESS (SDM Table 27-7, 28.3.3.2). This fake does not know
@@ -32,6 +32,10 @@ SDM vol. 3C):
   (IA32_VMX_CR0_FIXED0 / CR4_FIXED0; PE and PG may be 0 with unrestricted guest);
   "IA-32e mode guest" equal to EFER.LMA. A failed entry is exit reason 33 with bit 31
   set (SDM 26.8).
+* An event injected at an exit this fake took from inside its instruction (port
+  I/O, CPUID: fakes/cpu.py) is delivered once that instruction has completed, at the
+  next block boundary (an interrupt arriving a little later); an exit before that
+  hands it back as IDT-vectoring information (SDM 27.2.4) for the VMM to inject again.
 * hv_vcpu_interrupt forces a running vCPU out with exit reason 1 (external
   interrupt). A kick of a vCPU that is not in hv_vcpu_run is dropped here: the
   documentation promises nothing for that case, so a VMM must not rely on it.
@@ -45,11 +49,14 @@ SDM vol. 3C):
 from __future__ import annotations
 
 import ctypes
+import sys
 import threading
 import time
 
+from unicorn import x86_const as x86
+
 from fakes.cpu import Trap, TrappingCpu, new_cpus
-from pyvmm.accel.x86 import PendingEvents, Segment, fpu_from_fxsave, fpu_into_xsave
+from pyvmm.accel.x86 import PendingEvents, Regs, Segment, fpu_from_fxsave, fpu_into_xsave
 from pyvmm.ffi.hvf import intel as ffi
 
 # hv_error.h
@@ -90,7 +97,9 @@ EXIT_HLT, EXIT_IO, EXIT_ENTRY_FAILURE, EXIT_EPT_VIOLATION = 12, 30, 33, 48
 CR0_PG, CR0_NE, CR4_PAE, CR4_VMXE, EFER_LME, EFER_LMA, RFLAGS_IF = 1 << 31, 1 << 5, 1 << 5, 1 << 13, 1 << 8, 1 << 10, 1 << 9
 NATIVE_MSR_ALLOWED = frozenset({0x10, 0x174, 0x175, 0x176, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,
                                 0xC0000100, 0xC0000101, 0xC0000102, 0xC0000103})  # fmt: skip
-WINDOW_POLL = 0.0002  # how often a requested interrupt window is looked for while the guest runs (s)
+# While the guest runs, a requested interrupt window (or a deferred event) is looked for after a delay
+# that starts short and doubles up to a cap: spin-lock sections are brief, long cli sections then cost little
+WINDOW_POLL_FIRST, WINDOW_POLL_MAX = 0.00002, 0.001
 
 
 def _ar(seg: Segment) -> int:
@@ -119,6 +128,7 @@ class _FakeVcpu:
         self.gprs: dict[str, int] = {}
         self.other: dict[str, int] = {"cr2": 0, "tpr": 0, "xcr0": 1, **{f"dr{i}": 0 for i in range(8)}}
         self.scripted: list[dict] = []
+        self.poll_delay = WINDOW_POLL_FIRST
         self._save()
 
     # --- the guest-state area ---------------------------------------------------------
@@ -154,8 +164,8 @@ class _FakeVcpu:
         return fields + [GDTR_BASE, GDTR_LIMIT, IDTR_BASE, IDTR_LIMIT, GUEST_CR0, GUEST_CR3, GUEST_CR4, GUEST_EFER,
                          CR0_SHADOW, CR4_SHADOW, CR0_MASK, CR4_MASK]  # fmt: skip
 
-    def _load(self) -> str | None:
-        """VM entry: check the state (SDM 26.2-26.3), load it into the CPU, deliver an injected event."""
+    def _check_entry(self) -> str | None:
+        """The VM-entry checks this fake makes (SDM 26.2-26.3); a problem is an entry failure."""
         vmcs = self.vmcs
         for field, index in ((PIN, 0), (CPU, 1), (CPU2, 2), (ENTRY_CTLS, 3), (EXIT_CTLS, 4)):
             must, may = CAPABILITIES[index]
@@ -168,12 +178,23 @@ class _FakeVcpu:
         if bool(vmcs[ENTRY_CTLS] & ENTRY_IA32E) != bool(vmcs[GUEST_EFER] & EFER_LMA):
             return "IA-32e mode guest differs from EFER.LMA"
         info = vmcs.get(ENTRY_IRQ_INFO, 0)
-        rflags = self.gprs["rflags"]
-        if info >> 31 and (info >> 8 & 7) == 0 and (not rflags & RFLAGS_IF or vmcs.get(GUEST_INTERRUPTIBILITY, 0) & 3):
+        if info >> 31 and not self._deliverable(info, self.gprs["rflags"], vmcs.get(GUEST_INTERRUPTIBILITY, 0)):
             return "external interrupt injected with RFLAGS.IF = 0 or STI/MOV-SS blocking"
-        cpu = self.cpu
-        saved_gprs, saved_fields, saved_other = self._saved
-        if saved_fields != {k: vmcs.get(k) for k in self._guest_fields()} or saved_other != self.other:
+        return None
+
+    @staticmethod
+    def _deliverable(info: int, rflags: int, blocking: int) -> bool:
+        return (info >> 8 & 7) != 0 or (bool(rflags & RFLAGS_IF) and not blocking & 3)
+
+    def _guest_state_changed(self) -> bool:
+        _, saved_fields, saved_other = self._saved
+        return saved_fields != {k: self.vmcs.get(k) for k in self._guest_fields()} or saved_other != self.other
+
+    def _load_state(self, *, force: bool = False) -> None:
+        """VM entry: the guest-state area into the CPU (SDM 26.3.2), what changed since the exit."""
+        vmcs, cpu = self.vmcs, self.cpu
+        saved_gprs, _, saved_other = self._saved
+        if self._guest_state_changed():
             sregs = cpu.get_sregs()
             for name, (sel, limit, ar, base) in SEGMENT_FIELDS.items():
                 setattr(sregs, name, _segment(vmcs[sel], vmcs[base], vmcs[limit], vmcs[ar]))
@@ -187,13 +208,16 @@ class _FakeVcpu:
             if self.other["xcr0"] != saved_other["xcr0"]:
                 cpu.set_xcr0(self.other["xcr0"])
             cpu.flush_code()  # a mode change, or new code from the VMM (an AP's trampoline)
-        self.entered_cr0, self.entered_cr4 = cpu.get_sregs().cr0, cpu.get_sregs().cr4
-        if self.gprs != saved_gprs:
-            from pyvmm.accel.x86 import Regs
-
+        entered = cpu.get_sregs()
+        self.entered_cr0, self.entered_cr4 = entered.cr0, entered.cr4
+        if force or self.gprs != saved_gprs:
             cpu.set_regs(Regs(**self.gprs))
+
+    def _inject(self, info: int) -> None:
+        """Deliver the event of an interruption-information word through the guest IDT (SDM 26.6)."""
+        cpu = self.cpu
         events = cpu.get_events()
-        blocking = vmcs.get(GUEST_INTERRUPTIBILITY, 0)
+        blocking = self.vmcs.get(GUEST_INTERRUPTIBILITY, 0)
         events.shadow = (2 if blocking & 1 else 0) | (1 if blocking & 2 else 0)
         if info >> 31:
             kind, vector = info >> 8 & 7, info & 0xFF
@@ -204,69 +228,124 @@ class _FakeVcpu:
             else:
                 events.exception = vector
                 if info & 1 << 11:
-                    events.exception_error_code = vmcs.get(ENTRY_ERROR, 0)
+                    events.exception_error_code = self.vmcs.get(ENTRY_ERROR, 0)
             events.shadow = 0
-            cpu.flush_code()
+            if len(self.fake.vcpus) > 1:
+                # code another vCPU's engine wrote is not seen as self-modifying by this one; an interrupt
+                # (an IPI of Linux's text patching among them) is where the interpreter flushes too
+                cpu.flush_code()
         cpu.set_events(PendingEvents(**{f: getattr(events, f) for f in events.__dataclass_fields__ if f != "private"}))
+
+    def _resume_parked(self) -> str | None:
+        """The exit came from inside its instruction (see fakes/cpu.py): hand the VMM's result to the
+        instruction, and refuse a VMM that completed it unlike the instruction would."""
+        cpu = self.cpu
+        exit_value, trap = cpu.parked
+        if trap.kind == "mmio":  # the VMM executed the instruction: its state replaces the engine's copy
+            cpu.freeze_ram()
+            self._load_state(force=True)
+            return None
+        if self._guest_state_changed():
+            return (f"the VMM changed guest state beyond the GPRs at the {trap.kind} exit at {trap.rip:#x} "
+                    "(this fake completes that instruction itself)")  # fmt: skip
+        before = Regs(**self._saved[0])
+        if trap.kind == "cpuid":
+            cpu.cpuid_answer = tuple(self.gprs[r] & 0xFFFFFFFF for r in ("rax", "rbx", "rcx", "rdx"))
+        elif not trap.is_write:
+            exit_value.data[:] = (cpu.string_input_bytes(before.rdi, trap.size) if trap.string
+                                  else (self.gprs["rax"] & ((1 << (8 * trap.size)) - 1)).to_bytes(trap.size, "little"))
+        expected, written = cpu.expected_completion(before), Regs(**self.gprs)
+        if written != expected:
+            wrong = {f: f"{getattr(written, f):#x} (the instruction gives {getattr(expected, f):#x})"
+                     for f in Regs.__dataclass_fields__ if getattr(written, f) != getattr(expected, f)}
+            return f"the VMM completed the {trap.kind} exit at {trap.rip:#x} unlike the instruction: {wrong}"
         return None
 
     def _window_open(self) -> bool:
-        return bool(self.cpu.get_regs().rflags & RFLAGS_IF) and not self.cpu.get_events().shadow
+        cpu = self.cpu
+        return bool(cpu.uc.reg_read(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF) and not cpu.get_events().shadow
 
     # --- running ----------------------------------------------------------------------
     def run(self) -> int:
-        vmcs = self.vmcs
-        problem = self._load()
-        if problem is None and self.scripted:  # entered, and the scripted exit came at once
-            self._exit(self.scripted.pop(0))
-            return HV_SUCCESS
+        vmcs, cpu = self.vmcs, self.cpu
+        problem = self._check_entry()
         if problem is not None:
             self.fake.entry_failures.append(problem)
             self._exit({EXIT_REASON: EXIT_ENTRY_FAILURE | 1 << 31}, save=False)
             return HV_SUCCESS
-        vmcs[ENTRY_IRQ_INFO] = vmcs.get(ENTRY_IRQ_INFO, 0) & ~(1 << 31)  # consumed by this entry
-        cpu = self.cpu
+        info = vmcs.get(ENTRY_IRQ_INFO, 0)
+        vmcs[ENTRY_IRQ_INFO] = info & ~(1 << 31)  # consumed by this entry
         with cpu._cond:
             cpu._stop_requested = False  # a kick before the run does not carry over
+        deferred = None
+        resuming = cpu.parked is not None
+        if resuming:
+            problem = self._resume_parked()
+            if problem is not None:
+                self.fake.violations.append(problem)
+                print(f"fake Hypervisor.framework: {problem}", file=sys.stderr)
+                return HV_ERROR
+            if info >> 31:  # delivered once the parked instruction has completed, at a block boundary
+                deferred = info
+                cpu.request_stop()
+        else:
+            self._load_state()
+            if self.scripted:  # entered, and the scripted exit came at once
+                self._exit(self.scripted.pop(0))
+                return HV_SUCCESS
+            self._inject(info)
         self.kicked = False
         self.running = True
+        if info >> 31:
+            self.poll_delay = WINDOW_POLL_FIRST  # an event went in: the next wait for a window starts short
         try:
             while True:
                 window = bool(vmcs[CPU] & IRQ_WINDOW_EXITING)
-                if window and self._window_open():
+                if window and not resuming and deferred is None and self._window_open():
                     self._exit({EXIT_REASON: EXIT_IRQ_WINDOW})
                     return HV_SUCCESS
-                cpu.poll_due = time.monotonic() + WINDOW_POLL if window else None
+                resuming = False
+                if window or deferred is not None:
+                    cpu.poll_due = time.monotonic() + self.poll_delay
+                    self.poll_delay = min(self.poll_delay * 2, WINDOW_POLL_MAX)
+                else:
+                    cpu.poll_due = None
                 trap = cpu.run_until_trap()
                 if trap.kind == "stop":
-                    if self.kicked:
-                        self._exit({EXIT_REASON: EXIT_EXTERNAL_INTERRUPT})
+                    if deferred is not None and self._deliverable(deferred, cpu.get_regs().rflags,
+                                                                  1 if cpu.get_events().shadow else 0):
+                        self._inject(deferred)
+                        deferred = None
+                    elif self.kicked:
+                        self._exit({EXIT_REASON: EXIT_EXTERNAL_INTERRUPT}, vectoring=deferred)
                         return HV_SUCCESS
-                    continue  # a window poll
-                return self._trap_exit(trap, vmcs)
+                    continue  # a window poll, or the deferred event waits
+                return self._trap_exit(trap, vmcs, deferred)
         finally:
             self.running = False
             cpu.poll_due = None
 
-    def _trap_exit(self, trap: Trap, vmcs) -> int:
+    def _trap_exit(self, trap: Trap, vmcs, vectoring: int | None) -> int:
+        """The exit for ``trap``; an injected event not delivered yet is handed back as IDT-vectoring
+        information (SDM 27.2.4), for the VMM to inject again."""
         if trap.kind == "io":
             if not vmcs[CPU] & UNCOND_IO_EXITING:
                 self.fake.entry_failures.append("port I/O with unconditional I/O exiting off (this fake has no ports)")
                 return HV_ERROR
             qualification = ((trap.size - 1) | (0 if trap.is_write else 8) | trap.string << 4 | trap.rep << 5
                              | trap.port << 16)  # fmt: skip
-            self._exit({EXIT_REASON: EXIT_IO, EXIT_QUALIFICATION: qualification, EXIT_INSTR_LEN: trap.length})
+            self._exit({EXIT_REASON: EXIT_IO, EXIT_QUALIFICATION: qualification, EXIT_INSTR_LEN: trap.length}, vectoring=vectoring)
         elif trap.kind == "mmio":
             qualification = (2 if trap.is_write else 1) | 1 << 7 | 1 << 8
             self._exit({EXIT_REASON: EXIT_EPT_VIOLATION, EXIT_QUALIFICATION: qualification, GUEST_PHYSICAL: trap.addr,
-                        GUEST_LINEAR: 0, EXIT_INSTR_LEN: 0})  # fmt: skip
+                        GUEST_LINEAR: 0, EXIT_INSTR_LEN: 0}, vectoring=vectoring)  # fmt: skip
         elif trap.kind == "cpuid":
-            self._exit({EXIT_REASON: EXIT_CPUID, EXIT_INSTR_LEN: 2})
+            self._exit({EXIT_REASON: EXIT_CPUID, EXIT_INSTR_LEN: 2}, vectoring=vectoring)
         elif trap.kind == "hlt":
             if not vmcs[CPU] & HLT_EXITING:
                 self.fake.entry_failures.append("HLT with HLT exiting off (this fake cannot wait for interrupts)")
                 return HV_ERROR
-            self._exit({EXIT_REASON: EXIT_HLT, EXIT_INSTR_LEN: 1})
+            self._exit({EXIT_REASON: EXIT_HLT, EXIT_INSTR_LEN: 1}, vectoring=vectoring)
         elif trap.kind == "shutdown":
             self._exit({EXIT_REASON: EXIT_TRIPLE_FAULT})
         else:
@@ -274,11 +353,13 @@ class _FakeVcpu:
             return HV_ERROR
         return HV_SUCCESS
 
-    def _exit(self, fields: dict, *, save: bool = True) -> None:
+    def _exit(self, fields: dict, *, save: bool = True, vectoring: int | None = None) -> None:
         vmcs = self.vmcs
         for field in (EXIT_QUALIFICATION, EXIT_INSTR_LEN, GUEST_PHYSICAL, GUEST_LINEAR, EXIT_IRQ_INFO, IDT_VECTOR_INFO):
             vmcs[field] = 0
         vmcs.update(fields)
+        if vectoring is not None:
+            vmcs[IDT_VECTOR_INFO] = vectoring
         if save:
             self._save()
 
@@ -292,6 +373,8 @@ class FakeHypervisorFramework:
         self.maps: dict[int, tuple[int, int]] = {}
         self.thread_violations: list[str] = []
         self.entry_failures: list[str] = []
+        #: VMM mistakes at exits taken inside an instruction (hv_vcpu_run_until then returns HV_ERROR)
+        self.violations: list[str] = []
         self._next_id = 0
         self._slot = 0
 

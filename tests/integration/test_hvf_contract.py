@@ -18,7 +18,7 @@ from conftest import GUESTS
 from fakes import install
 from fakes import hvf as fake_hvf
 from pyvmm import accel
-from pyvmm.accel.core import Interrupted, IoOut
+from pyvmm.accel.core import Interrupted, IoIn, IoOut
 from pyvmm.api import VM
 
 
@@ -164,5 +164,48 @@ def test_an_exit_comes_before_the_instructions_after_it(fake, trapped):
         last = vcpu.run() if trapped != b"\x0f\xa2" else first
         assert isinstance(last, IoOut) and last.port == 0xF9
         assert vcpu.get_regs().rsi & 0xFFFFFFFF == 3
+    finally:
+        vm.close()
+
+
+def _long_mode_vcpu(code: bytes):
+    """Like ``_real_mode_vcpu``, with vCPU 0 in 64-bit mode (the first 2 MiB identity-mapped)."""
+    import struct
+
+    from pyvmm.accel.x86 import Segment
+
+    vm, vcpu = _real_mode_vcpu(code)
+    ram = vm.slots[0][1]
+    ram[0x2000:0x2008] = struct.pack("<Q", 0x3000 | 3)  # PML4 -> PDPT
+    ram[0x3000:0x3008] = struct.pack("<Q", 0x4000 | 3)  # PDPT -> PD
+    ram[0x4000:0x4008] = struct.pack("<Q", 0x83)  # one 2 MiB page at 0
+    sregs = vcpu.get_sregs()
+    sregs.cs = Segment(selector=8, type=11, l=True)
+    sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = 0x80000011, 0x2000, 0x20, 0x500
+    vcpu.set_sregs(sregs)
+    return vm, vcpu
+
+
+@pytest.mark.parametrize("code, size, rax_after", [
+    (b"\xed", 4, 0x11223344),  # in eax, dx: a 32-bit destination zero-extends into RAX
+    (b"\x66\xed", 2, 0xAAAAAAAA_BBBB3344),  # in ax, dx: the rest of RAX stays
+    (b"\xec", 1, 0xAAAAAAAA_BBBBBB44),  # in al, dx
+])  # fmt: skip
+def test_an_in_exit_is_completed_as_the_instruction_would(fake, code, size, rax_after):
+    """The VMM puts the port's value into RAX by the operand size (SDM vol. 2, IN); the fake refuses
+    to resume a guest whose RAX differs from what the instruction gives (hv_vcpu_run_until fails)."""
+    from pyvmm.accel.x86 import Regs
+
+    vm, vcpu = _long_mode_vcpu(code + b"\xe6\xf9")  # then out 0xf9, al
+    try:
+        regs = vcpu.get_regs()
+        vcpu.set_regs(Regs(**{**regs.__dict__, "rax": 0xAAAAAAAA_BBBBBBBB, "rdx": 0xF8}))
+        first = vcpu.run()
+        assert isinstance(first, IoIn) and first.port == 0xF8 and len(first.data) == size
+        first.data[:] = (0x11223344).to_bytes(4, "little")[:size]
+        last = vcpu.run()
+        assert fake.violations == []
+        assert isinstance(last, IoOut) and last.port == 0xF9
+        assert vcpu.get_regs().rax == rax_after
     finally:
         vm.close()
