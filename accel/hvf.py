@@ -123,6 +123,9 @@ class HvfVm:
 
             irqchip = Irqchip(vcpu_count)
         self.lib = _load()
+        self.vcpus: dict[int, HvfVcpu] = {}
+        self.slots: dict[int, tuple[int, object]] = {}  # slot -> (guest_addr, host buffer)
+        self._exports: dict[int, tuple[object, int, int]] = {}
         rc = self.lib.hv_vm_create(h.HV_VM_DEFAULT) & 0xFFFFFFFF
         if rc == h.HV_DENIED:
             raise AccelError("hvf", f"hv_vm_create: HV_DENIED; {_SIGN_HELP}")
@@ -137,9 +140,6 @@ class HvfVm:
         self.vcpu_count = vcpu_count
         self.irqchip = irqchip
         irqchip.on_wake(self._wake)
-        self.vcpus: dict[int, HvfVcpu] = {}
-        self.slots: dict[int, tuple[int, object]] = {}  # slot -> (guest_addr, host buffer)
-        self._exports: dict[int, tuple[object, int, int]] = {}
         self._supported = None
         caps = {}
         for name, field in (("pin", h.HV_VMX_CAP_PINBASED), ("cpu", h.HV_VMX_CAP_PROCBASED),

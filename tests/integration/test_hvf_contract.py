@@ -209,3 +209,12 @@ def test_an_in_exit_is_completed_as_the_instruction_would(fake, code, size, rax_
         assert vcpu.get_regs().rax == rax_after
     finally:
         vm.close()
+
+
+def test_a_vcpu_count_the_framework_cannot_take_is_a_one_line_error_and_frees_the_vm(fake):
+    from pyvmm.accel.hvf import HvfVm
+    from pyvmm.errors import AccelError
+
+    with pytest.raises(AccelError, match=r"vcpu_count 65 is outside 1\.\.64"):
+        HvfVm(65)
+    HvfVm(1).close()  # the refused VM was destroyed: one VM per process, and a new one can be made
