@@ -303,7 +303,8 @@ WHvRunVpCancelReasonUser = 0
 # --- WHV_REGISTER_NAME (x64) ----------------------------------------------------
 WHV_GPR_NAMES = ("Rax", "Rcx", "Rdx", "Rbx", "Rsp", "Rbp", "Rsi", "Rdi",
                  "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15")  # fmt: skip
-WHvX64RegisterRax = 0x00
+WHvX64RegisterRax, WHvX64RegisterRcx, WHvX64RegisterRdx, WHvX64RegisterRbx = 0x00, 0x01, 0x02, 0x03
+WHvX64RegisterRsp, WHvX64RegisterRbp, WHvX64RegisterRsi, WHvX64RegisterRdi = 0x04, 0x05, 0x06, 0x07
 WHvX64RegisterRip = 0x10
 WHvX64RegisterRflags = 0x11
 WHvX64RegisterEs, WHvX64RegisterCs, WHvX64RegisterSs, WHvX64RegisterDs = 0x12, 0x13, 0x14, 0x15

@@ -34,11 +34,11 @@ def pytest_collection_modifyitems(config, items):
 FAKES_BOOT = ROOT / "tests" / "fakes" / "boot"
 
 
-@pytest.fixture(params=["kvm", "interp", "hvf"])
+@pytest.fixture(params=["kvm", "interp", "hvf", "whpx"])
 def backend(request, monkeypatch):
     """Each accelerator in turn; skipped with the probe's reason where it is not usable.
 
-    Hypervisor.framework runs against its fake (tests/fakes), in this process and in
+    Hypervisor.framework and WHPX run against their fakes (tests/fakes), in this process and in
     ``pyvmm`` child processes (tests/fakes/boot/sitecustomize.py).
     """
     from pyvmm import accel

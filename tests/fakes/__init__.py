@@ -36,7 +36,8 @@ def install(name: str):
         raise ValueError(f"no fake for {name!r}; fakes: {', '.join(FAKES)}")
     fake = Fake()
     old_load, old_entry = platform_ffi.load, registry.BY_NAME[name]
-    platform_ffi.load = lambda *args, **kwargs: fake
+    # ffi.whpx.load() gives (WinHvPlatform, WinHvEmulation): the fake is both
+    platform_ffi.load = (lambda *args, **kwargs: (fake, fake)) if name == "whpx" else (lambda *args, **kwargs: fake)
     registry.BY_NAME[name] = dataclasses.replace(old_entry, platforms=None)
     backend = sys.modules.get(old_entry.module)
     if backend is not None and hasattr(backend, "_library"):

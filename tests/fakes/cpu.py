@@ -17,7 +17,7 @@ way, with RIP at the instruction). ``TrappingCpu`` gives that:
   resume the fake loads the VMM's state instead, and the engine must not finish
   its own copy: the interpreter's replacement rule drops the rest of the block's
   I/O, and guest RAM is read-only to the engine until that block has ended;
-* HLT: recorded when the engine halts, RIP put back onto the HLT.
+* HLT: recorded when the engine halts, RIP put back onto the HLT (VMX) or left past it (WHPX).
 
 The engine keeps the interpreter's rule that stops take effect only between
 translation blocks (stops from other threads mid-instruction would re-execute
@@ -136,6 +136,8 @@ class TrappingCpu(InterpVcpu):
     def __init__(self, vm: InterpVm, index: int):
         super().__init__(vm, index, vm._default_cpuid(index), vm._engine_lock)
         self._wait_for_sipi = False  # a hardware vCPU runs from whatever state it is given
+        #: a HLT exit reports RIP past the HLT (WHPX) rather than on it (VMX)
+        self.halt_completes = False
         self.trap: Trap | None = None
         self.parked = None  # the IoIn/IoOut/CpuidExit the engine waits in, with its Trap
         self.cpuid_answer: tuple[int, int, int, int] | None = None
@@ -230,7 +232,7 @@ class TrappingCpu(InterpVcpu):
             return trap
         trap, self.trap = self.trap, None
         if trap is not None:
-            if trap.kind == "hlt":
+            if trap.kind == "hlt" and not self.halt_completes:
                 self.set_regs(dataclasses.replace(self.get_regs(), rip=trap.rip))
             return trap
         if kind is Interrupted:

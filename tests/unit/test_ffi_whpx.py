@@ -62,6 +62,8 @@ def test_values_of_the_header_enums():
     assert (whpx.WHvX64RegisterRip, whpx.WHvX64RegisterCr8, whpx.WHvX64RegisterXCr0, whpx.WHvX64RegisterEfer) == (
         0x10, 0x20, 0x27, 0x2001)
     assert whpx.WHvX64RegisterDeliverabilityNotifications == 0x80000004
+    assert (whpx.WHvX64RegisterRcx, whpx.WHvX64RegisterRbx, whpx.WHvX64RegisterRsp, whpx.WHvX64RegisterRdi) == (1, 3, 4, 7)
+    assert whpx.WHV_GPR_NAMES[whpx.WHvX64RegisterRbx] == "Rbx"
     assert whpx.WHvPartitionPropertyCodeProcessorCount == 0x1FFF
     # the pending-interruption encoding the notes checked with gcc: 0xdeadbeef123401f7
     value = (whpx.PENDING_INTERRUPTION_PENDING | whpx.WHvX64PendingException << whpx.PENDING_INTERRUPTION_TYPE_SHIFT
