@@ -5,11 +5,17 @@
     with VM.from_config("guest.toml") as vm:      # or VM.from_dict({...})
         vm.start()
         vm.console.wait_for("login:", timeout=60)
+        vm.pause()                                # every vCPU at an instruction boundary
+        vm.resume()
         vm.console.write(b"root\\n")
         status = vm.wait(timeout=120)
     print(status.code, status.reason)
 
-The CLI (pyvmm/cli.py) is a thin layer over this module.
+    for event in vm.events():                     # started, paused, resumed, ..., stopped
+        print(event.kind, event.state, event.reason)
+
+The CLI (pyvmm/cli.py) is a thin layer over this module, which is one over the
+VM controller (vmm/controller.py) and its lifecycle table (vmm/states.py).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from typing import BinaryIO
 
 from pyvmm.config import VmConfig, config_from_dict, load_config, parse_accel
 from pyvmm.errors import PyvmmError
+from pyvmm.vmm.controller import VmController
+from pyvmm.vmm.states import VmState
 from pyvmm.vmm.vcpu import ExitStatus
 
 log = logging.getLogger("pyvmm")
@@ -103,14 +111,18 @@ class Console:
 class VM:
     """A virtual machine built from a config. Use as a context manager, or call ``close()``."""
 
-    def __init__(self, config: VmConfig, *, accel: str | list[str] | None = None, echo: BinaryIO | None = None):
+    def __init__(self, config: VmConfig, *, accel: str | list[str] | None = None, echo: BinaryIO | None = None,
+                 journal=None):  # fmt: skip
+        """``journal``: a file the lifecycle events are appended to, one JSON object per line."""
         if accel is not None:
             config.machine.accel = parse_accel(accel, source="accel argument", key="accel")
         self.config = config
         self.console = Console(echo)
         self._extra_pio: list = []
         self._extra_mmio: list = []
-        self._machine = None
+        self.controller = VmController(journal=journal)
+        self.controller.configure(config, console_output=self.console._output, extra_pio=self._extra_pio,
+                                  extra_mmio=self._extra_mmio)  # fmt: skip
 
     @classmethod
     def from_config(cls, path, **kwargs) -> VM:
@@ -132,32 +144,42 @@ class VM:
         self._extra_mmio.append((base, size, device))
 
     def _before_build(self, what: str) -> None:
-        if self._machine is not None:
+        if self.controller.machine is not None:
             raise PyvmmError(f"{what}: the VM is already built; attach devices before start()")
 
     # --- lifecycle -------------------------------------------------------
     @property
     def machine(self):
         """The built ``Machine`` (memory, buses, devices, vCPU loops), building it on first use."""
-        if self._machine is None:
-            from pyvmm.vmm.builder import build_machine
-
-            self._machine = build_machine(
-                self.config,
-                console_output=self.console._output,
-                extra_pio=self._extra_pio,
-                extra_mmio=self._extra_mmio,
-            )
-            self.console._serial = self._machine.devices["serial"]
-        return self._machine
+        if self.controller.machine is None:
+            machine = self.controller.build()
+            self.console._serial = machine.devices["serial"]
+        return self.controller.machine
 
     @property
     def accel(self) -> str:
         return self.machine.accel
 
+    @property
+    def state(self) -> VmState:
+        return self.controller.state
+
     def start(self) -> VM:
-        self.machine.start()
+        """Build if needed, start the devices and the vCPUs (paused), then resume them."""
+        self.machine  # noqa: B018 - builds, and connects the console
+        self.controller.start()
         return self
+
+    def pause(self) -> None:
+        """Stop every vCPU at an instruction boundary and hold the devices (Running -> Paused)."""
+        self.controller.pause()
+
+    def resume(self) -> None:
+        self.controller.resume()
+
+    def events(self, timeout: float | None = None):
+        """The lifecycle events from now on (``vmm.states.VmEvent``); the iterator ends after ``stopped``."""
+        return self.controller.events(timeout)
 
     def wait(self, timeout: float | None = None) -> ExitStatus | None:
         """Wait for the guest to end; None when ``timeout`` passes first."""
@@ -175,8 +197,7 @@ class VM:
         return status
 
     def close(self) -> None:
-        if self._machine is not None:
-            self._machine.close()
+        self.controller.close()
 
     def __enter__(self) -> VM:
         return self

@@ -69,6 +69,8 @@ class EventLoop:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._closed = False
+        self._held = threading.Event()  # the loop thread waits in a hold() callback
+        self._release = threading.Event()
         self.callback_errors = 0
 
     # --- registration (any thread) -----------------------------------------
@@ -128,6 +130,26 @@ class EventLoop:
         self._calls.append((callback, args))
         self._wake.notify()
 
+    # --- holding (a paused VM's devices) ----------------------------------
+    def hold(self, timeout: float = 5.0) -> bool:
+        """Let the callbacks already queued finish, then keep the loop thread from running any
+        other until ``release()`` (or ``stop()``). True once held; False when it did not get there."""
+        if not self.running:
+            return True
+        self._release.clear()
+        self._held.clear()
+        self.call_soon(self._hold_here)
+        return self._held.wait(timeout)
+
+    def _hold_here(self) -> None:
+        self._held.set()
+        while not self._release.wait(0.5):
+            if self._stopping:
+                return
+
+    def release(self) -> None:
+        self._release.set()
+
     # --- running ---------------------------------------------------------
     def start(self) -> None:
         """Run the loop on its own daemon thread."""
@@ -144,6 +166,7 @@ class EventLoop:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the loop thread and wait for it (callbacks in progress finish first)."""
         self._stopping = True
+        self._release.set()
         self._wake.notify()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from pyvmm.vmm.bus import MmioBus, PioBus
@@ -34,19 +35,50 @@ class Machine:
     _closed: bool = False
     _started: bool = False
 
+    def __post_init__(self):
+        self.lifecycle.on_stop(self.release_paused)  # a stop must reach paused vCPUs and held devices
+
     @property
     def accel(self) -> str:
         return self.vm.name
 
-    def start(self) -> None:
+    def start(self, *, paused: bool = False) -> None:
+        """Start the devices and the vCPU threads; with ``paused`` the vCPUs wait for ``resume()``."""
         if self._started:
             return
         self._started = True
         if self.events is not None:
             self.events.start()  # device I/O must be served before the guest can notify
         for loop in self.loops:
-            loop.start()
-        log.info("VM started: %d vCPU(s) on %s", len(self.loops), self.accel)
+            loop.start(paused=paused)
+        log.info("VM started: %d vCPU(s) on %s%s", len(self.loops), self.accel, " (paused)" if paused else "")
+
+    def pause(self, timeout: float = 10.0) -> bool:
+        """Every vCPU parked at an instruction boundary, then the devices' event loop held after the
+        work already queued (a virtio request in progress completes). False when a vCPU did not park
+        in time (the caller resumes)."""
+        deadline = time.monotonic() + timeout
+        for loop in self.loops:
+            loop.request_pause()
+        if not all(loop.wait_parked(deadline) for loop in self.loops):
+            return False
+        if self.events is not None and not self.events.hold(max(0.1, deadline - time.monotonic())):
+            return False
+        return True
+
+    def resume(self) -> None:
+        if self.events is not None:
+            self.events.release()
+        for loop in self.loops:
+            loop.release()
+
+    def release_paused(self) -> None:
+        """After an exit request: wake parked vCPU loops and a held event loop so they can end."""
+        self.resume()
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.loops) and all(loop.parked for loop in self.loops)
 
     def wait(self, timeout: float | None = None) -> ExitStatus | None:
         """Block until the VM exits; returns its status (None on timeout)."""

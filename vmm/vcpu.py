@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from pyvmm.accel.core import EmulationFailure, Halt, InternalError, Interrupted, IoIn, IoOut, MmioRead, MmioWrite, Shutdown, SystemEvent
@@ -82,10 +83,47 @@ class VcpuLoop:
         self.fallback = fallback
         self.exit_counts: dict[type, int] = {}
         self.thread: threading.Thread | None = None
+        # pausing: the loop parks between two runs of the vCPU (an instruction boundary)
+        self._gate = threading.Condition()
+        self._pause_wanted = False
+        self.parked = False
 
-    def start(self) -> None:
+    def start(self, *, paused: bool = False) -> None:
+        """Start the vCPU thread; with ``paused`` it parks before the guest's first instruction."""
+        self._pause_wanted = paused
         self.thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.vcpu.index}", daemon=True)
         self.thread.start()
+
+    # --- pausing (any thread) ------------------------------------------------
+    def request_pause(self) -> None:
+        with self._gate:
+            self._pause_wanted = True
+        self.vcpu.request_stop()
+
+    def wait_parked(self, deadline: float) -> bool:
+        """Wait until the loop is parked or has ended (``deadline`` on time.monotonic)."""
+        with self._gate:
+            while not self.parked and self.thread is not None and self.thread.is_alive():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._gate.wait(min(remaining, 0.05))
+            return True
+
+    def release(self) -> None:
+        """Let a parked (or about to park) loop run the guest again; also used to let it see a stop."""
+        with self._gate:
+            self._pause_wanted = False
+            self._gate.notify_all()
+
+    def _park(self) -> None:
+        with self._gate:
+            self.parked = True
+            self._gate.notify_all()
+            while self._pause_wanted and not self.lifecycle.stopping:
+                self._gate.wait()
+            self.parked = False
+            self._gate.notify_all()
 
     def _thread_main(self) -> None:
         try:
@@ -124,6 +162,10 @@ class VcpuLoop:
         mmio_read, mmio_write = self.mmio.read, self.mmio.write
         counts = self.exit_counts
         lifecycle = self.lifecycle
+        if self._pause_wanted:
+            self._park()  # vCPUs start paused; the controller resumes them
+            if lifecycle.stopping:
+                return
         while True:
             exit_ = vcpu_run()
             kind = type(exit_)
@@ -139,6 +181,10 @@ class VcpuLoop:
             elif kind is Interrupted:
                 if lifecycle.stopping:
                     return
+                if self._pause_wanted:
+                    self._park()
+                    if lifecycle.stopping:
+                        return
             elif kind is Halt:
                 # Only backends without an in-kernel LAPIC return this, and
                 # they wait for the interrupt inside run(); nothing to do.
