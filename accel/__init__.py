@@ -50,6 +50,22 @@ def probe(name: str) -> Probe:
     return Probe(name, usable, reason, list(notes))
 
 
+def prepare_main_thread() -> None:
+    """Call on the main thread before creating VMs on other threads (an API server's request
+    threads): each backend that needs it sets up what only the main thread can (KVM: the
+    signal handler that kicks vCPUs out of KVM_RUN)."""
+    for backend in BY_NAME.values():
+        if not backend.exists_here():
+            continue
+        try:
+            module = _module(backend.name)
+        except ImportError:
+            continue
+        prepare = getattr(module, "prepare_main_thread", None)
+        if prepare is not None:
+            prepare()
+
+
 def probe_all() -> list[Probe]:
     return [probe(name) for name in NAMES]
 

@@ -197,6 +197,11 @@ def install_kick_handler() -> None:
     signal.signal(KICK_SIGNAL, _kick_handler)
 
 
+def prepare_main_thread() -> None:
+    """``accel.prepare_main_thread``: VMs may then be created on any thread (an API server's)."""
+    install_kick_handler()
+
+
 def kick_handler_installed() -> bool:
     return signal.getsignal(KICK_SIGNAL) is _kick_handler
 

@@ -120,6 +120,7 @@ class VM:
         self.console = Console(echo)
         self._extra_pio: list = []
         self._extra_mmio: list = []
+        self._servers: list = []
         self.controller = VmController(journal=journal)
         self.controller.configure(config, console_output=self.console._output, extra_pio=self._extra_pio,
                                   extra_mmio=self._extra_mmio)  # fmt: skip
@@ -196,7 +197,20 @@ class VM:
             status = self.machine.stop(f"timed out after {timeout} s", code=124)
         return status
 
+    def serve_api(self, path, *, instance_id: str = "anonymous-instance"):
+        """Serve Firecracker's API for this VM on the Unix socket ``path`` (GET /, PATCH /vm, actions,
+        GET /vm/config); the server stops when the VM is closed. Returns the server."""
+        from pyvmm.server.http import ApiServer
+        from pyvmm.server.routes import FirecrackerApi
+
+        server = ApiServer(path, FirecrackerApi.for_vm(self, instance_id=instance_id))
+        self._servers.append(server)
+        return server
+
     def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
         self.controller.close()
 
     def __enter__(self) -> VM:

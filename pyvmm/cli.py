@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("config", help="the VM's config file (TOML)")
     boot.add_argument("--accel", help='accelerator: "auto", a name, or a comma-separated preference list')
     boot.add_argument("--timeout", type=float, help="stop the VM after this many seconds (exit status 124)")
+    boot.add_argument("--api-sock", help="serve Firecracker's API for this VM on this Unix socket (pause, resume, ...)")
+    boot.add_argument("--journal", help="append the VM's lifecycle events here, one JSON object per line")
     boot.set_defaults(func=_cmd_boot)
 
     check = sub.add_parser("check", parents=[common], help="say which accelerators are usable here, and why not")
@@ -132,8 +134,8 @@ def _cmd_boot(args) -> int:
     from pyvmm.api import VM
 
     accel = args.accel.split(",") if args.accel else None
-    vm = VM.from_config(args.config, accel=accel, echo=sys.stdout.buffer)
-    return _run(vm, args.timeout)
+    vm = VM.from_config(args.config, accel=accel, echo=sys.stdout.buffer, journal=args.journal)
+    return _run(vm, args.timeout, api_sock=args.api_sock)
 
 
 def _cmd_demo(args) -> int:
@@ -149,10 +151,12 @@ def _cmd_demo(args) -> int:
         return _run(vm, args.timeout)
 
 
-def _run(vm, timeout: float | None) -> int:
+def _run(vm, timeout: float | None, api_sock: str | None = None) -> int:
     start = time.monotonic()
     with vm:
         machine = vm.machine  # build: config and kernel errors surface here (the builder logs the choice)
+        if api_sock:
+            vm.serve_api(api_sock)
         stdin = _StdinForwarder(vm) if sys.stdin is not None and sys.stdin.isatty() else None
         try:
             if stdin:

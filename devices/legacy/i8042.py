@@ -168,6 +168,23 @@ class I8042:
         if reset:
             self.request_exit(0, "reset")
 
+    # ---- keys from the host ------------------------------------------------
+
+    #: Ctrl, Alt, Delete pressed then released, in scan code set 2 (what Firecracker's
+    #: SendCtrlAltDel sends) and as the controller's translation gives them (set 1)
+    CTRL_ALT_DEL_SET2 = bytes((0x14, 0x11, 0xE0, 0x71, 0xE0, 0xF0, 0x71, 0xF0, 0x11, 0xF0, 0x14))
+    CTRL_ALT_DEL_SET1 = bytes((0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D))
+
+    def press_ctrl_alt_del(self) -> bool:
+        """Queue Ctrl-Alt-Del as the keyboard sends it; False when the guest disabled the keyboard."""
+        with self._lock:
+            if not self.scanning or self.ctr & CTR_KBDDIS:
+                return False
+            translated = bool(self.ctr & CTR_XLATE) or self.scancode_set == 1
+            self._keyboard.extend(self.CTRL_ALT_DEL_SET1 if translated else self.CTRL_ALT_DEL_SET2)
+            self._refill()
+        return True
+
     # ---- controller ----------------------------------------------------
 
     def _status(self) -> int:

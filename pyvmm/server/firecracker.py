@@ -235,6 +235,24 @@ class FirecrackerConfig:
             config.put_metrics(data["metrics"])
         return config
 
+    @classmethod
+    def from_vm_config(cls, config) -> FirecrackerConfig:
+        """A pyvmm ``VmConfig`` (a TOML-configured VM) in Firecracker's shapes, for ``GET /vm/config``."""
+        out = cls()
+        out.machine = {"vcpu_count": config.machine.vcpus, "mem_size_mib": config.machine.memory_mib, "smt": False,
+                       "track_dirty_pages": False}  # fmt: skip
+        out.boot = {"kernel_image_path": str(config.boot.kernel), "boot_args": config.boot.cmdline,
+                    "initrd_path": str(config.boot.initrd) if config.boot.initrd else None}  # fmt: skip
+        for i, drive in enumerate(config.drives):
+            out.drives[f"drive{i}"] = {"drive_id": f"drive{i}", "path_on_host": str(drive.path), "is_root_device": False,
+                                       "is_read_only": drive.read_only}  # fmt: skip
+        for i, net in enumerate(config.nets):
+            out.nets[f"net{i}"] = {"iface_id": f"net{i}", "host_dev_name": net.tap,
+                                   **({"guest_mac": net.mac} if net.mac else {})}  # fmt: skip
+        if config.rng:
+            out.entropy = {}
+        return out
+
     def as_json(self) -> dict:
         """``GET /vm/config``: Firecracker's FullVmConfiguration."""
         return {

@@ -395,3 +395,17 @@ def test_cmos_set_bit_freezes_clock_and_guest_sets_time():
 def test_cmos_invalid_memory_size_is_a_clear_error():
     with pytest.raises(PyvmmError, match="cmos: memory_size"):
         Cmos(0)
+
+
+def test_i8042_ctrl_alt_del_from_the_host_in_the_guests_scan_code_set(kbd):
+    """SendCtrlAltDel (Firecracker's action): set 1 while the controller translates (a BIOS's and
+    Linux's setting), set 2 when the guest turned translation off; nothing when it disabled the keyboard."""
+    assert kbd.i8042.press_ctrl_alt_del()
+    assert kbd.edges == 1
+    received = [kbd.inb(DATA) for _ in range(len(I8042.CTRL_ALT_DEL_SET1))]
+    assert bytes(received) == I8042.CTRL_ALT_DEL_SET1 and not kbd.inb(STATUS) & OBF
+    kbd.command(0x60, params=[0x01])  # keyboard interrupt on, translation off
+    assert kbd.i8042.press_ctrl_alt_del()
+    assert bytes(kbd.inb(DATA) for _ in range(len(I8042.CTRL_ALT_DEL_SET2))) == I8042.CTRL_ALT_DEL_SET2
+    kbd.command(0xAD)  # keyboard disabled
+    assert not kbd.i8042.press_ctrl_alt_del()

@@ -1,0 +1,225 @@
+"""Firecracker's REST API over one VM, sans-IO: ``handle(method, path, body) -> Response``.
+
+The HTTP layer (``server/http.py``) only parses and writes; everything a request
+means is here and testable without a socket. Requests are served one at a time,
+as Firecracker's API thread does. The rules are Firecracker's: configuration
+objects may be PUT only before ``InstanceStart`` ("not supported after starting
+the microVM"), ``PATCH /vm`` and the post-boot actions only after it; success is
+204 with no body (GETs: 200 with JSON); every refusal is 400 with
+``{"fault_message": "..."}`` naming the object and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+
+from pyvmm import __version__
+from pyvmm.errors import PyvmmError, one_line
+from pyvmm.server.firecracker import FIRECRACKER_VERSION, LOG_LEVELS, FaultError, FirecrackerConfig, check_body
+from pyvmm.vmm.states import VmState
+
+log = logging.getLogger("pyvmm.api")
+
+NOT_AFTER_BOOT = "The requested operation is not supported after starting the microVM."
+NOT_BEFORE_BOOT = "The requested operation is not supported before starting the microVM."
+ACTIONS = ("InstanceStart", "SendCtrlAltDel", "FlushMetrics")
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: dict | None = None
+
+    def encoded(self) -> bytes:
+        return b"" if self.body is None else json.dumps(self.body).encode()
+
+
+def fault(message: str) -> Response:
+    return Response(400, {"fault_message": message})
+
+
+class FirecrackerApi:
+    """One microVM's API. ``start_vm(vm_config)`` is given the pyvmm config at InstanceStart and
+    returns the started ``pyvmm.api.VM`` (the process decides where its console goes)."""
+
+    def __init__(self, start_vm, *, instance_id: str = "anonymous-instance", accel: list[str] | None = None):
+        self.config = FirecrackerConfig()
+        self.start_vm = start_vm
+        self.instance_id = instance_id
+        self.accel = accel
+        self.vm = None
+        self.metrics = None
+        self._log_handler: logging.Handler | None = None
+        self._lock = threading.Lock()
+        self.started = threading.Event()
+
+    @classmethod
+    def for_vm(cls, vm, *, instance_id: str = "anonymous-instance") -> FirecrackerApi:
+        """The API of a VM configured and started by pyvmm itself (``pyvmm boot --api-sock``)."""
+
+        def refuse(_config):
+            raise FaultError(NOT_AFTER_BOOT)
+
+        api = cls(refuse, instance_id=instance_id)
+        api.config = FirecrackerConfig.from_vm_config(vm.config)
+        api.vm = vm
+        api.started.set()
+        return api
+
+    # --- dispatch --------------------------------------------------------------------
+    def handle(self, method: str, path: str, body: bytes = b"") -> Response:
+        route = path.split("?", 1)[0].rstrip("/") or "/"
+        parts = route.strip("/").split("/") if route != "/" else []
+        try:
+            data = json.loads(body) if body.strip() else None
+        except (ValueError, UnicodeDecodeError) as err:
+            return fault(f"the request body is not valid JSON: {err}")
+        with self._lock:
+            try:
+                return self._route(method.upper(), parts, data)
+            except FaultError as err:
+                return fault(str(err))
+            except PyvmmError as err:  # a VMM-side refusal (a file, the lifecycle): one line, never a crash
+                return fault(one_line(str(err)))
+            except Exception as err:  # a bug: the VMM keeps serving and says what went wrong
+                log.exception("API %s %s failed", method, path)
+                return Response(500, {"fault_message": f"internal error: {type(err).__name__}: {err}"})
+
+    def _route(self, method: str, parts: list[str], data) -> Response:
+        shape = tuple(parts)
+        if len(parts) == 2 and parts[0] in ("drives", "network-interfaces"):
+            shape = (parts[0], "{id}")
+        key = (method, shape)
+        handler = {
+            ("GET", ()): self._instance_info,
+            ("GET", ("version",)): lambda _: Response(200, {"firecracker_version": FIRECRACKER_VERSION}),
+            ("GET", ("machine-config",)): lambda _: Response(200, dict(self.config.machine)),
+            ("PUT", ("machine-config",)): lambda d: self._pre_boot(self.config.put_machine_config, d),
+            ("PATCH", ("machine-config",)): lambda d: self._pre_boot(lambda b: self.config.put_machine_config(b, patch=True), d),
+            ("PUT", ("boot-source",)): lambda d: self._pre_boot(self.config.put_boot_source, d),
+            ("PUT", ("drives", "{id}")): lambda d: self._pre_boot(lambda b: self.config.put_drive(parts[1], b), d),
+            ("PATCH", ("drives", "{id}")): lambda d: self._patch_drive(parts[1], d),
+            ("PUT", ("network-interfaces", "{id}")): lambda d: self._pre_boot(
+                lambda b: self.config.put_network_interface(parts[1], b), d),
+            ("PATCH", ("network-interfaces", "{id}")): lambda d: self._patch_net(parts[1], d),
+            ("PUT", ("entropy",)): lambda d: self._pre_boot(self.config.put_entropy, d),
+            ("PUT", ("logger",)): lambda d: self._pre_boot(self._put_logger, d),
+            ("PUT", ("metrics",)): lambda d: self._pre_boot(self._put_metrics, d),
+            ("PUT", ("actions",)): self._action,
+            ("PATCH", ("vm",)): self._patch_vm,
+            ("GET", ("vm", "config")): lambda _: Response(200, self.config.as_json()),
+            ("GET", ("vm",)): self._instance_info,
+        }.get(key)
+        if handler is None:
+            if parts and parts[0] in ("snapshot", "vsock", "balloon", "mmds", "cpu-config", "hotplug"):
+                return fault(f"/{'/'.join(parts)}: not supported by pyvmm yet")
+            return fault(f"Invalid request method and/or path: {method} /{'/'.join(parts)}.")
+        return handler(data)
+
+    # --- pre-boot configuration ------------------------------------------------------------
+    def _pre_boot(self, apply, data) -> Response:
+        if self.vm is not None:
+            return fault(NOT_AFTER_BOOT)
+        apply({} if data is None else data)
+        return Response(204)
+
+    def _put_logger(self, body) -> None:
+        self.config.put_logger(body)
+        if "log_path" in body:
+            handler = logging.FileHandler(body["log_path"])
+            handler.setFormatter(logging.Formatter("%(asctime)s [%(name)s:%(levelname)s] %(message)s"))
+            level = LOG_LEVELS.get(body.get("level", "Info"))
+            handler.setLevel(level or logging.CRITICAL + 1)
+            root = logging.getLogger("pyvmm")
+            if self._log_handler is not None:
+                root.removeHandler(self._log_handler)
+            root.addHandler(handler)
+            if level and root.getEffectiveLevel() > logging.getLevelName(level):
+                root.setLevel(level)
+            self._log_handler = handler
+
+    def _put_metrics(self, body) -> None:
+        from pyvmm.vmm.metrics import MetricsWriter
+
+        self.config.put_metrics(body)
+        try:
+            open(body["metrics_path"], "a").close()  # noqa: SIM115 - refuse a path that cannot be written now
+        except OSError as err:
+            raise FaultError(f"metrics: field 'metrics_path' {body['metrics_path']!r}: {err.strerror}") from err
+        if self.metrics is not None:
+            self.metrics.close()
+        self.metrics = MetricsWriter(body["metrics_path"], lambda: self.vm.machine if self.vm else None)
+
+    # --- post-boot -------------------------------------------------------------------------
+    def _patch_drive(self, drive_id: str, data) -> Response:
+        if self.vm is None:
+            return self._pre_boot(lambda b: self.config.put_drive(drive_id, b, patch=True), data)
+        body = check_body("drive", data or {}, patch=True)
+        if drive_id not in self.config.drives:
+            raise FaultError(f"drive '{drive_id}' does not exist")
+        if "path_on_host" in body and body["path_on_host"] != self.config.drives[drive_id]["path_on_host"]:
+            raise FaultError(f"drive '{drive_id}': changing path_on_host after boot is not supported by pyvmm yet")
+        self.config.drives[drive_id].update(body)
+        return Response(204)
+
+    def _patch_net(self, iface_id: str, data) -> Response:
+        if self.vm is None:
+            return self._pre_boot(lambda b: self.config.put_network_interface(iface_id, b, patch=True), data)
+        body = check_body("network-interface", data or {}, patch=True)
+        if iface_id not in self.config.nets:
+            raise FaultError(f"network interface '{iface_id}' does not exist")
+        self.config.nets[iface_id].update(body)  # rate limiters only: accepted, not applied
+        return Response(204)
+
+    def _action(self, data) -> Response:
+        if not isinstance(data, dict) or set(data) != {"action_type"}:
+            raise FaultError("actions: the body must be {\"action_type\": ...} with one of " + ", ".join(ACTIONS))
+        action = data["action_type"]
+        if action == "InstanceStart":
+            if self.vm is not None:
+                return fault(NOT_AFTER_BOOT)
+            vm_config = self.config.to_vm_config(self.accel)
+            self.vm = self.start_vm(vm_config)
+            self.started.set()
+            return Response(204)
+        if action not in ACTIONS:
+            raise FaultError(f"actions: unknown action_type {action!r}; expected one of {', '.join(ACTIONS)}")
+        if self.vm is None:
+            return fault(NOT_BEFORE_BOOT)
+        if action == "SendCtrlAltDel":
+            if not self.vm.machine.devices["i8042"].press_ctrl_alt_del():
+                raise FaultError("SendCtrlAltDel: the guest has disabled its keyboard")
+            return Response(204)
+        if self.metrics is None:
+            raise FaultError("FlushMetrics: no metrics file configured (PUT /metrics first)")
+        self.metrics.flush()
+        return Response(204)
+
+    def _patch_vm(self, data) -> Response:
+        if not isinstance(data, dict) or set(data) != {"state"} or data["state"] not in ("Paused", "Resumed"):
+            raise FaultError('vm: the body must be {"state": "Paused"} or {"state": "Resumed"}')
+        if self.vm is None:
+            return fault(NOT_BEFORE_BOOT)
+        if data["state"] == "Paused":
+            self.vm.pause()
+        else:
+            self.vm.resume()
+        return Response(204)
+
+    def _instance_info(self, _data) -> Response:
+        state = "Not started"
+        if self.vm is not None:
+            state = {VmState.RUNNING: "Running", VmState.PAUSED: "Paused"}.get(self.vm.state, "Not started")
+        return Response(200, {"app_name": "Firecracker", "id": self.instance_id, "state": state,
+                              "vmm_version": f"{FIRECRACKER_VERSION} (pyvmm {__version__})"})  # fmt: skip
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.flush()
+            self.metrics.close()
+        if self._log_handler is not None:
+            logging.getLogger("pyvmm").removeHandler(self._log_handler)
+            self._log_handler.close()
