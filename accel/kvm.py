@@ -17,6 +17,7 @@ import os
 import signal
 import struct
 import threading
+import time
 from collections import deque
 
 from pyvmm.accel.core import (
@@ -395,6 +396,45 @@ class KvmVm:
         msi = ffi.new("struct kvm_msi *", {"address_lo": address & 0xFFFFFFFF, "address_hi": address >> 32,
                                            "data": data})
         return _ioctl(self.fd, k.KVM_SIGNAL_MSI, msi, "KVM_SIGNAL_MSI")
+
+    # ------------------------------------------------------------------ platform state (snapshots)
+    def save_platform_state(self) -> dict:
+        """The in-kernel PIC pair, IOAPIC, PIT and kvmclock, as KVM gives them (raw structures, hex)."""
+        chips = {}
+        for name, chip_id in (("pic_master", k.KVM_IRQCHIP_PIC_MASTER), ("pic_slave", k.KVM_IRQCHIP_PIC_SLAVE),
+                              ("ioapic", k.KVM_IRQCHIP_IOAPIC)):  # fmt: skip
+            chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+            _ioctl(self.fd, k.KVM_GET_IRQCHIP, chip, f"KVM_GET_IRQCHIP({name})")
+            chips[name] = bytes(ffi.buffer(chip)).hex()
+        pit = ffi.new("struct kvm_pit_state2 *")
+        _ioctl(self.fd, k.KVM_GET_PIT2, pit, "KVM_GET_PIT2")
+        clock = ffi.new("struct kvm_clock_data *")
+        _ioctl(self.fd, k.KVM_GET_CLOCK, clock, "KVM_GET_CLOCK")
+        # count_load_time is host CLOCK_MONOTONIC ns: the clock at the save lets another backend rebase it
+        return {"kind": "kvm", "irqchip": chips, "pit2": bytes(ffi.buffer(pit)).hex(), "clock": int(clock.clock),
+                "ktime_ns": time.monotonic_ns()}
+
+    def restore_platform_state(self, state: dict) -> None:
+        if state.get("kind") != "kvm":
+            raise AccelError("kvm", f"cannot load {state.get('kind')!r} interrupt-controller state into KVM's in-kernel ones")
+        try:
+            for name in ("pic_master", "pic_slave", "ioapic"):
+                raw = bytes.fromhex(state["irqchip"][name])
+                chip = ffi.new("struct kvm_irqchip *")
+                if len(raw) != ffi.sizeof(chip[0]):
+                    raise ValueError(f"{name}: {len(raw)} bytes, not {ffi.sizeof(chip[0])}")
+                ffi.memmove(chip, raw, len(raw))
+                _ioctl(self.fd, k.KVM_SET_IRQCHIP, chip, f"KVM_SET_IRQCHIP({name})")
+            raw = bytes.fromhex(state["pit2"])
+            pit = ffi.new("struct kvm_pit_state2 *")
+            if len(raw) != ffi.sizeof(pit[0]):
+                raise ValueError(f"pit2: {len(raw)} bytes, not {ffi.sizeof(pit[0])}")
+            ffi.memmove(pit, raw, len(raw))
+            _ioctl(self.fd, k.KVM_SET_PIT2, pit, "KVM_SET_PIT2")
+            clock = ffi.new("struct kvm_clock_data *", {"clock": int(state["clock"])})
+            _ioctl(self.fd, k.KVM_SET_CLOCK, clock, "KVM_SET_CLOCK")
+        except (KeyError, ValueError, TypeError) as err:
+            raise AccelError("kvm", f"bad in-kernel device state in the snapshot: {err}") from err
 
     def close(self) -> None:
         for vcpu in self.vcpus:

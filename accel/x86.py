@@ -321,3 +321,60 @@ class CpuidTable:
             ecx = (ecx & ~CPUID1_ECX_OSXSAVE) | (CPUID1_ECX_OSXSAVE if cr4 & (1 << 18) and ecx & (1 << 26) else 0)
             return eax, ebx, ecx, edx
         return regs
+
+
+# --------------------------------------------------------------------------
+# Saved state <-> JSON-able data (snapshot files)
+
+_STATE_CLASSES = {cls.__name__: cls for cls in (Regs, Segment, DescriptorTable, SpecialRegs, FpuState, CpuidEntry,
+                                                PendingEvents, X86CpuState)}  # fmt: skip
+
+
+def state_to_data(value):
+    """A saved vCPU state (``VcpuState`` parts: dataclasses, bytes, int-keyed dicts) as JSON-able data."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        name = type(value).__name__
+        if name == "VcpuState":
+            return {"VcpuState": {f.name: state_to_data(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+        if name not in _STATE_CLASSES:
+            raise TypeError(f"cannot save a {name}")
+        return {name: {f.name: state_to_data(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if isinstance(value, (bytes, bytearray)):
+        return {"hex": bytes(value).hex()}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {"dict": {k: state_to_data(v) for k, v in value.items()}}
+        return {"intdict": [[int(k), state_to_data(v)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return [state_to_data(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot save a {type(value).__name__}")
+
+
+def state_from_data(data):
+    """``state_to_data``'s inverse; raises ``ValueError`` on anything it did not write."""
+    from pyvmm.accel.core import VcpuState
+
+    if isinstance(data, list):
+        return [state_from_data(v) for v in data]
+    if not isinstance(data, dict):
+        return data
+    if len(data) != 1:
+        raise ValueError(f"not a saved value: keys {sorted(data)}")
+    ((kind, body),) = data.items()
+    if kind == "hex":
+        return bytes.fromhex(body)
+    if kind == "dict":
+        return {k: state_from_data(v) for k, v in body.items()}
+    if kind == "intdict":
+        return {int(k): state_from_data(v) for k, v in body}
+    cls = VcpuState if kind == "VcpuState" else _STATE_CLASSES.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown saved type {kind!r}")
+    try:
+        return cls(**{k: state_from_data(v) for k, v in body.items()})
+    except TypeError as err:
+        raise ValueError(f"{kind}: {err}") from err

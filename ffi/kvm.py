@@ -188,6 +188,44 @@ ffi.cdef(
         char regs[1024];
     };
 
+    /* VM-level device state: the in-kernel PIC pair and IOAPIC, the PIT, kvmclock */
+    struct kvm_irqchip {
+        uint32_t chip_id;
+        uint32_t pad;
+        char chip[512];  /* union of kvm_pic_state / kvm_ioapic_state, kept as bytes */
+    };
+
+    struct kvm_pit_channel_state {
+        uint32_t count;
+        uint16_t latched_count;
+        uint8_t count_latched;
+        uint8_t status_latched;
+        uint8_t status;
+        uint8_t read_state;
+        uint8_t write_state;
+        uint8_t write_latch;
+        uint8_t rw_mode;
+        uint8_t mode;
+        uint8_t bcd;
+        uint8_t gate;
+        int64_t count_load_time;
+    };
+
+    struct kvm_pit_state2 {
+        struct kvm_pit_channel_state channels[3];
+        uint32_t flags;
+        uint32_t reserved[9];
+    };
+
+    struct kvm_clock_data {
+        uint64_t clock;
+        uint32_t flags;
+        uint32_t pad0;
+        uint64_t realtime;
+        uint64_t host_tsc;
+        uint32_t pad[4];
+    };
+
     struct kvm_vcpu_events {
         struct {
             uint8_t injected;
@@ -405,6 +443,12 @@ KVM_GET_MSRS = _iowr(0x88, "struct kvm_msrs")
 KVM_SET_MSRS = _iow(0x89, "struct kvm_msrs")
 KVM_GET_FPU = _ior(0x8C, "struct kvm_fpu")
 KVM_SET_FPU = _iow(0x8D, "struct kvm_fpu")
+KVM_GET_IRQCHIP = _iowr(0x62, "struct kvm_irqchip")
+KVM_SET_IRQCHIP = _ior(0x63, "struct kvm_irqchip")  # sic: <linux/kvm.h> declares it _IOR
+KVM_SET_CLOCK = _iow(0x7B, "struct kvm_clock_data")
+KVM_GET_CLOCK = _ior(0x7C, "struct kvm_clock_data")
+KVM_GET_PIT2 = _ior(0x9F, "struct kvm_pit_state2")
+KVM_SET_PIT2 = _iow(0xA0, "struct kvm_pit_state2")
 KVM_GET_LAPIC = _ior(0x8E, "struct kvm_lapic_state")
 KVM_SET_LAPIC = _iow(0x8F, "struct kvm_lapic_state")
 KVM_SET_CPUID2 = _iow(0x90, "struct kvm_cpuid2")

@@ -178,6 +178,29 @@ class VM:
     def resume(self) -> None:
         self.controller.resume()
 
+    def snapshot(self, path, mem_path, *, diff: bool = False) -> dict:
+        """Write a snapshot of the paused VM: its state to ``path``, guest RAM to ``mem_path``."""
+        return self.controller.snapshot(path, mem_path, diff=diff)
+
+    @classmethod
+    def restore(cls, path, mem_path, *, accel: str | list[str] | None = None, resume: bool = False,
+                echo: BinaryIO | None = None, journal=None) -> VM:  # fmt: skip
+        """A VM rebuilt from a snapshot (on ``accel``, by default the first usable backend), Paused
+        unless ``resume``. Any backend whose CPUID covers what the guest was shown can take it."""
+        from pyvmm.config import parse_accel as _parse
+
+        vm = cls.__new__(cls)
+        vm.console = Console(echo)
+        vm._extra_pio, vm._extra_mmio, vm._servers = [], [], []
+        vm.controller = VmController(journal=journal)
+        order = _parse(accel, source="accel argument", key="accel") if accel is not None else None
+        vm.controller.restore(path, mem_path, accel=order, console_output=vm.console._output, extra_pio=[], extra_mmio=[])
+        vm.config = vm.controller.config
+        vm.console._serial = vm.controller.machine.devices["serial"]
+        if resume:
+            vm.resume()
+        return vm
+
     def events(self, timeout: float | None = None):
         """The lifecycle events from now on (``vmm.states.VmEvent``); the iterator ends after ``stopped``."""
         return self.controller.events(timeout)

@@ -28,6 +28,9 @@ class MachineConfig:
     accel: list[str] = field(default_factory=lambda: list(AUTO_ORDER))
     #: hand a vCPU to the interpreter when the hypervisor cannot execute an instruction
     fallback: bool = True
+    #: "host": what the backend offers; "portable": what every backend of this host can run
+    #: (a snapshot then restores on any of them)
+    cpu: str = "host"
 
 
 @dataclass
@@ -74,6 +77,7 @@ _SCHEMA = {
         "memory_mib": ((int,), "an integer"),
         "accel": ((str, list), 'a string or a list of strings'),
         "fallback": ((bool,), "true or false"),
+        "cpu": ((str,), '"host" or "portable"'),
     },
     "boot": {
         "kernel": ((str,), "a path string"),
@@ -163,6 +167,10 @@ def config_from_dict(data: dict, *, base_dir: str | os.PathLike = ".", source: s
         machine.accel = parse_accel(machine_data["accel"], source=source, key="machine.accel")
     if "fallback" in machine_data:
         machine.fallback = machine_data["fallback"]
+    if "cpu" in machine_data:
+        if machine_data["cpu"] not in ("host", "portable"):
+            fail("machine.cpu", f'must be "host" or "portable", not {machine_data["cpu"]!r}')
+        machine.cpu = machine_data["cpu"]
 
     boot_data = data.get("boot")
     if not boot_data or "kernel" not in boot_data:

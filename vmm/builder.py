@@ -26,6 +26,7 @@ from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.devices.virtio.tap import TapBackend
 from pyvmm.errors import ConfigError
 from pyvmm.vmm import layout
+from pyvmm.vmm import snapshot as vmsnapshot
 from pyvmm.vmm.boot.acpi import write_acpi_tables
 from pyvmm.vmm.boot.bootparams import write_boot_params
 from pyvmm.vmm.boot.cmdline import write_cmdline
@@ -40,7 +41,7 @@ from pyvmm.vmm.irqfd import IrqfdLine
 from pyvmm.vmm.machine import Machine
 from pyvmm.vmm.memory import GuestMemory
 from pyvmm.vmm.vcpu import Lifecycle, VcpuLoop
-from pyvmm.vmm.x86.cpuid import build_cpuid
+from pyvmm.vmm.x86.cpuid import build_cpuid, portable_cpuid
 from pyvmm.vmm.x86.msrs import boot_msrs
 from pyvmm.vmm.x86.regs import boot_cpu_state
 
@@ -53,8 +54,13 @@ def build_machine(
     console_output: Callable[[bytes], None],
     extra_pio: list[tuple[int, int, object]] = (),
     extra_mmio: list[tuple[int, int, object]] = (),
+    snapshot: tuple[dict, str, str] | None = None,
 ) -> Machine:
-    """Build a VM from a validated config. Nothing runs until ``Machine.start()``."""
+    """Build a VM from a validated config. Nothing runs until ``Machine.start()``.
+
+    With ``snapshot`` = (state, memory file, state file name), the machine is the snapshot's:
+    guest RAM mapped from the memory file, no kernel loaded, each vCPU, interrupt controller
+    and device given its saved state (vmm/snapshot.py)."""
     vcpu_count = config.machine.vcpus
     vm, rejected = accel.open_vm(config.machine.accel, vcpu_count)
     for probe in rejected:
@@ -77,7 +83,11 @@ def build_machine(
                 key="machine.vcpus",
             )
 
-        memory = GuestMemory.anonymous(layout.ram_layout(config.machine.memory_mib << 20))
+        if snapshot is None:
+            memory = GuestMemory.anonymous(layout.ram_layout(config.machine.memory_mib << 20))
+        else:
+            state, mem_path, source = snapshot
+            memory = GuestMemory.from_file(mem_path, [tuple(r) for r in state["memory"]["regions"]])
         for slot, region in enumerate(memory.regions):
             vm.map_memory(slot, region.guest_addr, region.buffer)
 
@@ -93,7 +103,7 @@ def build_machine(
 
         cmdline = config.boot.cmdline
         fallback_on = config.machine.fallback and Capability.EMULATION_FAILURE_EXITS in vm.capabilities
-        if fallback_on:
+        if fallback_on and snapshot is None:
             from pyvmm.accel.fallback.policy import pvm_kernel_cmdline
 
             cmdline = pvm_kernel_cmdline(cmdline, config.boot.kernel, pvm=_on_pvm(vm))
@@ -103,31 +113,44 @@ def build_machine(
             virtio, windows = _virtio_devices(config, vm, memory, mmio, events)
             cmdline = " ".join([cmdline, *(cmdline_entry(base, gsi) for base, _, gsi in windows)])
 
-        # Both the MP table (kernels with CONFIG_X86_MPPARSE) and ACPI's MADT
-        # (Debian's cloud kernel reads only ACPI) describe the CPUs and IOAPIC.
-        mptable.write_mptable(memory, vcpu_count)
-        rsdp = write_acpi_tables(memory, vcpu_count, windows)
-        mode, entry, boot_info = _load_guest(config, memory, rsdp, cmdline)
+        if snapshot is None:
+            # Both the MP table (kernels with CONFIG_X86_MPPARSE) and ACPI's MADT
+            # (Debian's cloud kernel reads only ACPI) describe the CPUs and IOAPIC.
+            mptable.write_mptable(memory, vcpu_count)
+            rsdp = write_acpi_tables(memory, vcpu_count, windows)
+            mode, entry, boot_info = _load_guest(config, memory, rsdp, cmdline)
 
         fallback, supported = _fallback(config, vm, memory, pio, mmio) if fallback_on else (None, vm.supported_cpuid())
+        portable = config.machine.cpu == "portable"
+        if portable:
+            supported = portable_cpuid(supported, vm.name, vcpu_count)
+        signature = _signature("pyvmm" if portable else vm.name)  # a portable guest must not rely on kvmclock
         serve_directly = Capability.SERVE_IO_DIRECTLY in vm.capabilities
         loops = []
         for index in range(vcpu_count):
             vcpu = vm.create_vcpu(index)
-            cpuid = build_cpuid(supported, index, vcpu_count, hypervisor_signature=_signature(vm.name))
+            cpuid = build_cpuid(supported, index, vcpu_count, hypervisor_signature=signature)
+            if snapshot is not None:  # the guest keeps the CPUID it was shown, if this backend can offer it
+                offered, cpuid = cpuid, vmsnapshot.saved_cpuid(state, index)
+                problem = vmsnapshot.cpuid_problem(cpuid, offered)
+                if problem:
+                    raise vmsnapshot.SnapshotError(f"{source}: cannot restore on {vm.name}: {problem}")
             vcpu.set_cpuid(cpuid)
             if fallback is not None:
                 fallback.set_cpuid(index, cpuid)
             vcpu.set_msrs(boot_msrs())
-            if index == 0:  # application processors wait for the guest's INIT/SIPI
+            if index == 0 and snapshot is None:  # application processors wait for the guest's INIT/SIPI
                 regs, sregs = boot_cpu_state(memory, mode, entry, boot_info)
                 vcpu.set_sregs(sregs)
                 vcpu.set_regs(regs)
-            loops.append(VcpuLoop(vcpu, pio, mmio, lifecycle, fallback=fallback, serve_directly=serve_directly))
+            loop = VcpuLoop(vcpu, pio, mmio, lifecycle, fallback=fallback, serve_directly=serve_directly)
+            loop.cpuid = cpuid
+            loops.append(loop)
         lifecycle.on_stop(lambda: [loop.vcpu.request_stop() for loop in loops])
         all_devices = {name: entry[0] for name, entry in devices.items()}
+        all_devices["i8042"] = all_devices["i8042.data"]._controller  # the controller behind its two ports
         all_devices.update((t.name, t) for t in virtio)
-        return Machine(
+        machine = Machine(
             vm=vm,
             memory=memory,
             pio=pio,
@@ -140,6 +163,10 @@ def build_machine(
             rejected_accels=rejected,
             fallback=fallback,
         )
+        if snapshot is not None:
+            vmsnapshot.restore_processors(machine, state, source)
+            vmsnapshot.restore_devices(machine, state, source)
+        return machine
     except BaseException:
         for transport in virtio:
             transport.close()

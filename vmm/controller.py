@@ -138,6 +138,45 @@ class VmController:
             self.machine.resume()
             self._record("resume")
 
+    # --- snapshots -------------------------------------------------------------------------
+    def snapshot(self, snapshot_path, mem_path, *, diff: bool = False) -> dict:
+        """Write the paused VM's state and memory (Firecracker's rule: only while Paused)."""
+        from pyvmm.vmm import snapshot as vmsnapshot
+
+        with self._lock:
+            self.states.check("snapshot")
+            if diff:
+                raise ControllerError("Diff snapshots are not supported yet; take a Full one")
+            figures = vmsnapshot.create(self.machine, self.config, snapshot_path, mem_path)
+            self._record("snapshot", path=str(snapshot_path), mem_path=str(mem_path), **figures)
+            return figures
+
+    def restore(self, snapshot_path, mem_path, *, accel: list[str] | None = None, resume: bool = False,
+                **build_options) -> None:  # fmt: skip
+        """Build the machine of a snapshot (Created -> Configured -> Paused), optionally resuming it."""
+        from pyvmm.accel.registry import AUTO_ORDER
+        from pyvmm.vmm import snapshot as vmsnapshot
+        from pyvmm.vmm.builder import build_machine
+
+        source = str(snapshot_path)
+        state = vmsnapshot.read_state_file(snapshot_path)
+        config = vmsnapshot.config_from_data(state["config"], accel or list(AUTO_ORDER), source)
+        with self._lock:
+            if self.state is VmState.CREATED:
+                self.configure(config, **build_options)
+            self.states.check("restore")
+            self.config = config
+            started = time.monotonic()
+            self.machine = build_machine(config, snapshot=(state, mem_path, source), **(self._build or {}))
+            self.machine.lifecycle.on_stop(self._machine_stopped)
+            self.machine.start(paused=True)
+            if not self.machine.pause(PAUSE_TIMEOUT):
+                raise ControllerError("the restored vCPUs did not come up paused")
+            self._record("restore", path=source, accel=self.machine.accel, from_backend=state.get("backend"),
+                         seconds=round(time.monotonic() - started, 6))  # fmt: skip
+        if resume:
+            self.resume()
+
     def stop(self, reason: str = "stopped by the host", code: int = 0):
         """End the VM (any state but Stopped); returns the machine's exit status when it ran."""
         with self._lock:

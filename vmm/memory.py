@@ -59,6 +59,33 @@ class GuestMemory:
         return cls(regions)
 
     @classmethod
+    def from_file(cls, path, layout: list[tuple[int, int, int]]) -> GuestMemory:
+        """Map ``(guest_addr, size, file_offset)`` regions of a snapshot's memory file, copy-on-write:
+        pages come from the file on first touch, the guest's writes never reach it."""
+        import os
+
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except OSError as err:
+            raise GuestMemoryError(f"cannot open the memory file {path}: {err.strerror}") from err
+        regions = []
+        try:
+            length = os.fstat(fd).st_size
+            for guest_addr, size, offset in layout:
+                if size <= 0 or size % mmap.PAGESIZE or guest_addr % mmap.PAGESIZE or offset % mmap.PAGESIZE:
+                    raise GuestMemoryError(f"memory file {path}: region {guest_addr:#x}+{size:#x} at offset {offset:#x} is not page-aligned")
+                if offset + size > length:
+                    raise GuestMemoryError(f"memory file {path} is {length} bytes: too short for the region at "
+                                           f"{guest_addr:#x}+{size:#x} (file offset {offset:#x}); truncated?")  # fmt: skip
+                buf = host_memory.file_private(fd, offset, size)
+                regions.append(GuestRegion(guest_addr, size, buf, memoryview(buf)))
+        except OSError as err:
+            raise GuestMemoryError(f"cannot map the memory file {path}: {err.strerror}") from err
+        finally:
+            os.close(fd)
+        return cls(regions)
+
+    @classmethod
     def from_buffers(cls, buffers: list[tuple[int, bytearray]]) -> GuestMemory:
         """Wrap existing writable buffers (for tests and sans-IO device models)."""
         return cls([GuestRegion(addr, len(buf), buf, memoryview(buf)) for addr, buf in buffers])

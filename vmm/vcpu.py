@@ -83,6 +83,8 @@ class VcpuLoop:
         self.fallback = fallback
         self.exit_counts: dict[type, int] = {}
         self.thread: threading.Thread | None = None
+        #: the CPUID table the vCPU was given (a snapshot keeps it)
+        self.cpuid: list = []
         # pausing: the loop parks between two runs of the vCPU (an instruction boundary)
         self._gate = threading.Condition()
         self._pause_wanted = False

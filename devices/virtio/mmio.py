@@ -408,6 +408,47 @@ class VirtioMmio:
         if close_line is not None:
             close_line()
 
+    # --- snapshots ----------------------------------------------------------
+    _REGISTERS = ("status", "device_features_sel", "driver_features_sel", "driver_features", "queue_sel",
+                  "config_generation")  # fmt: skip
+    _QUEUE_FIELDS = ("size", "ready", "desc_addr", "avail_addr", "used_addr", "event_idx", "indirect", "next_avail",
+                     "_known_avail", "next_used", "_last_signalled_used")  # fmt: skip
+
+    def save_state(self) -> dict:
+        """The transport's registers and each queue's configuration and indices (plain data).
+
+        Taken while the VM is paused: the event loop is held, so no request is half-served."""
+        with self.lock:
+            return {
+                "device_id": self.device.device_id,
+                **{name: getattr(self, name) for name in self._REGISTERS},
+                "interrupt_status": self.interrupt_status,
+                "queues": [{name: getattr(q, name) for name in self._QUEUE_FIELDS} for q in self.queues],
+            }
+
+    def restore_state(self, state: dict) -> None:
+        """Load ``save_state``'s output into this (freshly built, same device) transport; a device the
+        driver had activated is activated again, and anything already made available is served."""
+        with self.lock:
+            if state.get("device_id") != self.device.device_id:
+                raise QueueError(f"{self.name}: snapshot holds device id {state.get('device_id')}, this is "
+                                 f"{self.device.device_id}")  # fmt: skip
+            if len(state["queues"]) != len(self.queues):
+                raise QueueError(f"{self.name}: snapshot has {len(state['queues'])} queues, the device {len(self.queues)}")
+            for name in self._REGISTERS:
+                setattr(self, name, int(state[name]))
+            for queue, saved in zip(self.queues, state["queues"]):
+                for name in self._QUEUE_FIELDS:
+                    value = saved[name]
+                    setattr(queue, name, bool(value) if isinstance(getattr(queue, name), bool) else int(value))
+                if queue.ready:
+                    queue.validate(self.memory)  # the guest's rings must still lie in guest RAM
+            if self.active:
+                self._activate()
+            with self._irq_lock:
+                self.interrupt_status = int(state["interrupt_status"])
+                self.irq.set_level(self.interrupt_status != 0)
+
     def metrics(self) -> dict:
         """Counters for ``-v``: the device's requests/bytes/errors plus resets and interrupts."""
         with self.lock:

@@ -4,9 +4,11 @@
 # The 32-bit counter at guest-physical COUNTER (0x7000) goes up by one per loop
 # iteration; every 2^20 iterations a '.' goes to the serial console. When the
 # host writes a nonzero byte to STOP (0x7008), the guest prints "counter: stop"
-# and exits with that byte as its debug-exit status. A test should expect:
+# and exits with that byte as its debug-exit status; a key from the keyboard
+# controller (a byte waiting at port 0x60, e.g. Firecracker's SendCtrlAltDel)
+# stops it the same way with status 0x2A. A test should expect:
 #     counter: start
-# then dots, and after the stop request the status it wrote.
+# then dots, and after the stop request the status it wrote (or 0x2A).
 
 .include "common.inc"
 
@@ -25,6 +27,10 @@ main:
     jnz 2f
     movb $'.', %al
     call putc
+    inb $PORT_I8042_CMD, %al     # a key waiting: stop with 0x2A
+    testb $1, %al
+    jz 2f
+    movb $0x2A, STOP
 2:  movzbl STOP, %eax
     testl %eax, %eax
     jz 1b

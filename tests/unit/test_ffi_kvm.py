@@ -20,7 +20,7 @@ STRUCTS = [
     "kvm_msr_list", "kvm_cpuid_entry2", "kvm_cpuid2", "kvm_lapic_state", "kvm_userspace_memory_region",
     "kvm_irq_level", "kvm_pit_config", "kvm_irqfd", "kvm_ioeventfd", "kvm_enable_cap", "kvm_vcpu_events",
     "kvm_mp_state", "kvm_xsave", "kvm_xcr", "kvm_xcrs", "kvm_guest_debug", "kvm_debug_exit_arch", "kvm_msi",
-    "kvm_irq_routing", "kvm_irq_routing_entry",
+    "kvm_irq_routing", "kvm_irq_routing_entry", "kvm_irqchip", "kvm_pit_channel_state", "kvm_pit_state2", "kvm_clock_data",
 ]
 
 # (struct, C member path, cffi member path)

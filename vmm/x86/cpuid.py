@@ -186,3 +186,28 @@ def build_cpuid(
 
     result.sort(key=lambda e: (e.function, e.index))
     return result
+
+
+def portable_cpuid(supported: list[CpuidEntry], backend: str, vcpu_count: int) -> list[CpuidEntry]:
+    """``machine.cpu = "portable"``: only the features every backend of this host can run.
+
+    The backend's table intersected with the interpreter's (what accel/fallback/policy.py
+    does for the fallback) and, when KVM is usable here, with KVM's; features of an
+    in-hypervisor LAPIC (x2APIC, TSC-deadline) are dropped, because pyvmm's userspace
+    LAPIC has neither. A snapshot of such a guest restores on any of those backends.
+    """
+    from pyvmm import accel
+    from pyvmm.accel.fallback.policy import fallback_cpuid
+
+    table = fallback_cpuid(supported, vcpu_count=vcpu_count)
+    if backend != "kvm" and accel.probe("kvm").usable:
+        from pyvmm.accel import kvm
+
+        with kvm.KvmVm() as other:
+            table = fallback_cpuid(table, other.supported_cpuid(), vcpu_count=vcpu_count)
+    out = []
+    for entry in table:
+        if entry.function == 1:
+            entry = replace(entry, ecx=entry.ecx & ~((1 << 21) | ECX_TSC_DEADLINE))
+        out.append(entry)
+    return out

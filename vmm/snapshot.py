@@ -1,0 +1,291 @@
+"""Snapshots of a paused VM: a versioned state file and a memory file, restorable in a fresh process.
+
+The state file (docs/snapshot-format.md has the field-by-field description)::
+
+    offset 0   8 bytes   magic b"PYVMMSNP"
+           8   u32 LE    format version (FORMAT_VERSION)
+          12   u32 LE    CRC-32 of the JSON body
+          16   u64 LE    length of the JSON body
+          24   ...       the JSON body (UTF-8)
+
+The JSON body holds the VM's configuration (to rebuild its devices), the memory
+layout (guest address, size and offset of each region in the memory file), each
+vCPU's saved state and CPUID table, the interrupt controllers' state (pyvmm's
+userspace ones, or KVM's in-kernel ones as KVM gives them) and every device's
+registers. The memory file is guest RAM, region after region, page-aligned; a
+restore maps it copy-on-write (pages are read on first touch, not at load).
+
+A file that is not a snapshot, from another format version, truncated or
+corrupted (CRC) is refused with a one-line ``SnapshotError`` before anything is
+built. Nothing is half-restored: the machine is built completely, or the error
+is raised and what was made is closed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import struct
+import time
+import zlib
+from pathlib import Path
+
+from pyvmm import __version__, plainstate
+from pyvmm.accel.core import Capability
+from pyvmm.accel.x86 import CpuidEntry, state_from_data, state_to_data
+from pyvmm.errors import PyvmmError
+
+log = logging.getLogger("pyvmm.snapshot")
+
+MAGIC = b"PYVMMSNP"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<8sIIQ")
+MAX_STATE = 256 << 20
+#: legacy devices' attributes holding clock() times
+DEVICE_TIMES = {"cmos": frozenset({"_last_uip_clock"})}
+LEGACY_DEVICES = ("serial", "i8042", "cmos", "post")
+
+
+class SnapshotError(PyvmmError):
+    """A snapshot cannot be written or loaded; the message names the file and what is wrong."""
+
+
+# --------------------------------------------------------------------------------- the files
+def write_state_file(path, body: dict) -> int:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    tmp = Path(f"{path}.tmp")
+    try:
+        with open(tmp, "wb") as out:
+            out.write(HEADER.pack(MAGIC, FORMAT_VERSION, zlib.crc32(data), len(data)))
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise SnapshotError(f"cannot write the snapshot file {path}: {err.strerror}") from err
+    return HEADER.size + len(data)
+
+
+def read_state_file(path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER.size)
+            if len(head) < HEADER.size:
+                raise SnapshotError(f"{path}: not a pyvmm snapshot (only {len(head)} bytes)")
+            magic, version, crc, length = HEADER.unpack(head)
+            if magic != MAGIC:
+                raise SnapshotError(f"{path}: not a pyvmm snapshot (magic {magic!r})")
+            if version != FORMAT_VERSION:
+                raise SnapshotError(f"{path}: snapshot format version {version}; this pyvmm reads version {FORMAT_VERSION}")
+            if length > MAX_STATE:
+                raise SnapshotError(f"{path}: a state of {length} bytes is not plausible (corrupt header)")
+            data = f.read(length)
+    except OSError as err:
+        raise SnapshotError(f"cannot read the snapshot file {path}: {err.strerror}") from err
+    if len(data) != length:
+        raise SnapshotError(f"{path}: truncated ({len(data)} of {length} bytes of state)")
+    if zlib.crc32(data) != crc:
+        raise SnapshotError(f"{path}: corrupt (CRC mismatch)")
+    try:
+        body = json.loads(data)
+    except ValueError as err:
+        raise SnapshotError(f"{path}: the state is not valid JSON: {err}") from err
+    for key in ("config", "memory", "vcpus", "cpuid", "platform", "devices", "virtio"):
+        if key not in body:
+            raise SnapshotError(f"{path}: the state has no '{key}'")
+    return body
+
+
+def _write_memory(memory, path) -> list[list[int]]:
+    """Guest RAM, region after region (page-aligned offsets): [[guest_addr, size, offset], ...]."""
+    layout, offset = [], 0
+    try:
+        with open(path, "wb") as out:
+            for region in memory.regions:
+                out.seek(offset)
+                out.write(region.view)
+                layout.append([region.guest_addr, region.size, offset])
+                offset += -(-region.size // mmap.PAGESIZE) * mmap.PAGESIZE
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as err:
+        raise SnapshotError(f"cannot write the memory file {path}: {err.strerror}") from err
+    return layout
+
+
+# --------------------------------------------------------------------------------- taking one
+def config_to_data(config) -> dict:
+    """A ``VmConfig`` as plain data (what a restore needs to rebuild the devices)."""
+    return {
+        "machine": {"vcpus": config.machine.vcpus, "memory_mib": config.machine.memory_mib,
+                    "fallback": config.machine.fallback, "cpu": config.machine.cpu},  # fmt: skip
+        "boot": {"kernel": str(config.boot.kernel), "initrd": str(config.boot.initrd) if config.boot.initrd else None,
+                 "cmdline": config.boot.cmdline},  # fmt: skip
+        "drives": [{"path": str(d.path), "read_only": d.read_only, "serial": d.serial, "lock": d.lock} for d in config.drives],
+        "nets": [{"tap": n.tap, "mac": n.mac} for n in config.nets],
+        "rng": config.rng,
+    }
+
+
+def config_from_data(data: dict, accel: list[str], source: str):
+    from pyvmm.config import BootConfig, DriveConfig, MachineConfig, NetConfig, VmConfig
+
+    try:
+        machine = MachineConfig(vcpus=int(data["machine"]["vcpus"]), memory_mib=int(data["machine"]["memory_mib"]),
+                                accel=list(accel), fallback=bool(data["machine"]["fallback"]),
+                                cpu=str(data["machine"]["cpu"]))  # fmt: skip
+        boot = data["boot"]
+        config = VmConfig(machine=machine, boot=BootConfig(Path(boot["kernel"]), Path(boot["initrd"]) if boot["initrd"] else None,
+                                                           boot["cmdline"]), source=source)  # fmt: skip
+        config.drives = [DriveConfig(Path(d["path"]), d["read_only"], d["serial"], d["lock"]) for d in data["drives"]]
+        config.nets = [NetConfig(n["tap"], n["mac"]) for n in data["nets"]]
+        config.rng = bool(data["rng"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise SnapshotError(f"{source}: bad configuration in the state ({err})") from err
+    for i, drive in enumerate(config.drives):
+        if not drive.path.is_file():
+            raise SnapshotError(f"{source}: drive {i}'s image {drive.path} is missing (the snapshot reopens it)")
+    return config
+
+
+def create(machine, config, snapshot_path, mem_path) -> dict:
+    """Write a snapshot of ``machine`` (paused: every vCPU parked, the devices held). Returns figures."""
+    if not machine.paused:
+        raise SnapshotError("a snapshot is taken only while the VM is paused")
+    started = time.monotonic()
+    vm = machine.vm
+    vcpus = [loop.vcpu for loop in machine.loops]
+    body = {
+        "pyvmm": __version__,
+        "created": time.time(),
+        "backend": vm.name,
+        "config": config_to_data(config),
+        "vcpus": [state_to_data(vcpu.save_state()) for vcpu in vcpus],
+        "cpuid": [[list(_cpuid_row(e)) for e in loop.cpuid] for loop in machine.loops],
+        "platform": _save_platform(vm),
+        "devices": _save_devices(machine),
+        "virtio": [transport.save_state() for transport in machine.virtio],
+    }
+    body["memory"] = {"regions": _write_memory(machine.memory, mem_path), "size": machine.memory.size}
+    state_bytes = write_state_file(snapshot_path, body)
+    seconds = time.monotonic() - started
+    log.info("snapshot written in %.3f s: %s (%d bytes of state), %s (%d MiB)", seconds, snapshot_path, state_bytes,
+             mem_path, machine.memory.size >> 20)  # fmt: skip
+    return {"seconds": seconds, "state_bytes": state_bytes, "memory_bytes": machine.memory.size}
+
+
+def _cpuid_row(entry: CpuidEntry) -> tuple:
+    return (entry.function, entry.index, entry.eax, entry.ebx, entry.ecx, entry.edx, entry.indexed)
+
+
+def _save_platform(vm) -> dict:
+    if Capability.USERSPACE_IRQCHIP in vm.capabilities:
+        from pyvmm.accel.irqchip import persist
+
+        return {"kind": "userspace", "irqchip": persist.save(vm.irqchip)}
+    return vm.save_platform_state()
+
+
+def _save_devices(machine) -> dict:
+    devices = machine.devices
+    out = {}
+    for name in LEGACY_DEVICES:
+        device = devices["i8042"] if name == "i8042" else devices[name]
+        with getattr(device, "_lock", _NoLock()):
+            out[name] = plainstate.capture(device, now=_clock_of(device), times=DEVICE_TIMES.get(name, frozenset()))
+    return out
+
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _clock_of(device) -> float:
+    clock = getattr(device, "_clock", None)
+    return clock() if callable(clock) else 0.0
+
+
+# --------------------------------------------------------------------------------- loading one
+def restore_devices(machine, state: dict, source: str) -> None:
+    devices = machine.devices
+    try:
+        for name in LEGACY_DEVICES:
+            device = devices["i8042"] if name == "i8042" else devices[name]
+            with getattr(device, "_lock", _NoLock()):
+                plainstate.apply(device, state["devices"][name], now=_clock_of(device),
+                                 times=DEVICE_TIMES.get(name, frozenset()), where=name)  # fmt: skip
+        if len(state["virtio"]) != len(machine.virtio):
+            raise ValueError(f"{len(state['virtio'])} virtio devices saved, the configuration makes {len(machine.virtio)}")
+        for transport, saved in zip(machine.virtio, state["virtio"]):
+            transport.restore_state(saved)
+    except (KeyError, TypeError, ValueError) as err:
+        raise SnapshotError(f"{source}: bad device state ({err})") from err
+
+
+def restore_processors(machine, state: dict, source: str) -> None:
+    """The interrupt controllers, then each vCPU, converting between KVM's in-kernel devices and
+    pyvmm's userspace ones when the snapshot came from the other kind (accel/irqchip/kvmstate.py)."""
+    from pyvmm.accel.irqchip import Irqchip, kvmstate, persist
+    from pyvmm.accel.irqchip.chip import IrqchipError
+
+    vm = machine.vm
+    try:
+        saved = [state_from_data(data) for data in state["vcpus"]]
+    except (ValueError, TypeError) as err:
+        raise SnapshotError(f"{source}: bad vCPU state ({err})") from err
+    if len(saved) != len(machine.loops):
+        raise SnapshotError(f"{source}: {len(saved)} vCPU states for {len(machine.loops)} vCPUs")
+    platform, pages = state["platform"], None
+    kind = platform.get("kind") if isinstance(platform, dict) else None
+    try:
+        if Capability.USERSPACE_IRQCHIP in vm.capabilities:
+            if kind == "userspace":
+                persist.restore(vm.irqchip, platform["irqchip"])
+            elif kind == "kvm":
+                kvmstate.load_from_kvm(vm.irqchip, platform, [s.cpu.lapic for s in saved])
+                vm.irqchip._wait_for_sipi = [s.cpu.mp_state == "wait-for-sipi" for s in saved]
+            else:
+                raise SnapshotError(f"{source}: unknown interrupt-controller state {kind!r}")
+        elif kind == "kvm":
+            vm.restore_platform_state(platform)
+        elif kind == "userspace":
+            chip = Irqchip(len(saved))
+            persist.restore(chip, platform["irqchip"])
+            converted, pages = kvmstate.to_kvm(chip)
+            vm.restore_platform_state(converted)
+        else:
+            raise SnapshotError(f"{source}: unknown interrupt-controller state {kind!r}")
+    except IrqchipError as err:
+        raise SnapshotError(f"{source}: {err}") from err
+    for loop, vcpu_state in zip(machine.loops, saved):
+        loop.vcpu.restore_state(vcpu_state)
+    for loop, page in zip(machine.loops, pages or ()):
+        loop.vcpu.set_lapic(page)
+
+
+def saved_cpuid(state: dict, index: int) -> list[CpuidEntry]:
+    return [CpuidEntry(*row[:6], indexed=bool(row[6])) for row in state["cpuid"][index]]
+
+
+def cpuid_problem(saved: list[CpuidEntry], supported: list[CpuidEntry]) -> str | None:
+    """Why a backend offering ``supported`` cannot run a guest that was shown ``saved`` (feature leaves)."""
+    offered = {(e.function, e.index if e.indexed else 0): e for e in supported}
+    for entry in saved:
+        if entry.function not in (1, 7, 0x80000001):
+            continue
+        target = offered.get((entry.function, entry.index if entry.indexed else 0)) or CpuidEntry(entry.function, 0, 0, 0, 0, 0)
+        for reg in ("ecx", "edx") if entry.function != 7 else ("ebx", "ecx", "edx"):
+            mask = 0xFFFFFFFF
+            if entry.function == 1 and reg == "ecx":
+                mask &= ~((1 << 27) | (1 << 31))  # OSXSAVE follows CR4; the hypervisor bit is ours to set
+            missing = getattr(entry, reg) & ~getattr(target, reg) & mask
+            if missing:
+                return f"CPUID leaf {entry.function:#x} {reg} bits {missing:#x} were offered to the guest and are not here"
+    return None
