@@ -1,7 +1,7 @@
 """``pyvmm-firecracker``: Firecracker's process interface, so tools that spawn ``firecracker`` can run pyvmm.
 
     pyvmm-firecracker --api-sock /tmp/fc.sock [--config-file vm.json] [--no-api] [--id ID]
-                      [--level Info] [--log-path F] [--metrics-path F] [--accel interp]
+                      [--level Info] [--log-path F] [--metrics-path F] [--accel interp] [--cpu portable]
 
 As Firecracker: the API on a Unix socket (``--api-sock``, default
 /run/firecracker.socket), or none with ``--no-api`` (then ``--config-file`` is
@@ -9,7 +9,9 @@ required); a ``--config-file`` (Firecracker's JSON) configures and starts the
 microVM at once; the guest's serial console is this process's standard output
 and its input is standard input; the process exits when the microVM ends, with
 status 0 when the guest rebooted or powered off. Firecracker has no accelerator
-choice: pyvmm's is ``auto`` unless ``--accel`` or ``PYVMM_ACCEL`` names one.
+choice: pyvmm's is ``auto`` unless ``--accel`` or ``PYVMM_ACCEL`` names one; ``--cpu
+portable`` (or ``PYVMM_CPU``) shows the guest only what every backend of this host can
+run, so its snapshots restore on any of them.
 Flags of Firecracker that change nothing here (seccomp, start-time and payload
 limits) are accepted and logged once.
 """
@@ -49,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--boot-timer", action="store_true", help="accepted; not applied")
     parser.add_argument("--accel", default=os.environ.get("PYVMM_ACCEL"),
                         help='pyvmm: accelerator ("auto", a name, or a comma-separated list); default $PYVMM_ACCEL or auto')
+    parser.add_argument("--cpu", choices=["host", "portable"], default=os.environ.get("PYVMM_CPU", "host"),
+                        help="pyvmm: the CPUID shown to the guest; \"portable\" lets a snapshot restore on every "
+                             "backend of this host (default $PYVMM_CPU or host)")
     parser.add_argument("--version", action="version", version=f"Firecracker v1.7.0 (pyvmm {__version__})")
     for flag, takes_value in IGNORED_FLAGS.items():
         if takes_value:
@@ -117,7 +122,15 @@ def _serve(args) -> int:
         vms.append(vm)
         return vm
 
-    api = FirecrackerApi(start_vm, instance_id=args.id, accel=accel)
+    def restore_vm(snapshot_path, mem_path, resume):
+        from pyvmm.api import VM
+
+        vm = VM.restore(snapshot_path, mem_path, accel=accel, resume=resume, echo=sys.stdout.buffer)
+        _forward_stdin(vm)
+        vms.append(vm)
+        return vm
+
+    api = FirecrackerApi(start_vm, instance_id=args.id, accel=accel, restore_vm=restore_vm, cpu=args.cpu)
     server = None
     try:
         if args.metrics_path:

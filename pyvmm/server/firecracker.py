@@ -275,7 +275,7 @@ class FirecrackerConfig:
         return sorted(drives, key=lambda d: not d["is_root_device"])
 
     # --- to pyvmm -----------------------------------------------------------------------------
-    def to_pyvmm(self, accel: list[str] | None = None) -> dict:
+    def to_pyvmm(self, accel: list[str] | None = None, cpu: str = "host") -> dict:
         """pyvmm's TOML structure (a dict for ``config_from_dict``)."""
         if self.boot is None:
             raise FaultError("cannot start the microVM: no boot source (PUT /boot-source first)")
@@ -290,6 +290,7 @@ class FirecrackerConfig:
         }
         if accel:
             data["machine"]["accel"] = accel
+        data["machine"]["cpu"] = cpu
         if self.boot.get("initrd_path"):
             data["boot"]["initrd"] = self.boot["initrd_path"]
         if drives:
@@ -301,11 +302,11 @@ class FirecrackerConfig:
             data["rng"] = {"enabled": True}
         return data
 
-    def to_vm_config(self, accel: list[str] | None = None):
+    def to_vm_config(self, accel: list[str] | None = None, cpu: str = "host"):
         from pyvmm.config import config_from_dict
 
         try:
-            return config_from_dict(self.to_pyvmm(accel), source="the microVM's configuration")
+            return config_from_dict(self.to_pyvmm(accel, cpu), source="the microVM's configuration")
         except ConfigError as err:
             raise FaultError(_firecracker_key(str(err))) from err
 

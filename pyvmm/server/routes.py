@@ -41,13 +41,32 @@ def fault(message: str) -> Response:
     return Response(400, {"fault_message": message})
 
 
+def _fields(kind: str, body, types: dict, *, required=()) -> dict:
+    """``body`` checked as an object of ``types``' fields (the snapshot bodies; the others are in firecracker.py)."""
+    if not isinstance(body, dict):
+        raise FaultError(f"{kind}: the body must be a JSON object")
+    for key, value in body.items():
+        if key not in types:
+            raise FaultError(f"{kind}: unknown field '{key}'; expected one of: {', '.join(types)}")
+        if not isinstance(value, types[key]) or (types[key] is not bool and isinstance(value, bool)):
+            raise FaultError(f"{kind}: field '{key}' must be a {types[key].__name__}")
+    for key in required:
+        if key not in body:
+            raise FaultError(f"{kind}: missing required field '{key}'")
+    return body
+
+
 class FirecrackerApi:
     """One microVM's API. ``start_vm(vm_config)`` is given the pyvmm config at InstanceStart and
     returns the started ``pyvmm.api.VM`` (the process decides where its console goes)."""
 
-    def __init__(self, start_vm, *, instance_id: str = "anonymous-instance", accel: list[str] | None = None):
+    def __init__(self, start_vm, *, instance_id: str = "anonymous-instance", accel: list[str] | None = None,
+                 restore_vm=None, cpu: str = "host"):  # fmt: skip
         self.config = FirecrackerConfig()
+        self.cpu = cpu
         self.start_vm = start_vm
+        #: ``restore_vm(snapshot_path, mem_path, resume)`` -> the restored VM (PUT /snapshot/load)
+        self.restore_vm = restore_vm or self._no_restore
         self.instance_id = instance_id
         self.accel = accel
         self.vm = None
@@ -68,6 +87,10 @@ class FirecrackerApi:
         api.vm = vm
         api.started.set()
         return api
+
+    @staticmethod
+    def _no_restore(*_args):
+        raise FaultError("snapshot-load is not available on this API (a VM was configured here already)")
 
     # --- dispatch --------------------------------------------------------------------
     def handle(self, method: str, path: str, body: bytes = b"") -> Response:
@@ -111,10 +134,12 @@ class FirecrackerApi:
             ("PUT", ("actions",)): self._action,
             ("PATCH", ("vm",)): self._patch_vm,
             ("GET", ("vm", "config")): lambda _: Response(200, self.config.as_json()),
+            ("PUT", ("snapshot", "create")): self._snapshot_create,
+            ("PUT", ("snapshot", "load")): self._snapshot_load,
             ("GET", ("vm",)): self._instance_info,
         }.get(key)
         if handler is None:
-            if parts and parts[0] in ("snapshot", "vsock", "balloon", "mmds", "cpu-config", "hotplug"):
+            if parts and parts[0] in ("vsock", "balloon", "mmds", "cpu-config", "hotplug"):
                 return fault(f"/{'/'.join(parts)}: not supported by pyvmm yet")
             return fault(f"Invalid request method and/or path: {method} /{'/'.join(parts)}.")
         return handler(data)
@@ -181,7 +206,7 @@ class FirecrackerApi:
         if action == "InstanceStart":
             if self.vm is not None:
                 return fault(NOT_AFTER_BOOT)
-            vm_config = self.config.to_vm_config(self.accel)
+            vm_config = self.config.to_vm_config(self.accel, self.cpu)
             self.vm = self.start_vm(vm_config)
             self.started.set()
             return Response(204)
@@ -207,6 +232,41 @@ class FirecrackerApi:
             self.vm.pause()
         else:
             self.vm.resume()
+        return Response(204)
+
+    # --- snapshots ---------------------------------------------------------------------------
+    def _snapshot_create(self, data) -> Response:
+        body = _fields("snapshot-create", data, {"snapshot_type": str, "snapshot_path": str, "mem_file_path": str,
+                                                 "version": str}, required=("snapshot_path", "mem_file_path"))  # fmt: skip
+        kind = body.get("snapshot_type", "Full")
+        if kind not in ("Full", "Diff"):
+            raise FaultError(f"snapshot-create: field 'snapshot_type' must be \"Full\" or \"Diff\", not {kind!r}")
+        if self.vm is None:
+            return fault(NOT_BEFORE_BOOT)
+        if self.vm.state is not VmState.PAUSED:
+            raise FaultError("snapshot-create: the microVM must be paused first (PATCH /vm {\"state\": \"Paused\"})")
+        self.vm.snapshot(body["snapshot_path"], body["mem_file_path"], diff=kind == "Diff")
+        return Response(204)
+
+    def _snapshot_load(self, data) -> Response:
+        body = _fields("snapshot-load", data, {"snapshot_path": str, "mem_file_path": str, "mem_backend": dict,
+                                               "enable_diff_snapshots": bool, "track_dirty_pages": bool,
+                                               "resume_vm": bool}, required=("snapshot_path",))  # fmt: skip
+        if self.vm is not None:
+            return fault(NOT_AFTER_BOOT)
+        if ("mem_file_path" in body) == ("mem_backend" in body):
+            raise FaultError("snapshot-load: give exactly one of 'mem_file_path' and 'mem_backend'")
+        mem_path = body.get("mem_file_path")
+        if "mem_backend" in body:
+            backend = _fields("snapshot-load.mem_backend", body["mem_backend"], {"backend_type": str, "backend_path": str},
+                              required=("backend_type", "backend_path"))  # fmt: skip
+            if backend["backend_type"] != "File":
+                raise FaultError(f"snapshot-load: mem_backend.backend_type {backend['backend_type']!r} is not supported "
+                                 "(only \"File\")")  # fmt: skip
+            mem_path = backend["backend_path"]
+        self.vm = self.restore_vm(body["snapshot_path"], mem_path, bool(body.get("resume_vm", False)))
+        self.config = FirecrackerConfig.from_vm_config(self.vm.config)
+        self.started.set()
         return Response(204)
 
     def _instance_info(self, _data) -> Response:

@@ -90,7 +90,12 @@ def test_machine_config_put_patch_get(api):
     ("/actions", {"action_type": "Explode"}, "unknown action_type 'Explode'"),
     ("/actions", {}, "the body must be {\"action_type\": ...}"),
     ("/nowhere", {}, "Invalid request method and/or path: PUT /nowhere."),
-    ("/snapshot/create", {"snapshot_path": "s", "mem_file_path": "m"}, "not supported by pyvmm yet"),
+    ("/snapshot/create", {"snapshot_path": "s", "mem_file_path": "m"}, "not supported before starting"),
+    ("/snapshot/create", {"snapshot_path": "s"}, "missing required field 'mem_file_path'"),
+    ("/snapshot/create", {"snapshot_path": "s", "mem_file_path": "m", "snapshot_type": "Half"}, "must be \"Full\" or \"Diff\""),
+    ("/snapshot/load", {"snapshot_path": "s"}, "exactly one of 'mem_file_path' and 'mem_backend'"),
+    ("/snapshot/load", {"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/x"}}, "only \"File\""),
+    ("/vsock", {"guest_cid": 3, "uds_path": "/tmp/v"}, "not supported by pyvmm yet"),
 ])  # fmt: skip
 def test_bad_bodies_are_400_with_a_message_naming_the_field(api, path, body, words):
     status, answer = call(api, "PUT", path, body)
