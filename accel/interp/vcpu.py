@@ -403,10 +403,10 @@ class InterpVcpu(system.EngineHooks):
                     self._sleep()
                     continue
                 self._halted = False
+            if self._memory_changed:
+                self._sync_memory()  # before a delivery: it reads the IDT and pushes a frame in guest RAM
             exit_value = self._inject()
             if exit_value is None:
-                if self._memory_changed:
-                    self._sync_memory()
                 exit_value, progressed = self._run_engine()
                 if exit_value is None and not progressed:
                     rip = self._safe_rip()

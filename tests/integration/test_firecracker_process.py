@@ -40,10 +40,10 @@ def request(conn, method, path, body=None):
     return response.status, json.loads(data) if data else None
 
 
-def spawn(tmp_path, *args, accel="interp", cpu="host"):
-    sock = tmp_path / "fc.sock"
+def spawn(tmp_path, *args, accel="interp", cpu="host", stdin=subprocess.DEVNULL, name="fc.sock"):
+    sock = tmp_path / name
     child = subprocess.Popen([sys.executable, "-m", "pyvmm.firecracker_cli", "--api-sock", str(sock), "--accel", accel,
-                              "--cpu", cpu, "--level", "Info", *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              "--cpu", cpu, "--level", "Info", *args], stdin=stdin, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.monotonic() + 30
     while not sock.exists():
