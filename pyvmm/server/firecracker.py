@@ -120,6 +120,7 @@ def check_body(kind: str, body, *, patch: bool = False) -> dict:
         types, description = schema[key]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise FaultError(f"{kind}: field '{key}' must be {description}, not {_json_type(value)}")
+    check_paths(kind, body)
     if not patch:
         missing = sorted(REQUIRED.get(kind, set()) - set(body))
         if missing:
@@ -131,6 +132,16 @@ def check_body(kind: str, body, *, patch: bool = False) -> dict:
             _logged_once.add(key)
             log.info("%s: field '%s' is accepted but has no effect in pyvmm", kind, key)
     return body
+
+
+def check_paths(kind: str, body: dict) -> None:
+    """A file name cannot hold a NUL; an empty one names nothing."""
+    for key, value in body.items():
+        if (key.endswith("_path") or key == "path_on_host" or key == "backend_path") and isinstance(value, str):
+            if "\0" in value:
+                raise FaultError(f"{kind}: field '{key}' contains a NUL character; file names cannot")
+            if not value:
+                raise FaultError(f"{kind}: field '{key}' is empty; expected a file path")
 
 
 def _json_type(value) -> str:

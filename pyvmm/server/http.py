@@ -44,10 +44,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         body = self.rfile.read(size) if size else b""
         response = self.server.api.handle(self.command, self.path, body)
-        self._send(response.status, response.encoded())
+        self._send(response.status, response.encoded(), response.allow)
 
-    def _send(self, status: int, payload: bytes) -> None:
+    def _send(self, status: int, payload: bytes, allow=()) -> None:
         self.send_response(status)
+        if allow:
+            self.send_header("Allow", ", ".join(allow))
         if payload:
             self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -55,7 +57,7 @@ class _Handler(BaseHTTPRequestHandler):
         if payload:
             self.wfile.write(payload)
 
-    do_GET = do_PUT = do_PATCH = do_POST = do_DELETE = _serve
+    do_GET = do_PUT = do_PATCH = do_POST = do_DELETE = do_HEAD = do_OPTIONS = do_TRACE = _serve
 
     def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
         log.debug("api: " + format, *args)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from pyvmm import __version__
 from pyvmm.errors import PyvmmError, one_line
-from pyvmm.server.firecracker import FIRECRACKER_VERSION, LOG_LEVELS, FaultError, FirecrackerConfig, check_body
+from pyvmm.server.firecracker import FIRECRACKER_VERSION, LOG_LEVELS, FaultError, FirecrackerConfig, check_paths, check_body
 from pyvmm.vmm.states import VmState
 
 log = logging.getLogger("pyvmm.api")
@@ -32,6 +32,8 @@ ACTIONS = ("InstanceStart", "SendCtrlAltDel", "FlushMetrics")
 class Response:
     status: int
     body: dict | None = None
+    #: for 405: the methods the path takes (the Allow header)
+    allow: tuple[str, ...] = ()
 
     def encoded(self) -> bytes:
         return b"" if self.body is None else json.dumps(self.body).encode()
@@ -53,10 +55,14 @@ def _fields(kind: str, body, types: dict, *, required=()) -> dict:
     for key in required:
         if key not in body:
             raise FaultError(f"{kind}: missing required field '{key}'")
+    check_paths(kind, body)
     return body
 
 
 class FirecrackerApi:
+    #: (method, path shape) of every route, for 405 answers
+    _ROUTES = ()
+
     """One microVM's API. ``start_vm(vm_config)`` is given the pyvmm config at InstanceStart and
     returns the started ``pyvmm.api.VM`` (the process decides where its console goes)."""
 
@@ -111,12 +117,9 @@ class FirecrackerApi:
                 log.exception("API %s %s failed", method, path)
                 return Response(500, {"fault_message": f"internal error: {type(err).__name__}: {err}"})
 
-    def _route(self, method: str, parts: list[str], data) -> Response:
-        shape = tuple(parts)
-        if len(parts) == 2 and parts[0] in ("drives", "network-interfaces"):
-            shape = (parts[0], "{id}")
-        key = (method, shape)
-        handler = {
+    def _handlers(self, parts: list[str]) -> dict:
+        """(method, path shape) -> handler; ``parts`` gives the handlers the path's id."""
+        return {
             ("GET", ()): self._instance_info,
             ("GET", ("version",)): lambda _: Response(200, {"firecracker_version": FIRECRACKER_VERSION}),
             ("GET", ("machine-config",)): lambda _: Response(200, dict(self.config.machine)),
@@ -136,9 +139,21 @@ class FirecrackerApi:
             ("GET", ("vm", "config")): lambda _: Response(200, self.config.as_json()),
             ("PUT", ("snapshot", "create")): self._snapshot_create,
             ("PUT", ("snapshot", "load")): self._snapshot_load,
-            ("GET", ("vm",)): self._instance_info,
-        }.get(key)
+        }
+
+    def _route(self, method: str, parts: list[str], data) -> Response:
+        shape = tuple(parts)
+        if len(parts) == 2 and parts[0] in ("drives", "network-interfaces"):
+            shape = (parts[0], "{id}")
+        key = (method, shape)
+        handler = self._handlers(parts).get(key)
+        if handler is not None and method in ("PUT", "PATCH") and data is None:
+            return fault(f"{method} /{'/'.join(parts)}: the request needs a JSON body")
         if handler is None:
+            allowed = sorted(m for (m, known) in self._ROUTES if known == shape)
+            if allowed:
+                return Response(405, {"fault_message": f"/{'/'.join(parts)} takes {', '.join(allowed)}, not {method}"},
+                                allow=tuple(allowed))  # fmt: skip
             if parts and parts[0] in ("vsock", "balloon", "mmds", "cpu-config", "hotplug"):
                 return fault(f"/{'/'.join(parts)}: not supported by pyvmm yet")
             return fault(f"Invalid request method and/or path: {method} /{'/'.join(parts)}.")
@@ -154,7 +169,10 @@ class FirecrackerApi:
     def _put_logger(self, body) -> None:
         self.config.put_logger(body)
         if "log_path" in body:
-            handler = logging.FileHandler(body["log_path"])
+            try:
+                handler = logging.FileHandler(body["log_path"])
+            except OSError as err:
+                raise FaultError(f"logger: field 'log_path' {body['log_path']!r}: {err.strerror}") from err
             handler.setFormatter(logging.Formatter("%(asctime)s [%(name)s:%(levelname)s] %(message)s"))
             level = LOG_LEVELS.get(body.get("level", "Info"))
             handler.setLevel(level or logging.CRITICAL + 1)
@@ -173,7 +191,7 @@ class FirecrackerApi:
         try:
             open(body["metrics_path"], "a").close()  # noqa: SIM115 - refuse a path that cannot be written now
         except OSError as err:
-            raise FaultError(f"metrics: field 'metrics_path' {body['metrics_path']!r}: {err.strerror}") from err
+            raise FaultError(f"metrics: field 'metrics_path' {body['metrics_path']!r}: {err.strerror or err}") from err
         if self.metrics is not None:
             self.metrics.close()
         self.metrics = MetricsWriter(body["metrics_path"], lambda: self.vm.machine if self.vm else None)
@@ -283,3 +301,6 @@ class FirecrackerApi:
         if self._log_handler is not None:
             logging.getLogger("pyvmm").removeHandler(self._log_handler)
             self._log_handler.close()
+
+
+FirecrackerApi._ROUTES = tuple(FirecrackerApi._handlers(FirecrackerApi.__new__(FirecrackerApi), ["x", "y"]))
