@@ -99,16 +99,28 @@ def read_state_file(path) -> dict:
     return body
 
 
+CHUNK = 1 << 20  # memory is written in chunks; an all-zero chunk becomes a hole of the (sparse) file
+
+
 def _write_memory(memory, path) -> list[list[int]]:
-    """Guest RAM, region after region (page-aligned offsets): [[guest_addr, size, offset], ...]."""
+    """Guest RAM, region after region (page-aligned offsets): [[guest_addr, size, offset], ...].
+
+    Chunks of zeros are skipped (a hole reads back as zeros), so a guest that touched little
+    memory makes a small file, written fast."""
     layout, offset = [], 0
+    zero = bytes(CHUNK)
     try:
         with open(path, "wb") as out:
             for region in memory.regions:
-                out.seek(offset)
-                out.write(region.view)
+                view = region.view
+                for start in range(0, region.size, CHUNK):
+                    chunk = view[start : start + CHUNK]
+                    if chunk.tobytes() != zero[: len(chunk)]:  # memcmp; a memoryview compares per element
+                        out.seek(offset + start)
+                        out.write(chunk)
                 layout.append([region.guest_addr, region.size, offset])
                 offset += -(-region.size // mmap.PAGESIZE) * mmap.PAGESIZE
+            out.truncate(offset)
             out.flush()
             os.fsync(out.fileno())
     except OSError as err:
@@ -232,9 +244,6 @@ def restore_devices(machine, state: dict, source: str) -> None:
 def restore_processors(machine, state: dict, source: str) -> None:
     """The interrupt controllers, then each vCPU, converting between KVM's in-kernel devices and
     pyvmm's userspace ones when the snapshot came from the other kind (accel/irqchip/kvmstate.py)."""
-    from pyvmm.accel.irqchip import Irqchip, kvmstate, persist
-    from pyvmm.accel.irqchip.chip import IrqchipError
-
     vm = machine.vm
     try:
         saved = [state_from_data(data) for data in state["vcpus"]]
@@ -242,8 +251,23 @@ def restore_processors(machine, state: dict, source: str) -> None:
         raise SnapshotError(f"{source}: bad vCPU state ({err})") from err
     if len(saved) != len(machine.loops):
         raise SnapshotError(f"{source}: {len(saved)} vCPU states for {len(machine.loops)} vCPUs")
-    platform, pages = state["platform"], None
+    platform = state["platform"]
     kind = platform.get("kind") if isinstance(platform, dict) else None
+    if kind == "kvm" and Capability.USERSPACE_IRQCHIP not in vm.capabilities:
+        vm.restore_platform_state(platform)  # KVM to KVM: no userspace irqchip involved (nor imported)
+        kind = "done"
+    pages = _restore_irqchip(vm, platform, kind, saved, source) if kind != "done" else None
+    for loop, vcpu_state in zip(machine.loops, saved):
+        loop.vcpu.restore_state(vcpu_state)
+    for loop, page in zip(machine.loops, pages or ()):
+        loop.vcpu.set_lapic(page)  # converted from the userspace LAPICs: after the vCPU's own state
+
+
+def _restore_irqchip(vm, platform: dict, kind, saved: list, source: str):
+    """Load the interrupt controllers; for KVM from userspace state, returns each vCPU's LAPIC page."""
+    from pyvmm.accel.irqchip import Irqchip, kvmstate, persist
+    from pyvmm.accel.irqchip.chip import IrqchipError
+
     try:
         if Capability.USERSPACE_IRQCHIP in vm.capabilities:
             if kind == "userspace":
@@ -253,21 +277,17 @@ def restore_processors(machine, state: dict, source: str) -> None:
                 vm.irqchip._wait_for_sipi = [s.cpu.mp_state == "wait-for-sipi" for s in saved]
             else:
                 raise SnapshotError(f"{source}: unknown interrupt-controller state {kind!r}")
-        elif kind == "kvm":
-            vm.restore_platform_state(platform)
         elif kind == "userspace":
             chip = Irqchip(len(saved))
             persist.restore(chip, platform["irqchip"])
             converted, pages = kvmstate.to_kvm(chip)
             vm.restore_platform_state(converted)
+            return pages
         else:
             raise SnapshotError(f"{source}: unknown interrupt-controller state {kind!r}")
     except IrqchipError as err:
         raise SnapshotError(f"{source}: {err}") from err
-    for loop, vcpu_state in zip(machine.loops, saved):
-        loop.vcpu.restore_state(vcpu_state)
-    for loop, page in zip(machine.loops, pages or ()):
-        loop.vcpu.set_lapic(page)
+    return None
 
 
 def saved_cpuid(state: dict, index: int) -> list[CpuidEntry]:
