@@ -201,6 +201,11 @@ class VM:
             vm.resume()
         return vm
 
+    def replace_drive(self, index: int, path) -> None:
+        """Back drive ``index`` (config order) with another image while the VM runs; the guest is told
+        its size may have changed (a virtio configuration-change interrupt)."""
+        self.machine.replace_drive(index, path)
+
     def events(self, timeout: float | None = None):
         """The lifecycle events from now on (``vmm.states.VmEvent``); the iterator ends after ``stopped``."""
         return self.controller.events(timeout)

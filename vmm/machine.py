@@ -7,6 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from pyvmm.errors import PyvmmError
 from pyvmm.vmm.bus import MmioBus, PioBus
 from pyvmm.vmm.memory import GuestMemory
 from pyvmm.vmm.vcpu import ExitStatus, Lifecycle, VcpuLoop
@@ -75,6 +76,18 @@ class Machine:
     def release_paused(self) -> None:
         """After an exit request: wake parked vCPU loops and a held event loop so they can end."""
         self.resume()
+
+    def replace_drive(self, index: int, path: str) -> None:
+        """Give drive ``index`` a new backing image (same read-only setting and lock rule)."""
+        from pyvmm.devices.virtio.blk import RawImage, VirtioBlock
+
+        drives = [t for t in self.virtio if isinstance(t.device, VirtioBlock)]
+        if not 0 <= index < len(drives):
+            raise PyvmmError(f"drive {index} does not exist ({len(drives)} drives)")
+        transport = drives[index]
+        image = RawImage(path, read_only=transport.device.read_only, lock=transport.device.image.lock_requested)
+        transport.update_device(lambda: transport.device.replace_image(image))
+        log.info("%s: image replaced by %s (%d bytes)", transport.name, path, image.size)
 
     @property
     def paused(self) -> bool:

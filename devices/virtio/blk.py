@@ -73,6 +73,7 @@ class RawImage:
     def __init__(self, path: str | os.PathLike, *, read_only: bool = False, lock: bool = True):
         self.path = os.fspath(path)
         self.read_only = read_only
+        self.lock_requested = lock
         try:
             self.file = ImageFile(self.path, read_only=read_only)
         except OSError as err:
@@ -170,6 +171,19 @@ class VirtioBlock(VirtioDevice):
 
     def config_space(self) -> bytes:
         return self._config
+
+    def replace_image(self, image: RawImage) -> None:
+        """Swap the backing image (Firecracker's PATCH /drives path_on_host): the new size is in the
+        config space at once; the transport tells the driver (a configuration-change interrupt).
+        Call under the transport's lock, so no request is being served meanwhile."""
+        if image.read_only != self.read_only:
+            image.close()
+            raise DeviceError(f"virtio-blk: the new image {image.path!r} must be {'read-only' if self.read_only else 'writable'}"
+                              " as the drive was negotiated")  # fmt: skip
+        old, self.image = self.image, image
+        self.capacity = image.size >> SECTOR_SHIFT
+        self._config = self._build_config()
+        old.close()
 
     def activate(self, context: DeviceContext) -> None:
         super().activate(context)

@@ -408,6 +408,13 @@ class VirtioMmio:
         if close_line is not None:
             close_line()
 
+    def update_device(self, change) -> None:
+        """Run ``change()`` on the device between requests (under the device lock), then tell the
+        driver its configuration changed."""
+        with self.lock:
+            change()
+            self.config_changed()
+
     # --- snapshots ----------------------------------------------------------
     _REGISTERS = ("status", "device_features_sel", "driver_features_sel", "driver_features", "queue_sel",
                   "config_generation")  # fmt: skip

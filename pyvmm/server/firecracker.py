@@ -268,7 +268,7 @@ class FirecrackerConfig:
         """``GET /vm/config``: Firecracker's FullVmConfiguration."""
         return {
             "balloon": None,
-            "drives": [copy.deepcopy(d) for d in self._ordered_drives()],
+            "drives": [copy.deepcopy(d) for d in self.ordered_drives()],
             "boot-source": copy.deepcopy(self.boot) if self.boot else None,
             "cpu-config": None,
             "logger": copy.deepcopy(self.logger),
@@ -280,7 +280,7 @@ class FirecrackerConfig:
             "entropy": copy.deepcopy(self.entropy),
         }
 
-    def _ordered_drives(self) -> list[dict]:
+    def ordered_drives(self) -> list[dict]:
         """The root device first (it becomes /dev/vda, as in Firecracker), then the order of PUTs."""
         drives = list(self.drives.values())
         return sorted(drives, key=lambda d: not d["is_root_device"])
@@ -291,7 +291,7 @@ class FirecrackerConfig:
         if self.boot is None:
             raise FaultError("cannot start the microVM: no boot source (PUT /boot-source first)")
         cmdline = self.boot.get("boot_args") or "console=ttyS0 reboot=k panic=1 pci=off"
-        drives = self._ordered_drives()
+        drives = self.ordered_drives()
         root = next((d for d in drives if d["is_root_device"]), None)
         if root is not None:
             cmdline += f" root={ROOT_DRIVE_NAME} {'ro' if root['is_read_only'] else 'rw'}"

@@ -204,7 +204,8 @@ class FirecrackerApi:
         if drive_id not in self.config.drives:
             raise FaultError(f"drive '{drive_id}' does not exist")
         if "path_on_host" in body and body["path_on_host"] != self.config.drives[drive_id]["path_on_host"]:
-            raise FaultError(f"drive '{drive_id}': changing path_on_host after boot is not supported by pyvmm yet")
+            order = [d["drive_id"] for d in self.config.ordered_drives()]  # the guest's vda, vdb, ...
+            self.vm.replace_drive(order.index(drive_id), body["path_on_host"])
         self.config.drives[drive_id].update(body)
         return Response(204)
 

@@ -40,6 +40,9 @@ class FakeVm:
     def resume(self):
         self.state = VmState.RUNNING
 
+    def replace_drive(self, index, path):
+        self.replaced = (index, path)
+
 
 @pytest.fixture
 def api():
@@ -181,6 +184,11 @@ def test_patching_a_drive_after_boot(api, tmp_path):
     call(api, "PUT", "/drives/d", {"drive_id": "d", "path_on_host": str(image), "is_root_device": False})
     call(api, "PUT", "/actions", {"action_type": "InstanceStart"})
     assert call(api, "PATCH", "/drives/d", {"drive_id": "d", "rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}})[0] == 204
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(8192))
+    assert call(api, "PATCH", "/drives/d", {"drive_id": "d", "path_on_host": str(other)})[0] == 204
+    assert api.started_vms[0].replaced == (0, str(other))
+    assert call(api, "GET", "/vm/config")[1]["drives"][0]["path_on_host"] == str(other)
     status, body = call(api, "PATCH", "/drives/d", {"drive_id": "d", "is_read_only": True})
     assert status == 400 and "cannot be changed by PATCH" in body["fault_message"]
     status, body = call(api, "PATCH", "/drives/nope", {"drive_id": "nope"})

@@ -424,3 +424,24 @@ def test_the_lock_conflicts_across_processes_too(image):
         assert "is in use by another VMM" in out.stdout, out.stdout + out.stderr
     finally:
         holder.close()
+
+
+def test_a_new_image_under_a_running_drive_is_read_and_announced(image, tmp_path):
+    """Firecracker's PATCH /drives path_on_host: the next request reads the new image, the capacity in
+    the config space is the new size, and the driver gets a configuration-change interrupt."""
+    from pyvmm.devices.virtio.mmio import INTERRUPT_CONFIG_CHANGE
+
+    disk = Disk(VirtioBlock.open(image))
+    transport = disk.driver.transport
+    generation = transport.config_generation
+    other = tmp_path / "other.raw"
+    other.write_bytes(os.urandom(2 * IMAGE_SIZE))
+    new = RawImage(other)
+    transport.update_device(lambda: disk.device.replace_image(new))
+    assert struct.unpack("<Q", disk.driver.read_config(0, 8))[0] == 2 * IMAGE_SIZE // 512
+    assert transport.config_generation == generation + 1
+    assert transport.interrupt_status & INTERRUPT_CONFIG_CHANGE
+    status, _, data = disk.request(VIRTIO_BLK_T_IN, 600, in_len=512)
+    assert status == VIRTIO_BLK_S_OK and data == other.read_bytes()[600 * 512 : 601 * 512]
+    with pytest.raises(DeviceError, match="must be writable"):
+        disk.device.replace_image(RawImage(image, read_only=True))
