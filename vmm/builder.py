@@ -87,7 +87,9 @@ def build_machine(
             memory = GuestMemory.anonymous(layout.ram_layout(config.machine.memory_mib << 20))
         else:
             state, mem_path, source = snapshot
-            memory = GuestMemory.from_file(mem_path, [tuple(r) for r in state["memory"]["regions"]])
+            saved = state["memory"]
+            chain = [*saved.get("base_chain", []), {"file": str(mem_path), "ranges": saved.get("ranges")}]
+            memory = vmsnapshot.map_memory_chain(chain, [tuple(r) for r in saved["regions"]])
         for slot, region in enumerate(memory.regions):
             vm.map_memory(slot, region.guest_addr, region.buffer)
 

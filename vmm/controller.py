@@ -46,6 +46,8 @@ class VmController:
         self._queues: list[queue.SimpleQueue] = []
         self._journal = open(journal, "a", encoding="utf-8") if journal is not None else None  # noqa: SIM115
         self.history: list[VmEvent] = []
+        #: the memory files the last snapshot (taken or restored) consists of, for a Diff on top
+        self._memory_chain: list[dict] | None = None
 
     @property
     def state(self) -> VmState:
@@ -145,10 +147,12 @@ class VmController:
 
         with self._lock:
             self.states.check("snapshot")
-            if diff:
-                raise ControllerError("Diff snapshots are not supported yet; take a Full one")
-            figures = vmsnapshot.create(self.machine, self.config, snapshot_path, mem_path)
-            self._record("snapshot", path=str(snapshot_path), mem_path=str(mem_path), **figures)
+            if diff and self._memory_chain is None:
+                raise ControllerError("a Diff snapshot needs an earlier snapshot of this VM (take a Full one first)")
+            figures = vmsnapshot.create(self.machine, self.config, snapshot_path, mem_path,
+                                        base_chain=self._memory_chain if diff else None)  # fmt: skip
+            self._memory_chain = figures.pop("chain")
+            self._record("snapshot", path=str(snapshot_path), mem_path=str(mem_path), diff=diff, **figures)
             return figures
 
     def restore(self, snapshot_path, mem_path, *, accel: list[str] | None = None, resume: bool = False,
@@ -168,6 +172,9 @@ class VmController:
             self.config = config
             started = time.monotonic()
             self.machine = build_machine(config, snapshot=(state, mem_path, source), **(self._build or {}))
+            saved = state["memory"]
+            self._memory_chain = [*saved.get("base_chain", []),
+                                  {"file": str(Path(mem_path).resolve()), "ranges": saved.get("ranges")}]  # fmt: skip
             self.machine.lifecycle.on_stop(self._machine_stopped)
             self.machine.start(paused=True)
             if not self.machine.pause(PAUSE_TIMEOUT):

@@ -107,25 +107,92 @@ def _write_memory(memory, path) -> list[list[int]]:
 
     Chunks of zeros are skipped (a hole reads back as zeros), so a guest that touched little
     memory makes a small file, written fast."""
-    layout, offset = [], 0
+    layout = _file_layout(memory)
     zero = bytes(CHUNK)
     try:
         with open(path, "wb") as out:
-            for region in memory.regions:
+            for region, (_, size, offset) in zip(memory.regions, layout):
                 view = region.view
-                for start in range(0, region.size, CHUNK):
+                for start in range(0, size, CHUNK):
                     chunk = view[start : start + CHUNK]
                     if chunk.tobytes() != zero[: len(chunk)]:  # memcmp; a memoryview compares per element
                         out.seek(offset + start)
                         out.write(chunk)
-                layout.append([region.guest_addr, region.size, offset])
-                offset += -(-region.size // mmap.PAGESIZE) * mmap.PAGESIZE
-            out.truncate(offset)
+            out.truncate(layout[-1][2] + layout[-1][1] if layout else 0)
             out.flush()
             os.fsync(out.fileno())
     except OSError as err:
         raise SnapshotError(f"cannot write the memory file {path}: {err.strerror}") from err
     return layout
+
+
+PAGE = mmap.PAGESIZE
+
+
+def _file_layout(memory) -> list[list[int]]:
+    layout, offset = [], 0
+    for region in memory.regions:
+        layout.append([region.guest_addr, region.size, offset])
+        offset += -(-region.size // PAGE) * PAGE
+    return layout
+
+
+def _write_memory_diff(memory, path, base) -> tuple[list[list[int]], list[list[int]]]:
+    """Only the pages that differ from ``base`` (the previous snapshot's memory, a GuestMemory):
+    a sparse file of the full size, and the ``[file offset, length]`` ranges written."""
+    layout, ranges = _file_layout(memory), []
+    try:
+        with open(path, "wb") as out:
+            for region, (_, size, offset), old in zip(memory.regions, layout, base.regions):
+                new_view, old_view = region.view, old.view
+                for chunk in range(0, size, CHUNK):
+                    end = min(chunk + CHUNK, size)
+                    if new_view[chunk:end].tobytes() == old_view[chunk:end].tobytes():
+                        continue
+                    for page in range(chunk, end, PAGE):
+                        data = new_view[page : page + PAGE].tobytes()
+                        if data == old_view[page : page + PAGE].tobytes():
+                            continue
+                        out.seek(offset + page)
+                        out.write(data)
+                        if ranges and ranges[-1][0] + ranges[-1][1] == offset + page:
+                            ranges[-1][1] += PAGE
+                        else:
+                            ranges.append([offset + page, PAGE])
+            out.truncate(layout[-1][2] + layout[-1][1] if layout else 0)
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as err:
+        raise SnapshotError(f"cannot write the memory file {path}: {err.strerror}") from err
+    return layout, ranges
+
+
+def map_memory_chain(chain: list[dict], layout: list[tuple[int, int, int]]):
+    """Guest RAM of a snapshot: the Full snapshot's memory file mapped copy-on-write, then the pages
+    each later Diff wrote copied over it, oldest first. ``chain``: ``{"file", "ranges"}`` entries."""
+    from pyvmm.vmm.memory import GuestMemory
+
+    memory = GuestMemory.from_file(chain[0]["file"], layout)
+    spans = [(at, at + size, region) for (_, size, at), region in zip(layout, memory.regions)]
+    try:
+        for diff in chain[1:]:
+            with open(diff["file"], "rb") as f:
+                for offset, length in diff["ranges"]:
+                    span = next(((start, end, r) for start, end, r in spans if start <= offset and offset + length <= end), None)
+                    if span is None:
+                        raise SnapshotError(f"{diff['file']}: range {offset:#x}+{length:#x} lies outside guest RAM")
+                    f.seek(offset)
+                    data = f.read(length)
+                    if len(data) != length:
+                        raise SnapshotError(f"{diff['file']}: truncated (range {offset:#x}+{length:#x})")
+                    span[2].view[offset - span[0] : offset - span[0] + length] = data
+    except OSError as err:
+        memory.close()
+        raise SnapshotError(f"cannot read the Diff memory file: {err}") from err
+    except SnapshotError:
+        memory.close()
+        raise
+    return memory
 
 
 # --------------------------------------------------------------------------------- taking one
@@ -163,8 +230,10 @@ def config_from_data(data: dict, accel: list[str], source: str):
     return config
 
 
-def create(machine, config, snapshot_path, mem_path) -> dict:
-    """Write a snapshot of ``machine`` (paused: every vCPU parked, the devices held). Returns figures."""
+def create(machine, config, snapshot_path, mem_path, *, base_chain: list[dict] | None = None) -> dict:
+    """Write a snapshot of ``machine`` (paused: every vCPU parked, the devices held). Returns figures
+    and the memory chain a later Diff builds on. With ``base_chain`` (the chain of the previous
+    snapshot), a Diff: only pages that differ from that snapshot's memory are written."""
     if not machine.paused:
         raise SnapshotError("a snapshot is taken only while the VM is paused")
     started = time.monotonic()
@@ -181,12 +250,28 @@ def create(machine, config, snapshot_path, mem_path) -> dict:
         "devices": _save_devices(machine),
         "virtio": [transport.save_state() for transport in machine.virtio],
     }
-    body["memory"] = {"regions": _write_memory(machine.memory, mem_path), "size": machine.memory.size}
+    mem_file = str(Path(mem_path).resolve())
+    if base_chain is None:
+        body["memory"] = {"regions": _write_memory(machine.memory, mem_path), "size": machine.memory.size}
+        chain = [{"file": mem_file, "ranges": None}]
+    else:
+        for entry in base_chain:
+            if not Path(entry["file"]).is_file():
+                raise SnapshotError(f"a Diff snapshot builds on {entry['file']}, which is gone; take a Full one")
+        layout = [tuple(r) for r in _file_layout(machine.memory)]
+        base = map_memory_chain(base_chain, layout)
+        try:
+            regions, ranges = _write_memory_diff(machine.memory, mem_path, base)
+        finally:
+            base.close()
+        body["memory"] = {"regions": regions, "size": machine.memory.size, "base_chain": base_chain, "ranges": ranges}
+        chain = [*base_chain, {"file": mem_file, "ranges": ranges}]
     state_bytes = write_state_file(snapshot_path, body)
     seconds = time.monotonic() - started
     log.info("snapshot written in %.3f s: %s (%d bytes of state), %s (%d MiB)", seconds, snapshot_path, state_bytes,
              mem_path, machine.memory.size >> 20)  # fmt: skip
-    return {"seconds": seconds, "state_bytes": state_bytes, "memory_bytes": machine.memory.size}
+    written = machine.memory.size if base_chain is None else sum(length for _, length in chain[-1]["ranges"])
+    return {"seconds": seconds, "state_bytes": state_bytes, "memory_bytes": written, "chain": chain}
 
 
 def _cpuid_row(entry: CpuidEntry) -> tuple:

@@ -197,3 +197,46 @@ def test_snapshot_over_the_api_and_load_into_a_fresh_process(tmp_path, target):
         out, err = second.communicate()
     assert second.returncode == 0x2A, err.decode()[-2000:]
     assert b"counter: stop" in out
+
+
+@pytest.mark.parametrize("backend", ["interp", "kvm"])
+def test_a_diff_snapshot_holds_only_what_changed_and_restores_on_its_base(tmp_path, backend):
+    """Full, run on, Diff: the Diff's memory file holds only the pages that changed (the counter's,
+    the stack's, a page the host wrote), and it restores on top of the Full one."""
+    import os
+
+    from pyvmm.vmm.controller import ControllerError
+
+    with backends(backend):
+        vm = counter_vm(backend)
+        try:
+            vm.start()
+            vm.console.wait_for("counter: start", timeout=60)
+            progress(vm, 1000)
+            vm.pause()
+            with pytest.raises(ControllerError, match="take a Full one first"):
+                vm.snapshot(tmp_path / "none.snap", tmp_path / "none.mem", diff=True)
+            full = vm.snapshot(tmp_path / "full.snap", tmp_path / "full.mem")
+            held = count(vm)
+            vm.resume()
+            progress(vm, held)
+            vm.pause()
+            vm.machine.memory.write(0x300000, b"written between the snapshots")
+            held2 = count(vm)
+            diff = vm.snapshot(tmp_path / "diff.snap", tmp_path / "diff.mem", diff=True)
+        finally:
+            vm.close()
+        assert diff["memory_bytes"] <= 16 * 4096 < full["memory_bytes"]
+        assert os.stat(tmp_path / "diff.mem").st_blocks * 512 < os.stat(tmp_path / "full.mem").st_blocks * 512
+        vm = VM.restore(tmp_path / "diff.snap", tmp_path / "diff.mem", accel=backend)
+        try:
+            assert count(vm) == held2 and vm.machine.memory.read(0x300000, 29) == b"written between the snapshots"
+            vm.resume()
+            progress(vm, held2)
+            vm.machine.memory.write_int(STOP, 1, 0x44)
+            assert vm.wait(60).code == 0x44
+        finally:
+            vm.close()
+        (tmp_path / "full.mem").unlink()
+        with pytest.raises(Exception, match="full.mem"):
+            VM.restore(tmp_path / "diff.snap", tmp_path / "diff.mem", accel=backend)
