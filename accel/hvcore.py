@@ -24,9 +24,9 @@ from __future__ import annotations
 import threading
 from types import SimpleNamespace
 
-from pyvmm.accel.core import EmulationFailure, Interrupted, IoIn, IoOut, MmioRead, MmioWrite
+from pyvmm.accel.core import EmulationFailure, Interrupted, IoIn, IoOut, MmioRead, MmioWrite, StateError, VcpuState
 from pyvmm.accel.irqchip.delivery import STALE_DEADLINE_RETRY, Delivery, HaltWait, deliver_pending
-from pyvmm.accel.x86 import CpuidTable, Regs, Segment, SpecialRegs
+from pyvmm.accel.x86 import ARCH, SAVED_MSRS, CpuidTable, PendingEvents, Regs, Segment, SpecialRegs, X86CpuState, restorable
 from pyvmm.arch.x86.pc import PAGE_SIZE
 from pyvmm.arch.x86.registers import RFLAGS_IF
 from pyvmm.errors import AccelError, PyvmmError
@@ -39,6 +39,67 @@ def init_state(cs_selector: int = 0xF000, cs_base: int = 0xFFFF0000, rip: int = 
     sregs = SpecialRegs()
     sregs.cs = Segment(base=cs_base, selector=cs_selector, type=11)
     return Regs(rip=rip, rdx=0x600), sregs
+
+
+class HypervisorVm:
+    """What the VMs of hypervisors without in-kernel irqchips share (HVF, WHPX): the vCPU table,
+    the VM-level userspace irqchip, guest RAM slots and the CPUID model they present.
+
+    A subclass sets ``name`` and ``vcpu_class`` and calls ``_init_platform`` in its constructor."""
+
+    name = "?"
+    vcpu_class = None
+
+    def _init_platform(self, vcpu_count: int, irqchip) -> None:
+        if irqchip is None:
+            from pyvmm.accel.irqchip import Irqchip
+
+            irqchip = Irqchip(vcpu_count)
+        self.vcpu_count = vcpu_count
+        self.irqchip = irqchip
+        self.vcpus: dict[int, HypervisorVcpu] = {}
+        self.slots: dict[int, tuple[int, object]] = {}  # slot -> (guest_addr, host buffer)
+        self._supported = None
+
+    def _wake(self, index: int) -> None:
+        vcpu = self.vcpus.get(index)
+        if vcpu is not None:
+            vcpu.wake()
+
+    def ram_at(self, gpa: int, size: int):
+        """(buffer, offset) when ``gpa``..+size lies in one RAM slot, else None."""
+        for start, buf in self.slots.values():
+            if start <= gpa and gpa + size <= start + len(buf):
+                return buf, gpa - start
+        return None
+
+    def in_ram(self, gpa: int) -> bool:
+        return self.ram_at(gpa, 1) is not None
+
+    def supported_cpuid(self):
+        """The interpreter's baseline model: what the stepper can also execute for these backends."""
+        if self._supported is None:
+            from pyvmm.accel.interp.cpuid import supported_cpuid
+
+            self._supported = supported_cpuid(self.irqchip.LAPIC_TIMER_HZ)
+        return list(self._supported)
+
+    def create_vcpu(self, index: int):
+        if not 0 <= index < self.vcpu_count:
+            raise AccelError(self.name, f"vCPU index {index} is outside 0..{self.vcpu_count - 1}")
+        if index in self.vcpus:
+            raise AccelError(self.name, f"vCPU {index} already exists")
+        vcpu = self.vcpu_class(self, index)
+        self.vcpus[index] = vcpu
+        return vcpu
+
+    def set_irq_line(self, irq: int, level: bool) -> None:
+        self.irqchip.set_irq_line(irq, level)
+
+    def _close_vcpus(self) -> None:
+        for vcpu in list(self.vcpus.values()):
+            vcpu.close()
+        self.vcpus.clear()
 
 
 class SlotMemory:
@@ -90,6 +151,7 @@ class HypervisorVcpu:
         self._wait_for_sipi = index != 0
         self._kicker: threading.Thread | None = None
         self._halt_wait = HaltWait(self._chip, index)
+        self._msr_shadow: dict[int, int] = {}  # MSRs the hypervisor leaves to the VMM (RDMSR/WRMSR exits)
 
     # ------------------------------------------------------------------ I/O
     def serve_io_directly(self, handler) -> None:
@@ -278,6 +340,33 @@ class HypervisorVcpu:
         sregs.apic_base = self._chip.get_apic_base(self.index)
         self.set_sregs(sregs)
         self.set_regs(regs)
+
+    # ------------------------------------------------------------------ saved state
+    STATE_VERSION = 1
+
+    def _save_state(self):
+        """The whole vCPU through the public accessors (on HVF they run on the owner thread already)."""
+        cpu = X86CpuState(
+            regs=self.get_regs(), sregs=self.get_sregs(), fpu=self.get_fpu(), xcr0=self.get_xcr0(),
+            msrs=self.get_msrs(list(SAVED_MSRS)), events=self.get_events(), mp_state=self.mp_state,
+        )  # fmt: skip
+        return VcpuState(self.backend, ARCH, self.STATE_VERSION, cpu, {"msr_shadow": dict(self._msr_shadow)})
+
+    def _restore_state(self, state) -> None:
+        try:
+            cpu = restorable(state, self.backend, self.STATE_VERSION)
+        except StateError as err:
+            raise AccelError(self.backend, str(err)) from err
+        self.set_sregs(cpu.sregs)
+        self.set_regs(cpu.regs)
+        self.set_xcr0(cpu.xcr0)
+        self.set_fpu(cpu.fpu)
+        self.set_msrs(cpu.msrs)
+        if state.backend == self.backend:
+            self._msr_shadow.update(state.private.get("msr_shadow", {}))
+        self._set_mp_state(cpu.mp_state)
+        events = cpu.events
+        self.set_events(PendingEvents(**{f: getattr(events, f) for f in events.__dataclass_fields__ if f != "private"}))
 
     @property
     def mp_state(self) -> str:

@@ -24,11 +24,10 @@ import queue
 import threading
 
 from pyvmm.accel import vmx
-from pyvmm.accel.core import Capability, InternalError, Shutdown, StateError, VcpuState
-from pyvmm.accel.hvcore import HypervisorVcpu, page_aligned
+from pyvmm.accel.core import Capability, InternalError, Shutdown
+from pyvmm.accel.hvcore import HypervisorVcpu, HypervisorVm, page_aligned
 from pyvmm.accel.x86 import (
     ARCH,
-    SAVED_MSRS,
     SHADOW_MOV_SS,
     SHADOW_STI,
     DescriptorTable,
@@ -36,10 +35,8 @@ from pyvmm.accel.x86 import (
     PendingEvents,
     Regs,
     SpecialRegs,
-    X86CpuState,
     fpu_from_fxsave,
     fpu_into_xsave,
-    restorable,
 )
 from pyvmm.arch.x86 import msrs as m
 from pyvmm.arch.x86.msrs import EFER_LMA, EFER_LME
@@ -48,7 +45,6 @@ from pyvmm.errors import AccelError
 from pyvmm.ffi import hvf as h
 
 TITLE = "Hypervisor.framework"
-STATE_VERSION = 1
 FPSTATE_SIZE = 4096  # an XSAVE area, as QEMU's hvf reads it
 HV_CAP_VCPUMAX = 0
 
@@ -111,20 +107,15 @@ def create_vm(vcpu_count: int = 1, *, irqchip=None, **options) -> HvfVm:
     return HvfVm(vcpu_count, irqchip=irqchip)
 
 
-class HvfVm:
+class HvfVm(HypervisorVm):
     name = "hvf"
     title = TITLE
     arch = ARCH
     capabilities = frozenset({Capability.USERSPACE_IRQCHIP, Capability.SERVE_IO_DIRECTLY, Capability.READONLY_MEMORY})
 
     def __init__(self, vcpu_count: int = 1, *, irqchip=None):
-        if irqchip is None:
-            from pyvmm.accel.irqchip import Irqchip
-
-            irqchip = Irqchip(vcpu_count)
         self.lib = _load()
-        self.vcpus: dict[int, HvfVcpu] = {}
-        self.slots: dict[int, tuple[int, object]] = {}  # slot -> (guest_addr, host buffer)
+        self.vcpus = {}
         self._exports: dict[int, tuple[object, int, int]] = {}
         rc = self.lib.hv_vm_create(h.HV_VM_DEFAULT) & 0xFFFFFFFF
         if rc == h.HV_DENIED:
@@ -137,21 +128,14 @@ class HvfVm:
         if not 1 <= vcpu_count <= self.max_vcpus:
             self.close()
             raise AccelError("hvf", f"vcpu_count {vcpu_count} is outside 1..{self.max_vcpus}")
-        self.vcpu_count = vcpu_count
-        self.irqchip = irqchip
-        irqchip.on_wake(self._wake)
-        self._supported = None
+        self._init_platform(vcpu_count, irqchip)
+        self.irqchip.on_wake(self._wake)
         caps = {}
         for name, field in (("pin", h.HV_VMX_CAP_PINBASED), ("cpu", h.HV_VMX_CAP_PROCBASED),
                             ("cpu2", h.HV_VMX_CAP_PROCBASED2), ("entry", h.HV_VMX_CAP_ENTRY), ("exit", h.HV_VMX_CAP_EXIT)):
             _check(self.lib.hv_vmx_read_capability(field, value), f"hv_vmx_read_capability({name})")
             caps[name] = int(value[0])
         self.vmx_caps = caps
-
-    def _wake(self, index: int) -> None:
-        vcpu = self.vcpus.get(index)
-        if vcpu is not None:
-            vcpu.wake()
 
     def map_memory(self, slot: int, guest_addr: int, host_buffer, *, readonly: bool = False) -> None:
         size = len(host_buffer)
@@ -174,32 +158,8 @@ class HvfVm:
         _check(self.lib.hv_vm_unmap(guest_addr, size), f"hv_vm_unmap(slot {slot})")
         h.intel.release(export)
 
-    def in_ram(self, gpa: int) -> bool:
-        return any(start <= gpa < start + len(buf) for start, buf in self.slots.values())
-
-    def supported_cpuid(self):
-        if self._supported is None:
-            from pyvmm.accel.interp.cpuid import supported_cpuid
-
-            self._supported = supported_cpuid(self.irqchip.LAPIC_TIMER_HZ)
-        return list(self._supported)
-
-    def create_vcpu(self, index: int) -> HvfVcpu:
-        if not 0 <= index < self.vcpu_count:
-            raise AccelError("hvf", f"vCPU index {index} is outside 0..{self.vcpu_count - 1}")
-        if index in self.vcpus:
-            raise AccelError("hvf", f"vCPU {index} already exists")
-        vcpu = HvfVcpu(self, index)
-        self.vcpus[index] = vcpu
-        return vcpu
-
-    def set_irq_line(self, irq: int, level: bool) -> None:
-        self.irqchip.set_irq_line(irq, level)
-
     def close(self) -> None:
-        for vcpu in list(self.vcpus.values()):
-            vcpu.close()
-        self.vcpus.clear()
+        self._close_vcpus()
         if not getattr(self, "_open", False):
             return
         for slot in list(self._exports):
@@ -267,7 +227,6 @@ class HvfVcpu(HypervisorVcpu):
         self.lib = vm.lib
         self._vmcs_value = h.intel.new("uint64_t *")
         self._pending_in = None  # (data, size, next rip) of an IN returned to the VMM
-        self._msr_shadow: dict[int, int] = {}
         self._owner = _OwnerThread(f"hvf-vcpu{index}")
         self._id = self._owner.call(self._create)
 
@@ -484,29 +443,6 @@ class HvfVcpu(HypervisorVcpu):
                                          else vmx.INFO_TYPE_EXTERNAL)  # fmt: skip
         self._wvmcs(h.VMCS_CTRL_VMENTRY_IRQ_INFO, info)
 
-    def _save_state(self) -> VcpuState:
-        cpu = X86CpuState(
-            regs=self._get_regs(), sregs=self._get_sregs(), fpu=self._get_fpu(), xcr0=self._get_xcr0(),
-            msrs=self._get_msrs(list(SAVED_MSRS)), events=self._get_events(), mp_state=self.mp_state,
-        )  # fmt: skip
-        return VcpuState("hvf", ARCH, STATE_VERSION, cpu, {"msr_shadow": dict(self._msr_shadow)})
-
-    def _restore_state(self, state: VcpuState) -> None:
-        try:
-            cpu = restorable(state, "hvf", STATE_VERSION)
-        except StateError as err:
-            raise AccelError("hvf", str(err)) from err
-        self._set_sregs(cpu.sregs)
-        self._set_regs(cpu.regs)
-        self._set_xcr0(cpu.xcr0)
-        self._set_fpu(cpu.fpu)
-        self._set_msrs(cpu.msrs)
-        if state.backend == "hvf":
-            self._msr_shadow.update(state.private.get("msr_shadow", {}))
-        self._set_mp_state(cpu.mp_state)
-        events = cpu.events
-        self._set_events(PendingEvents(**{f: getattr(events, f) for f in events.__dataclass_fields__ if f != "private"}))
-
     # ------------------------------------------------------------------ interrupts (hvcore's hooks)
     def _interrupts_enabled(self) -> bool:
         return bool(self._rreg("RFLAGS") & RFLAGS_IF)
@@ -694,3 +630,6 @@ for _name in ("run", "get_regs", "set_regs", "get_sregs", "set_sregs", "get_fpu"
               "get_msrs", "set_msrs", "get_events", "set_events", "save_state", "restore_state"):
     setattr(HvfVcpu, _name, _owned(_name))
 del _name
+
+
+HvfVm.vcpu_class = HvfVcpu  # defined after the VM class that makes it

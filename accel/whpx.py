@@ -24,21 +24,18 @@ from __future__ import annotations
 import struct
 
 from pyvmm.accel import whv
-from pyvmm.accel.core import Capability, InternalError, Shutdown, StateError, VcpuState
+from pyvmm.accel.core import Capability, InternalError, Shutdown, VcpuState
 from pyvmm.accel.core import IoIn, IoOut, MmioRead, MmioWrite
-from pyvmm.accel.hvcore import HypervisorVcpu, page_aligned
+from pyvmm.accel.hvcore import HypervisorVcpu, HypervisorVm, page_aligned
 from pyvmm.accel.x86 import (
     ARCH,
-    SAVED_MSRS,
     SHADOW_STI,
     DescriptorTable,
     FpuState,
     PendingEvents,
     Regs,
     SpecialRegs,
-    X86CpuState,
     fpu_from_fxsave,
-    restorable,
 )
 from pyvmm.arch.x86 import msrs as m
 from pyvmm.arch.x86.registers import RFLAGS_IF
@@ -46,7 +43,6 @@ from pyvmm.errors import AccelError, PyvmmError
 from pyvmm.ffi import whpx as w
 
 TITLE = "WHPX"
-STATE_VERSION = 1
 ffi = w.ffi
 
 _ENABLE_HELP = ("enable the Windows Hypervisor Platform feature (as administrator: "
@@ -143,7 +139,7 @@ def create_vm(vcpu_count: int = 1, *, irqchip=None, **options) -> WhpxVm:
     return WhpxVm(vcpu_count, irqchip=irqchip)
 
 
-class WhpxVm:
+class WhpxVm(HypervisorVm):
     name = "whpx"
     title = TITLE
     arch = ARCH
@@ -153,19 +149,11 @@ class WhpxVm:
     def __init__(self, vcpu_count: int = 1, *, irqchip=None):
         if not 1 <= vcpu_count <= self.max_vcpus:
             raise AccelError("whpx", f"vcpu_count {vcpu_count} is outside 1..{self.max_vcpus}")
-        if irqchip is None:
-            from pyvmm.accel.irqchip import Irqchip
-
-            irqchip = Irqchip(vcpu_count)
         self.lib, self.emulation = _load()
         if not _hypervisor_present(self.lib):
             raise AccelError("whpx", f"no hypervisor present; {_ENABLE_HELP}")
-        self.vcpus: dict[int, WhpxVcpu] = {}
-        self.slots: dict[int, tuple[int, object]] = {}  # slot -> (guest_addr, host buffer)
+        self._init_platform(vcpu_count, irqchip)
         self._exports: dict[int, tuple[object, int, int]] = {}
-        self.vcpu_count = vcpu_count
-        self.irqchip = irqchip
-        self._supported = None
         handle = ffi.new("WHV_PARTITION_HANDLE *")
         _check(self.lib.WHvCreatePartition(handle), "WHvCreatePartition")
         self.partition = handle[0]
@@ -175,7 +163,7 @@ class WhpxVm:
             self.lib.WHvDeletePartition(self.partition)
             self.partition = None
             raise
-        irqchip.on_wake(self._wake)
+        self.irqchip.on_wake(self._wake)
 
     def _set_property(self, code: int, value: bytes, what: str) -> None:
         buffer = ffi.new("char[]", value)
@@ -202,11 +190,6 @@ class WhpxVm:
                                      f"virtualization?); {_ENABLE_HELP}")  # fmt: skip
         _check(hr, "WHvSetupPartition")
 
-    def _wake(self, index: int) -> None:
-        vcpu = self.vcpus.get(index)
-        if vcpu is not None:
-            vcpu.wake()
-
     def map_memory(self, slot: int, guest_addr: int, host_buffer, *, readonly: bool = False) -> None:
         size = len(host_buffer)
         if not page_aligned(guest_addr, size):
@@ -229,39 +212,8 @@ class WhpxVm:
         _check(self.lib.WHvUnmapGpaRange(self.partition, guest_addr, size), f"WHvUnmapGpaRange(slot {slot})")
         ffi.release(export)
 
-    def ram_at(self, gpa: int, size: int):
-        """(buffer, offset) when ``gpa``..+size lies in one RAM slot, else None."""
-        for start, buf in self.slots.values():
-            if start <= gpa and gpa + size <= start + len(buf):
-                return buf, gpa - start
-        return None
-
-    def in_ram(self, gpa: int) -> bool:
-        return self.ram_at(gpa, 1) is not None
-
-    def supported_cpuid(self):
-        if self._supported is None:
-            from pyvmm.accel.interp.cpuid import supported_cpuid
-
-            self._supported = supported_cpuid(self.irqchip.LAPIC_TIMER_HZ)
-        return list(self._supported)
-
-    def create_vcpu(self, index: int) -> WhpxVcpu:
-        if not 0 <= index < self.vcpu_count:
-            raise AccelError("whpx", f"vCPU index {index} is outside 0..{self.vcpu_count - 1}")
-        if index in self.vcpus:
-            raise AccelError("whpx", f"vCPU {index} already exists")
-        vcpu = WhpxVcpu(self, index)
-        self.vcpus[index] = vcpu
-        return vcpu
-
-    def set_irq_line(self, irq: int, level: bool) -> None:
-        self.irqchip.set_irq_line(irq, level)
-
     def close(self) -> None:
-        for vcpu in list(self.vcpus.values()):
-            vcpu.close()
-        self.vcpus.clear()
+        self._close_vcpus()
         if getattr(self, "partition", None) is None:
             return
         for slot in list(self._exports):
@@ -362,7 +314,6 @@ class WhpxVcpu(HypervisorVcpu):
         self._exit = ffi.new("WHV_RUN_VP_EXIT_CONTEXT *")
         self._exit_size = ffi.sizeof("WHV_RUN_VP_EXIT_CONTEXT")
         self._pending_in = None  # (data, size, rax at the exit, next rip) of an IN returned to the VMM
-        self._msr_shadow: dict[int, int] = {}
         self._window_requested = False
         self._callback_error: BaseException | None = None
         self._names: dict[tuple[int, ...], object] = {}
@@ -530,27 +481,10 @@ class WhpxVcpu(HypervisorVcpu):
         self._set64({w.WHvRegisterPendingInterruption: pending, w.WHvRegisterInterruptState: state})
 
     def save_state(self) -> VcpuState:
-        cpu = X86CpuState(
-            regs=self.get_regs(), sregs=self.get_sregs(), fpu=self.get_fpu(), xcr0=self.get_xcr0(),
-            msrs=self.get_msrs(list(SAVED_MSRS)), events=self.get_events(), mp_state=self.mp_state,
-        )  # fmt: skip
-        return VcpuState("whpx", ARCH, STATE_VERSION, cpu, {"msr_shadow": dict(self._msr_shadow)})
+        return self._save_state()
 
     def restore_state(self, state: VcpuState) -> None:
-        try:
-            cpu = restorable(state, "whpx", STATE_VERSION)
-        except StateError as err:
-            raise AccelError("whpx", str(err)) from err
-        self.set_sregs(cpu.sregs)
-        self.set_regs(cpu.regs)
-        self.set_xcr0(cpu.xcr0)
-        self.set_fpu(cpu.fpu)
-        self.set_msrs(cpu.msrs)
-        if state.backend == "whpx":
-            self._msr_shadow.update(state.private.get("msr_shadow", {}))
-        self._set_mp_state(cpu.mp_state)
-        events = cpu.events
-        self.set_events(PendingEvents(**{f: getattr(events, f) for f in events.__dataclass_fields__ if f != "private"}))
+        self._restore_state(state)
 
     # ------------------------------------------------------------------ interrupts (hvcore's hooks)
     def _interrupts_enabled(self) -> bool:
@@ -692,3 +626,6 @@ class WhpxVcpu(HypervisorVcpu):
         self._stop_threads()
         self._emulation.WHvEmulatorDestroyEmulator(self._hv_emulator)
         self.lib.WHvDeleteVirtualProcessor(self._partition, self.index)
+
+
+WhpxVm.vcpu_class = WhpxVcpu  # defined after the VM class that makes it

@@ -32,6 +32,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 FAKES_BOOT = ROOT / "tests" / "fakes" / "boot"
+#: child VMM processes a test started (test_firecracker_process.spawn); any left running is killed
+CHILDREN: list = []
+
+
+@pytest.fixture(autouse=True)
+def _no_child_outlives_its_test():
+    yield
+    while CHILDREN:
+        child = CHILDREN.pop()
+        if child.poll() is None:
+            child.kill()
+            child.communicate(timeout=30)
 
 
 @pytest.fixture(params=["kvm", "interp", "hvf", "whpx"])

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import ASSETS, GUESTS
+from conftest import ASSETS, CHILDREN, GUESTS
 
 
 class UnixConnection(http.client.HTTPConnection):
@@ -45,12 +45,22 @@ def spawn(tmp_path, *args, accel="interp", cpu="host", stdin=subprocess.DEVNULL,
     child = subprocess.Popen([sys.executable, "-m", "pyvmm.firecracker_cli", "--api-sock", str(sock), "--accel", accel,
                               "--cpu", cpu, "--level", "Info", *args], stdin=stdin, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE)  # fmt: skip
+    CHILDREN.append(child)
     deadline = time.monotonic() + 30
     while not sock.exists():
         assert child.poll() is None, child.stderr.read().decode()
         assert time.monotonic() < deadline, "the API socket did not appear"
         time.sleep(0.02)
     return child, sock
+
+
+def finish(child, timeout: float = 120) -> tuple[bytes, bytes]:
+    """Wait for the child to end by itself (killed after ``timeout``); its remaining output."""
+    try:
+        return child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return child.communicate()
 
 
 def read_until(stream, text: str, timeout: float = 60) -> bytes:
@@ -167,11 +177,7 @@ def test_debian_kernel_through_the_api_pauses_resumes_and_ends_with_the_guests_r
         rest = read_until(child.stdout, "pyvmm-init: done", timeout=240)
     finally:
         conn.close()
-    try:
-        out, stderr = child.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        out, stderr = child.communicate()
+    out, stderr = finish(child, 60)
     text = (early + rest + out).decode(errors="replace")
     assert "pyvmm-init: hello ok" in text
     assert child.returncode == 0, stderr.decode()[-2000:]

@@ -11,7 +11,6 @@ import contextlib
 import json
 import signal
 import struct
-import subprocess
 import time
 
 import pytest
@@ -22,7 +21,7 @@ from pyvmm import accel
 from pyvmm.api import VM
 from pyvmm.vmm.snapshot import HEADER, SnapshotError
 from pyvmm.vmm.states import TransitionError, VmState
-from test_firecracker_process import UnixConnection, read_until, request, spawn
+from test_firecracker_process import UnixConnection, finish, read_until, request, spawn
 
 COUNTER, STOP = 0x7000, 0x7008
 PAIRS = [("interp", "interp"), ("kvm", "kvm"), ("interp", "kvm"), ("kvm", "interp"), ("hvf", "hvf"),
@@ -190,11 +189,7 @@ def test_snapshot_over_the_api_and_load_into_a_fresh_process(tmp_path, target):
         assert request(conn, "PUT", "/actions", {"action_type": "SendCtrlAltDel"})[0] == 204
     finally:
         conn.close()
-    try:
-        out, err = second.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        second.kill()
-        out, err = second.communicate()
+    out, err = finish(second)
     assert second.returncode == 0x2A, err.decode()[-2000:]
     assert b"counter: stop" in out
 

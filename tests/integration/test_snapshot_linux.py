@@ -18,7 +18,7 @@ import subprocess
 import pytest
 
 from conftest import ASSETS
-from test_firecracker_process import UnixConnection, read_until, request, spawn
+from test_firecracker_process import UnixConnection, finish, read_until, request, spawn
 from test_virtio_linux import debugfs_cat, make_ext4
 
 pytestmark = pytest.mark.slow
@@ -80,11 +80,7 @@ def test_linux_survives_a_snapshot_into_a_new_process(tmp_path, with_disk):
         second.stdin.flush()
     finally:
         conn.close()
-    try:
-        out, err = second.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        second.kill()
-        out, err = second.communicate()
+    out, err = finish(second)
     assert second.returncode == 0, err.decode()[-3000:]
     text = out.decode(errors="replace")
     assert "pyvmm-snap: stopped at" in text and "pyvmm-init: done" in text
