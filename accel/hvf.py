@@ -539,7 +539,8 @@ class HvfVcpu(HypervisorVcpu):
             return None
         if reason == h.VMX_REASON_HLT:
             self._advance()
-            self._halted = True
+            if not self._rvmcs(h.VMCS_CTRL_VMENTRY_IRQ_INFO) & vmx.INFO_VALID:
+                self._halted = True  # an event still to be injected (handed back) wakes the HLT at once
             return None
         if reason == h.VMX_REASON_CPUID:
             regs = self._get_regs()

@@ -549,7 +549,10 @@ class WhpxVcpu(HypervisorVcpu):
             self._window_requested = False  # the notification is consumed by its exit (QEMU re-arms it)
             return None
         if reason == w.WHvRunVpExitReasonX64Halt:
-            self._halted = True  # the hypervisor has completed the HLT: RIP is past it
+            # the hypervisor has completed the HLT (RIP is past it); an interruption still pending
+            # in WHvRegisterPendingInterruption wakes it at once
+            if not vp.ExecutionState & w.EXECUTION_STATE_INTERRUPTION_PENDING:
+                self._halted = True
             return None
         next_rip = vp.Rip + whv.instruction_length(context)
         if reason == w.WHvRunVpExitReasonX64Cpuid:

@@ -695,6 +695,8 @@ class InterpVcpu(system.EngineHooks):
         blob.restore()
         if events.injecting and self._memory_changed:
             self._sync_memory()  # delivery reads the IDT and pushes a frame: guest RAM must be mapped
+        if events.injecting:
+            self._halted = False  # a delivered event ends the HLT state (its handler returns past the HLT)
         try:
             if events.exception is not None:
                 system.deliver(self.uc, events.exception, error_code=events.exception_error_code, ram=self._ram)

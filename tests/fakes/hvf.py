@@ -35,7 +35,8 @@ SDM vol. 3C):
 * An event injected at an exit this fake took from inside its instruction (port
   I/O, CPUID: fakes/cpu.py) is delivered once that instruction has completed, at the
   next block boundary (an interrupt arriving a little later); an exit before that
-  hands it back as IDT-vectoring information (SDM 27.2.4) for the VMM to inject again.
+  hands it back as IDT-vectoring information (SDM 27.2.4) for the VMM to inject again,
+  except a HLT, which the event wakes (on hardware it was delivered before the HLT).
 * hv_vcpu_interrupt forces a running vCPU out with exit reason 1 (external
   interrupt). A kick of a vCPU that is not in hv_vcpu_run is dropped here: the
   documentation promises nothing for that case, so a VMM must not rely on it.
@@ -49,6 +50,7 @@ SDM vol. 3C):
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import sys
 import threading
 import time
@@ -320,6 +322,13 @@ class _FakeVcpu:
                         self._exit({EXIT_REASON: EXIT_EXTERNAL_INTERRUPT}, vectoring=deferred)
                         return HV_SUCCESS
                     continue  # a window poll, or the deferred event waits
+                if trap.kind == "hlt" and deferred is not None and cpu.uc.reg_read(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF:
+                    # the event went in at entry on hardware, before the HLT: it wakes the HLT (the
+                    # return address is past it) instead of an exit handing it back
+                    cpu.set_regs(dataclasses.replace(cpu.get_regs(), rip=trap.rip + trap.length))
+                    self._inject(deferred)
+                    deferred = None
+                    continue
                 return self._trap_exit(trap, vmcs, deferred)
         finally:
             self.running = False

@@ -34,7 +34,8 @@ wrote for the API):
   exception 3, vector, error code) is delivered at the next entry where it is
   deliverable (an interrupt needs RFLAGS.IF and no interrupt shadow) and stays
   pending until then: the exit context's ExecutionState.InterruptionPending shows
-  it (QEMU whpx_vcpu_post_run). WHvX64RegisterDeliverabilityNotifications'
+  it (QEMU whpx_vcpu_post_run). A HLT reached while one is pending and deliverable
+  is woken by it, without an exit. WHvX64RegisterDeliverabilityNotifications'
   InterruptNotification gives an X64InterruptWindow exit once an interrupt is
   deliverable; the exit consumes the request (QEMU re-arms it after each one).
 * WHvCancelRunVirtualProcessor (any thread) makes a running WHvRunVirtualProcessor
@@ -364,6 +365,9 @@ class _FakeVp:
                     if self.kicked:
                         self._fill(context, {"ExitReason": EXIT_CANCELED})
                         return S_OK
+                    continue
+                if trap.kind == "hlt" and self.kept[PENDING_INTERRUPTION] & PENDING and self._deliverable(self.kept[PENDING_INTERRUPTION]):
+                    self._try_inject()  # a pending interruption wakes the HLT (RIP is already past it)
                     continue
                 if trap.kind == "cpuid" and not self._cpuid_exits(cpu.get_regs().rax):
                     cpu.cpuid_answer = (0, 0, 0, 0)  # the hypervisor's own answer (see the module text)
