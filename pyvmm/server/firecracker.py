@@ -78,6 +78,21 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "module": ((str,), "a string"),
     },
     "metrics": {"metrics_path": ((str,), "a path string")},
+    "snapshot-create": {
+        "snapshot_type": ((str,), '"Full" or "Diff"'),
+        "snapshot_path": ((str,), "a path string"),
+        "mem_file_path": ((str,), "a path string"),
+        "version": ((str,), "a string"),
+    },
+    "snapshot-load": {
+        "snapshot_path": ((str,), "a path string"),
+        "mem_file_path": ((str,), "a path string"),
+        "mem_backend": ((dict,), "a memory backend object"),
+        "enable_diff_snapshots": ((bool,), "a boolean"),
+        "track_dirty_pages": ((bool,), "a boolean"),
+        "resume_vm": ((bool,), "a boolean"),
+    },
+    "mem_backend": {"backend_type": ((str,), '"File"'), "backend_path": ((str,), "a path string")},
 }
 REQUIRED = {
     "machine-config": {"vcpu_count", "mem_size_mib"},
@@ -85,6 +100,9 @@ REQUIRED = {
     "drive": {"drive_id", "is_root_device"},
     "network-interface": {"iface_id", "host_dev_name"},
     "metrics": {"metrics_path"},
+    "snapshot-create": {"snapshot_path", "mem_file_path"},
+    "snapshot-load": {"snapshot_path"},
+    "mem_backend": {"backend_type", "backend_path"},
 }
 #: what a PATCH may change
 PATCHABLE = {
@@ -94,7 +112,8 @@ PATCHABLE = {
 }
 #: accepted and logged once: they change nothing in pyvmm
 ACCEPTED_NOT_APPLIED = ("rate_limiter", "rx_rate_limiter", "tx_rate_limiter", "cache_type", "io_engine",
-                        "track_dirty_pages", "partuuid", "show_level", "show_log_origin", "module")  # fmt: skip
+                        "track_dirty_pages", "enable_diff_snapshots", "partuuid", "show_level", "show_log_origin",
+                        "module")  # fmt: skip
 #: refused with 400 (field: why), unless set to the value that means "off"
 REFUSED = {
     "cpu_template": ("None", "CPU templates are not supported: pyvmm presents its own CPUID policy"),
@@ -120,7 +139,7 @@ def check_body(kind: str, body, *, patch: bool = False) -> dict:
         types, description = schema[key]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise FaultError(f"{kind}: field '{key}' must be {description}, not {_json_type(value)}")
-    check_paths(kind, body)
+    _check_paths(kind, body)
     if not patch:
         missing = sorted(REQUIRED.get(kind, set()) - set(body))
         if missing:
@@ -134,7 +153,7 @@ def check_body(kind: str, body, *, patch: bool = False) -> dict:
     return body
 
 
-def check_paths(kind: str, body: dict) -> None:
+def _check_paths(kind: str, body: dict) -> None:
     """A file name cannot hold a NUL; an empty one names nothing."""
     for key, value in body.items():
         if (key.endswith("_path") or key == "path_on_host" or key == "backend_path") and isinstance(value, str):

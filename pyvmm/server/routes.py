@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from pyvmm import __version__
 from pyvmm.errors import PyvmmError, one_line
-from pyvmm.server.firecracker import FIRECRACKER_VERSION, LOG_LEVELS, FaultError, FirecrackerConfig, check_paths, check_body
+from pyvmm.server.firecracker import FIRECRACKER_VERSION, LOG_LEVELS, FaultError, FirecrackerConfig, check_body
 from pyvmm.vmm.states import VmState
 
 log = logging.getLogger("pyvmm.api")
@@ -43,26 +43,7 @@ def fault(message: str) -> Response:
     return Response(400, {"fault_message": message})
 
 
-def _fields(kind: str, body, types: dict, *, required=()) -> dict:
-    """``body`` checked as an object of ``types``' fields (the snapshot bodies; the others are in firecracker.py)."""
-    if not isinstance(body, dict):
-        raise FaultError(f"{kind}: the body must be a JSON object")
-    for key, value in body.items():
-        if key not in types:
-            raise FaultError(f"{kind}: unknown field '{key}'; expected one of: {', '.join(types)}")
-        if not isinstance(value, types[key]) or (types[key] is not bool and isinstance(value, bool)):
-            raise FaultError(f"{kind}: field '{key}' must be a {types[key].__name__}")
-    for key in required:
-        if key not in body:
-            raise FaultError(f"{kind}: missing required field '{key}'")
-    check_paths(kind, body)
-    return body
-
-
 class FirecrackerApi:
-    #: (method, path shape) of every route, for 405 answers
-    _ROUTES = ()
-
     """One microVM's API. ``start_vm(vm_config)`` is given the pyvmm config at InstanceStart and
     returns the started ``pyvmm.api.VM`` (the process decides where its console goes)."""
 
@@ -145,12 +126,12 @@ class FirecrackerApi:
         shape = tuple(parts)
         if len(parts) == 2 and parts[0] in ("drives", "network-interfaces"):
             shape = (parts[0], "{id}")
-        key = (method, shape)
-        handler = self._handlers(parts).get(key)
+        handlers = self._handlers(parts)
+        handler = handlers.get((method, shape))
         if handler is not None and method in ("PUT", "PATCH") and data is None:
             return fault(f"{method} /{'/'.join(parts)}: the request needs a JSON body")
         if handler is None:
-            allowed = sorted(m for (m, known) in self._ROUTES if known == shape)
+            allowed = sorted(m for (m, known) in handlers if known == shape)
             if allowed:
                 return Response(405, {"fault_message": f"/{'/'.join(parts)} takes {', '.join(allowed)}, not {method}"},
                                 allow=tuple(allowed))  # fmt: skip
@@ -255,8 +236,7 @@ class FirecrackerApi:
 
     # --- snapshots ---------------------------------------------------------------------------
     def _snapshot_create(self, data) -> Response:
-        body = _fields("snapshot-create", data, {"snapshot_type": str, "snapshot_path": str, "mem_file_path": str,
-                                                 "version": str}, required=("snapshot_path", "mem_file_path"))  # fmt: skip
+        body = check_body("snapshot-create", data)
         kind = body.get("snapshot_type", "Full")
         if kind not in ("Full", "Diff"):
             raise FaultError(f"snapshot-create: field 'snapshot_type' must be \"Full\" or \"Diff\", not {kind!r}")
@@ -268,17 +248,14 @@ class FirecrackerApi:
         return Response(204)
 
     def _snapshot_load(self, data) -> Response:
-        body = _fields("snapshot-load", data, {"snapshot_path": str, "mem_file_path": str, "mem_backend": dict,
-                                               "enable_diff_snapshots": bool, "track_dirty_pages": bool,
-                                               "resume_vm": bool}, required=("snapshot_path",))  # fmt: skip
+        body = check_body("snapshot-load", data)
         if self.vm is not None:
             return fault(NOT_AFTER_BOOT)
         if ("mem_file_path" in body) == ("mem_backend" in body):
             raise FaultError("snapshot-load: give exactly one of 'mem_file_path' and 'mem_backend'")
         mem_path = body.get("mem_file_path")
         if "mem_backend" in body:
-            backend = _fields("snapshot-load.mem_backend", body["mem_backend"], {"backend_type": str, "backend_path": str},
-                              required=("backend_type", "backend_path"))  # fmt: skip
+            backend = check_body("mem_backend", body["mem_backend"])
             if backend["backend_type"] != "File":
                 raise FaultError(f"snapshot-load: mem_backend.backend_type {backend['backend_type']!r} is not supported "
                                  "(only \"File\")")  # fmt: skip
@@ -303,5 +280,3 @@ class FirecrackerApi:
             logging.getLogger("pyvmm").removeHandler(self._log_handler)
             self._log_handler.close()
 
-
-FirecrackerApi._ROUTES = tuple(FirecrackerApi._handlers(FirecrackerApi.__new__(FirecrackerApi), ["x", "y"]))
