@@ -290,18 +290,10 @@ def _save_devices(machine) -> dict:
     devices = machine.devices
     out = {}
     for name in LEGACY_DEVICES:
-        device = devices["i8042"] if name == "i8042" else devices[name]
-        with getattr(device, "_lock", _NoLock()):
+        device = devices[name]
+        with device._lock:  # every legacy device guards its registers with one
             out[name] = plainstate.capture(device, now=_clock_of(device), times=DEVICE_TIMES.get(name, frozenset()))
     return out
-
-
-class _NoLock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _clock_of(device) -> float:
@@ -314,8 +306,8 @@ def restore_devices(machine, state: dict, source: str) -> None:
     devices = machine.devices
     try:
         for name in LEGACY_DEVICES:
-            device = devices["i8042"] if name == "i8042" else devices[name]
-            with getattr(device, "_lock", _NoLock()):
+            device = devices[name]
+            with device._lock:
                 plainstate.apply(device, state["devices"][name], now=_clock_of(device),
                                  times=DEVICE_TIMES.get(name, frozenset()), where=name)  # fmt: skip
         if len(state["virtio"]) != len(machine.virtio):

@@ -144,7 +144,3 @@ def _page_of(lapic, now: float) -> bytes:
         struct.pack_into("<I", page, offset, lapic.read(offset, now) & 0xFFFFFFFF)
     return bytes(page)
 
-
-def check_counts(chip: Irqchip, vcpus: int) -> None:
-    if chip.vcpu_count != vcpus:
-        raise IrqchipError(f"the snapshot has {vcpus} vCPUs, the interrupt controllers {chip.vcpu_count}")
