@@ -46,6 +46,10 @@ from pyvmm.accel.interp.vm import InterpVm
 from pyvmm.accel.x86 import Regs
 
 LAPIC_TIMER_HZ = 1_000_000_000
+# While the guest runs, a requested interrupt window (or an event waiting to go in) is looked for after
+# a delay that starts short and doubles up to a cap: spin-lock sections are brief, long cli sections
+# then cost little
+WINDOW_POLL_FIRST, WINDOW_POLL_MAX = 0.00002, 0.001
 _PREFIXES = frozenset((0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65))
 
 
@@ -142,10 +146,23 @@ class TrappingCpu(InterpVcpu):
         self.parked = None  # the IoIn/IoOut/CpuidExit the engine waits in, with its Trap
         self.cpuid_answer: tuple[int, int, int, int] | None = None
         self.poll_due: float | None = None
+        self.poll_delay = WINDOW_POLL_FIRST
         self._flush = False
         self._mmio_hooks: list = []
         self._frozen = False
         vm.irqchip.cpus[index] = self
+
+    def arm_poll(self, wanted: bool) -> None:
+        """Stop the engine after the current poll delay to look again (the delay then doubles), or not."""
+        if wanted:
+            self.poll_due = time.monotonic() + self.poll_delay
+            self.poll_delay = min(self.poll_delay * 2, WINDOW_POLL_MAX)
+        else:
+            self.poll_due = None
+
+    def reset_poll(self) -> None:
+        """An event went in: the next wait for a window starts short again."""
+        self.poll_delay = WINDOW_POLL_FIRST
 
     def take_flush(self) -> bool:
         flush, self._flush = self._flush, False

@@ -53,7 +53,6 @@ import ctypes
 import dataclasses
 import sys
 import threading
-import time
 
 from unicorn import x86_const as x86
 
@@ -99,9 +98,6 @@ EXIT_HLT, EXIT_IO, EXIT_ENTRY_FAILURE, EXIT_EPT_VIOLATION = 12, 30, 33, 48
 CR0_PG, CR0_NE, CR4_PAE, CR4_VMXE, EFER_LME, EFER_LMA, RFLAGS_IF = 1 << 31, 1 << 5, 1 << 5, 1 << 13, 1 << 8, 1 << 10, 1 << 9
 NATIVE_MSR_ALLOWED = frozenset({0x10, 0x174, 0x175, 0x176, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,
                                 0xC0000100, 0xC0000101, 0xC0000102, 0xC0000103})  # fmt: skip
-# While the guest runs, a requested interrupt window (or a deferred event) is looked for after a delay
-# that starts short and doubles up to a cap: spin-lock sections are brief, long cli sections then cost little
-WINDOW_POLL_FIRST, WINDOW_POLL_MAX = 0.00002, 0.001
 
 
 def _ar(seg: Segment) -> int:
@@ -130,7 +126,6 @@ class _FakeVcpu:
         self.gprs: dict[str, int] = {}
         self.other: dict[str, int] = {"cr2": 0, "tpr": 0, "xcr0": 1, **{f"dr{i}": 0 for i in range(8)}}
         self.scripted: list[dict] = []
-        self.poll_delay = WINDOW_POLL_FIRST
         self._save()
 
     # --- the guest-state area ---------------------------------------------------------
@@ -299,7 +294,7 @@ class _FakeVcpu:
         self.kicked = False
         self.running = True
         if info >> 31:
-            self.poll_delay = WINDOW_POLL_FIRST  # an event went in: the next wait for a window starts short
+            cpu.reset_poll()
         try:
             while True:
                 window = bool(vmcs[CPU] & IRQ_WINDOW_EXITING)
@@ -307,11 +302,7 @@ class _FakeVcpu:
                     self._exit({EXIT_REASON: EXIT_IRQ_WINDOW})
                     return HV_SUCCESS
                 resuming = False
-                if window or deferred is not None:
-                    cpu.poll_due = time.monotonic() + self.poll_delay
-                    self.poll_delay = min(self.poll_delay * 2, WINDOW_POLL_MAX)
-                else:
-                    cpu.poll_due = None
+                cpu.arm_poll(window or deferred is not None)
                 trap = cpu.run_until_trap()
                 if trap.kind == "stop":
                     if deferred is not None and self._deliverable(deferred, cpu.get_regs().rflags,

@@ -61,7 +61,6 @@ from __future__ import annotations
 import struct
 import sys
 import threading
-import time
 
 from unicorn import x86_const as x86
 
@@ -91,7 +90,6 @@ EXECUTION_INTERRUPTION_PENDING = 1 << 6  # WHV_X64_VP_EXECUTION_STATE.Interrupti
 STATE_SHADOW, STATE_NMI_MASKED = 1 << 0, 1 << 1
 TRANSLATE_SUCCESS, TRANSLATE_PAGE_NOT_PRESENT = 0, 1
 RFLAGS_IF = 1 << 9
-WINDOW_POLL_FIRST, WINDOW_POLL_MAX = 0.00002, 0.001  # as tests/fakes/hvf.py: short first, doubling
 
 # WHV_REGISTER_NAME (x64) groups: what each name is, in the fake's register file
 GPR_NAMES = tuple(range(0x10)) + (0x10, 0x11)  # RAX RCX RDX RBX RSP RBP RSI RDI R8-R15, RIP, RFLAGS
@@ -180,7 +178,6 @@ class _FakeVp:
         self.kept: dict[int, int] = {name: 0 for name in KEPT_NAMES}
         self.kept[0x2003] = 0xFEE00900 if index == 0 else 0xFEE00800
         self.scripted: list[dict] = []
-        self.poll_delay = WINDOW_POLL_FIRST
         self.before: Regs | None = None
 
     # --- the register file ------------------------------------------------------------
@@ -289,7 +286,7 @@ class _FakeVp:
             cpu.flush_code()  # as tests/fakes/hvf.py: code other vCPUs wrote (text patching IPIs)
         cpu.set_events(PendingEvents(**{f: getattr(events, f) for f in events.__dataclass_fields__ if f != "private"}))
         self.kept[PENDING_INTERRUPTION] = 0
-        self.poll_delay = WINDOW_POLL_FIRST
+        cpu.reset_poll()
 
     def _window_open(self) -> bool:
         return not self.kept[PENDING_INTERRUPTION] & PENDING and self._deliverable(0)
@@ -353,11 +350,7 @@ class _FakeVp:
                     self._fill(context, {"ExitReason": EXIT_WINDOW})
                     return S_OK
                 resuming = False
-                if window or pending:
-                    cpu.poll_due = time.monotonic() + self.poll_delay
-                    self.poll_delay = min(self.poll_delay * 2, WINDOW_POLL_MAX)
-                else:
-                    cpu.poll_due = None
+                cpu.arm_poll(window or pending)
                 trap = cpu.run_until_trap()
                 if trap.kind == "stop":
                     if pending:
