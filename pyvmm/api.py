@@ -117,13 +117,19 @@ class VM:
         if accel is not None:
             config.machine.accel = parse_accel(accel, source="accel argument", key="accel")
         self.config = config
+        self._setup(echo, journal)
+        self.controller.configure(config, **self._build_options())
+
+    def _setup(self, echo, journal) -> None:
+        """What every VM object has, configured or restored: the console, devices to add, the controller."""
         self.console = Console(echo)
         self._extra_pio: list = []
         self._extra_mmio: list = []
         self._servers: list = []
         self.controller = VmController(journal=journal)
-        self.controller.configure(config, console_output=self.console._output, extra_pio=self._extra_pio,
-                                  extra_mmio=self._extra_mmio)  # fmt: skip
+
+    def _build_options(self) -> dict:
+        return {"console_output": self.console._output, "extra_pio": self._extra_pio, "extra_mmio": self._extra_mmio}
 
     @classmethod
     def from_config(cls, path, **kwargs) -> VM:
@@ -187,17 +193,13 @@ class VM:
                 echo: BinaryIO | None = None, journal=None) -> VM:  # fmt: skip
         """A VM rebuilt from a snapshot (on ``accel``, by default the first usable backend), Paused
         unless ``resume``. Any backend whose CPUID covers what the guest was shown can take it."""
-        from pyvmm.config import parse_accel as _parse
-
         vm = cls.__new__(cls)
-        vm.console = Console(echo)
-        vm._extra_pio, vm._extra_mmio, vm._servers = [], [], []
-        vm.controller = VmController(journal=journal)
-        order = _parse(accel, source="accel argument", key="accel") if accel is not None else None
-        vm.controller.restore(path, mem_path, accel=order, console_output=vm.console._output, extra_pio=[], extra_mmio=[])
+        vm._setup(echo, journal)
+        order = parse_accel(accel, source="accel argument", key="accel") if accel is not None else None
+        vm.controller.restore(path, mem_path, accel=order, **vm._build_options())
         vm.config = vm.controller.config
         vm.console._serial = vm.controller.machine.devices["serial"]
-        if resume:
+        if resume:  # after the console is connected, so input typed at once reaches the guest
             vm.resume()
         return vm
 

@@ -24,7 +24,6 @@ import logging
 import os
 import sys
 import threading
-import time
 
 from pyvmm import __version__
 from pyvmm.errors import ConfigError, PyvmmError, one_line
@@ -192,7 +191,6 @@ def _forward_stdin(vm) -> None:
             if not data:
                 return
             vm.console.write(data)
-            time.sleep(0)
 
     threading.Thread(target=pump, name="stdin", daemon=True).start()
 

@@ -61,13 +61,18 @@ def progress(vm, beyond: int, timeout: float = 30) -> int:
     return value
 
 
+def run_then_pause(vm) -> None:
+    """Start the counter guest, let it count past 1000, pause it."""
+    vm.start()
+    vm.console.wait_for("counter: start", timeout=60)
+    progress(vm, 1000)
+    vm.pause()
+
+
 def paused_snapshot(tmp_path, backend):
     vm = counter_vm(backend)
     try:
-        vm.start()
-        vm.console.wait_for("counter: start", timeout=60)
-        progress(vm, 1000)
-        vm.pause()
+        run_then_pause(vm)
         held = count(vm)
         figures = vm.snapshot(tmp_path / "vm.snap", tmp_path / "vm.mem")
         assert figures["memory_bytes"] == 64 << 20
@@ -205,10 +210,7 @@ def test_a_diff_snapshot_holds_only_what_changed_and_restores_on_its_base(tmp_pa
     with backends(backend):
         vm = counter_vm(backend)
         try:
-            vm.start()
-            vm.console.wait_for("counter: start", timeout=60)
-            progress(vm, 1000)
-            vm.pause()
+            run_then_pause(vm)
             with pytest.raises(ControllerError, match="take a Full one first"):
                 vm.snapshot(tmp_path / "none.snap", tmp_path / "none.mem", diff=True)
             full = vm.snapshot(tmp_path / "full.snap", tmp_path / "full.mem")
