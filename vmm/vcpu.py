@@ -3,8 +3,9 @@
 ``vcpu.run()`` returns a hypervisor-neutral exit (accel/core.py); port I/O and
 MMIO go to the buses, everything else ends the loop with an ``ExitStatus``
 given to the ``Lifecycle``. The loop is the VMM's hottest path: it dispatches
-on the exit's type with identity checks in order of frequency and counts
-exits per type with one dict update.
+on the exit's type with identity checks in order of frequency, counts exits
+per type with one dict update, and puts the time each I/O exit took to serve
+in a histogram (vmm/latency.py, its bucket arithmetic inlined).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from time import perf_counter_ns
 
 from pyvmm.accel.core import EmulationFailure, Halt, InternalError, Interrupted, IoIn, IoOut, MmioRead, MmioWrite, Shutdown, SystemEvent
 from pyvmm.errors import GuestError, PyvmmError
 from pyvmm.vmm.bus import Bus
+from pyvmm.vmm.latency import new_histogram
 
 log = logging.getLogger("pyvmm.vcpu")
 
@@ -82,6 +85,8 @@ class VcpuLoop:
         self.lifecycle = lifecycle
         self.fallback = fallback
         self.exit_counts: dict[type, int] = {}
+        #: per I/O exit kind, how long serving it took (vmm/latency.py histograms, ns)
+        self.exit_latency: dict[type, list[int]] = {kind: new_histogram() for kind in (IoIn, IoOut, MmioRead, MmioWrite)}
         self.thread: threading.Thread | None = None
         #: the CPUID table the vCPU was given (a snapshot keeps it)
         self.cpuid: list = []
@@ -138,6 +143,7 @@ class VcpuLoop:
 
     def _serve_io(self, exit_) -> None:
         """An I/O access handled on the backend's own thread (``serve_io_directly``)."""
+        started = perf_counter_ns()
         kind = type(exit_)
         counts = self.exit_counts
         counts[kind] = counts.get(kind, 0) + 1
@@ -150,6 +156,9 @@ class VcpuLoop:
                 self.mmio.write(exit_.addr, exit_.data)
             else:
                 self.mmio.read(exit_.addr, exit_.data)
+            took = perf_counter_ns() - started
+            bits = took.bit_length()
+            self.exit_latency[kind][bits << 2 | (took >> (bits - 3) & 3) if bits > 3 else bits << 2] += 1
         except PyvmmError as err:
             self.lifecycle.fail(err)
         except Exception as err:  # as in _thread_main: a bug in pyvmm stops the VM and says so
@@ -163,6 +172,9 @@ class VcpuLoop:
         pio_read, pio_write = self.pio.read, self.pio.write
         mmio_read, mmio_write = self.mmio.read, self.mmio.write
         counts = self.exit_counts
+        latency = self.exit_latency
+        io_in, io_out, mmio_in, mmio_out = latency[IoIn], latency[IoOut], latency[MmioRead], latency[MmioWrite]
+        now = perf_counter_ns
         lifecycle = self.lifecycle
         if self._pause_wanted:
             self._park()  # vCPUs start paused; the controller resumes them
@@ -170,16 +182,30 @@ class VcpuLoop:
                 return
         while True:
             exit_ = vcpu_run()
+            started = now()
             kind = type(exit_)
             counts[kind] = counts.get(kind, 0) + 1
+            # each I/O branch ends with vmm/latency.py's bucket_of(now() - started), inlined
             if kind is IoOut:
                 pio_write(exit_.port, exit_.data)
+                took = now() - started
+                bits = took.bit_length()
+                io_out[bits << 2 | (took >> (bits - 3) & 3) if bits > 3 else bits << 2] += 1
             elif kind is IoIn:
                 pio_read(exit_.port, exit_.data)
+                took = now() - started
+                bits = took.bit_length()
+                io_in[bits << 2 | (took >> (bits - 3) & 3) if bits > 3 else bits << 2] += 1
             elif kind is MmioWrite:
                 mmio_write(exit_.addr, exit_.data)
+                took = now() - started
+                bits = took.bit_length()
+                mmio_out[bits << 2 | (took >> (bits - 3) & 3) if bits > 3 else bits << 2] += 1
             elif kind is MmioRead:
                 mmio_read(exit_.addr, exit_.data)
+                took = now() - started
+                bits = took.bit_length()
+                mmio_in[bits << 2 | (took >> (bits - 3) & 3) if bits > 3 else bits << 2] += 1
             elif kind is Interrupted:
                 if lifecycle.stopping:
                     return

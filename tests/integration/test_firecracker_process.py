@@ -107,7 +107,12 @@ def test_configure_start_pause_resume_and_metrics_over_the_socket(backend, tmp_p
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert records and set(records[0]["vcpus"]) == {"vcpu0", "vcpu1"}
     assert records[0]["process"]["rss_bytes"] > 0
-    assert records[0]["vcpus"]["vcpu0"].get("IoOut", 0) > 0 or backend != "kvm"
+    vcpu0 = records[0]["vcpus"]["vcpu0"]
+    assert vcpu0["exits"].get("IoOut", 0) > 0 or backend != "kvm"
+    if vcpu0["exits"].get("IoOut"):  # every served exit is in its latency histogram
+        out = vcpu0["latency"]["IoOut"]
+        assert vcpu0["exits"]["IoOut"] - 1 <= out["count"] <= vcpu0["exits"]["IoOut"]  # one may be in flight
+        assert 0 < out["p50_us"] <= out["p90_us"] <= out["p99_us"] <= out["max_us"]
 
 
 def test_a_config_file_without_the_api_boots_at_once_and_exits_with_the_guests_status(tmp_path):
