@@ -16,7 +16,7 @@ if not hasattr(socket, "AF_UNIX"):
 from vsock_guest import GUEST_CID, VsockGuest  # noqa: E402
 
 from pyvmm.devices.virtio import mmio  # noqa: E402
-from pyvmm.devices.virtio.mock_driver import mock_guest  # noqa: E402
+from pyvmm.devices.virtio.mock_driver import ManualHost, mock_guest  # noqa: E402
 from pyvmm.devices.virtio.status import DEVICE_NEEDS_RESET  # noqa: E402
 from pyvmm.devices.virtio.vsock.connection import Connection, Reaction, State  # noqa: E402
 from pyvmm.devices.virtio.vsock.device import FIRST_LOCAL_PORT, VirtioVsock, check_guest_cid  # noqa: E402
@@ -561,19 +561,26 @@ def test_snapshot_restore_sends_transport_reset(guest, uds):
         guest.driver.memory.write(addr, b"\xff" * 4)
         guest.events.add([(addr, 4, True)])
     assert guest.events.take_used() == []  # nothing to report while running
-    saved = guest.driver.transport.save_state()
+    guest.driver.ack_interrupt()
+    # what vmm/snapshot.py saves: the transport's state and the device's own
+    saved = {**guest.driver.transport.save_state(), "device": guest.device.save_state()}
     assert saved["device"] == {"guest_cid": GUEST_CID}
-    # a new process: the same configuration, the guest's memory, the saved transport state
-    uds2 = uds + "2"
-    restored = VirtioVsock(GUEST_CID, uds2)
+    # a new process: the same configuration, the guest's memory; the device, then its transport
+    restored = VirtioVsock(GUEST_CID, uds + "2")
     try:
         driver = mock_guest(restored, memory=guest.driver.memory)
+        host = ManualHost()
+        restored.attach_host(host)
+        restored.restore_state(saved["device"])
         driver.transport.restore_state(saved)
+        host.advance(0)  # the event loop runs once the restore is complete
         used = guest.events.take_used()
         assert len(used) == 1 and used[0][1] == 4
         assert guest.driver.memory.read(event_buffers[0], 4) == struct.pack("<I", 0)  # TRANSPORT_RESET
         assert driver.read_reg(mmio.INTERRUPT_STATUS) & mmio.INTERRUPT_USED_BUFFER
         assert restored.links == {}
+        host.advance(1)
+        assert guest.events.take_used() == []  # once
     finally:
         restored.close()
         server.close()
@@ -585,7 +592,8 @@ def test_transport_reset_waits_for_an_event_buffer(uds):
     g = VsockGuest(device)
     try:
         device.restore_state({"guest_cid": GUEST_CID})
-        assert g.events.take_used() == []
+        g.host.advance(0)
+        assert g.events.take_used() == []  # no event buffer yet
         addr = g.driver.alloc(4)
         g.events.add([(addr, 4, True)])  # the driver posts a buffer: the event goes out then
         assert g.events.take_used() == [(0, 4)]
