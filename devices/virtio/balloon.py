@@ -166,6 +166,7 @@ class VirtioBalloon(VirtioDevice):
         self.metrics.requests += 1
         pfns = self._pfns(chain, "inflate")
         memory = self.context.memory
+        mark_written = getattr(memory, "mark_written", None)  # a Diff snapshot must see the page changed
         for start, length in _runs(sorted(set(pfns))):
             for region, offset, size in _in_regions(memory, start << PFN_SHIFT, length << PFN_SHIFT):
                 if region is None:
@@ -175,6 +176,8 @@ class VirtioBalloon(VirtioDevice):
                                            offset >> PFN_SHIFT, size >> PFN_SHIFT)  # fmt: skip
                     continue
                 _discard(region, offset, size)
+                if mark_written is not None:
+                    mark_written(offset, size)
                 self.metrics.extra["inflated_pages"] += size >> PFN_SHIFT
         return 0
 
@@ -190,13 +193,16 @@ class VirtioBalloon(VirtioDevice):
         if not queue.ready:
             return
         returned = False
-        while (chain := queue.pop(memory)) is not None:
-            if self._stats_head is not None:  # a second buffer while one is held: give the older one back
-                queue.add_used(memory, self._stats_head, 0)
-                returned = True
-                self.guest_log.info("stats buffer", "%s: the driver sent a stats buffer while one was held", self.name)
-            self._stats_head = chain.head
-            self._decode_stats(chain)
+        while True:
+            while (chain := queue.pop(memory)) is not None:
+                if self._stats_head is not None:  # a second buffer while one is held: give the older one back
+                    queue.add_used(memory, self._stats_head, 0)
+                    returned = True
+                    self.guest_log.info("stats buffer", "%s: the driver sent a stats buffer while one was held", self.name)
+                self._stats_head = chain.head
+                self._decode_stats(chain)
+            if not queue.enable_notification(memory):  # with EVENT_IDX: ask for the kick of the next buffer
+                break
         if returned:
             context.signal_used(STATS_QUEUE)
 
@@ -227,9 +233,9 @@ class VirtioBalloon(VirtioDevice):
             raise DeviceError(f"{self.name}: statistics cannot be turned {'on' if seconds else 'off'} after the device "
                               "was created")  # fmt: skip
         self.stats_polling_interval_s = seconds
-        if self.context is not None:
-            self.request_stats()
-            self._arm_stats_timer()
+        self._cancel_stats_timer()
+        if self.context is not None and self.host is not None:
+            self._stats_timer = self.host.call_later(0, self._poll_stats)  # on the event loop, like every poll
 
     def _arm_stats_timer(self) -> None:
         self._cancel_stats_timer()

@@ -186,6 +186,7 @@ def test_statistics_are_requested_every_interval_on_one_timer():
     assert host.pending_timers() == 1
     stats_buffer(driver, {5: 256 << 20, 4: 100 << 20, 2: 7, 99: 1})  # tag 99: unknown, skipped
     assert stats.take_used() == []  # the device holds the buffer
+    assert stats.avail_event() == 1  # and asks for a kick with the next one (a Linux driver negotiates EVENT_IDX)
     assert device.stats == {"total_memory": 256 << 20, "free_memory": 100 << 20, "major_faults": 7}
     host.advance(4.9)
     assert stats.take_used() == []
@@ -199,7 +200,9 @@ def test_statistics_are_requested_every_interval_on_one_timer():
     host.advance(5)  # nothing held (the driver did not answer yet): nothing to give back
     assert stats.take_used() == [] and host.pending_timers() == 1
     stats_buffer(driver, {4: 80 << 20})
-    device.set_stats_interval(1)  # a new interval asks at once, then every second
+    device.set_stats_interval(1)  # a new interval asks at once (on the loop), then every second
+    assert host.pending_timers() == 1
+    host.advance(0)
     assert len(stats.take_used()) == 1
     stats_buffer(driver, {4: 70 << 20})
     host.advance(1)
