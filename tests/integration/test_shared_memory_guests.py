@@ -51,3 +51,63 @@ def test_guests_run_on_shared_memory(tmp_path, linux_backend, guest, vcpus, expe
     assert result.stdout.endswith(expected)
     assert "virtio-fs0: " in result.stderr and "shared as 't'" in result.stderr
     assert not (_daemons() - before), "a virtiofsd outlived the VM"
+
+
+def test_a_vm_with_a_share_refuses_a_snapshot(tmp_path, linux_backend):
+    from pyvmm.api import VM
+    from pyvmm.vmm.snapshot import SnapshotError
+
+    (tmp_path / "share").mkdir()
+    vm = VM.from_dict({"machine": {"memory_mib": 64, "accel": linux_backend},
+                       "boot": {"kernel": str(GUESTS / "counter.elf"), "cmdline": "console=ttyS0"},
+                       "share": [{"path": str(tmp_path / "share"), "tag": "t"}]})  # fmt: skip
+    try:
+        assert vm.machine.memory.is_shared
+        vm.start()
+        vm.console.wait_for("counter: start", timeout=60)
+        vm.pause()
+        with pytest.raises(SnapshotError) as info:
+            vm.snapshot(tmp_path / "vm.snap", tmp_path / "vm.mem")
+        assert str(info.value).startswith("virtio-fs0 is a vhost-user device")
+        assert not (tmp_path / "vm.snap").exists() and not (tmp_path / "vm.mem").exists()
+        vm.resume()  # the refusal left the VM as it was
+    finally:
+        vm.close()
+
+
+def test_a_failed_build_stops_the_daemons(tmp_path, monkeypatch, linux_backend):
+    from pyvmm.api import VM
+    from pyvmm.errors import BootError
+    from pyvmm.vmm import builder
+
+    running = []
+
+    def broken_kernel(*_args):
+        running.append(_daemons() - before)
+        raise BootError("a kernel that cannot be loaded")
+
+    monkeypatch.setattr(builder, "_load_guest", broken_kernel)  # after the devices, before the vCPUs
+    (tmp_path / "share").mkdir()
+    before = _daemons()  # (read by broken_kernel)
+    vm = VM.from_dict({"machine": {"memory_mib": 64, "accel": linux_backend},
+                       "boot": {"kernel": str(GUESTS / "hello.elf")},
+                       "share": [{"path": str(tmp_path / "share"), "tag": "a"},
+                                 {"path": str(tmp_path / "share"), "tag": "b", "read_only": True}]})  # fmt: skip
+    try:
+        with pytest.raises(BootError):
+            vm.start()  # the machine is built here
+        assert len(running[0]) == 2  # both daemons ran when the build failed
+        assert not (_daemons() - before)
+    finally:
+        vm.close()
+
+
+def test_a_missing_virtiofsd_is_one_line(tmp_path, linux_backend):
+    (tmp_path / "share").mkdir()
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[machine]\naccel = "{linux_backend}"\n[boot]\nkernel = "{GUESTS / "hello.elf"}"\n'
+                      f'[[share]]\npath = "{tmp_path / "share"}"\ntag = "t"\n')  # fmt: skip
+    result = pyvmm_boot(config, timeout=60, env={**os.environ, "PYVMM_VIRTIOFSD": str(tmp_path / "missing")})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        f"virtiofsd not found at {tmp_path / 'missing'}: install Debian's qemu-system-common package (or set PYVMM_VIRTIOFSD)")
