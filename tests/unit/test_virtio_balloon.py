@@ -7,7 +7,6 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from dataclasses import dataclass
 
 import pytest
 
@@ -94,41 +93,24 @@ def test_inflate_gives_anonymous_pages_back_to_the_host():
         memory.close()
 
 
-@dataclass(frozen=True)
-class SharedRegion:
-    """A GuestRegion over a shared memfd mapping (how vhost-user guest RAM is backed)."""
-
-    guest_addr: int
-    size: int
-    buffer: object
-    view: memoryview
-    fd: int
-
-    @property
-    def end(self) -> int:
-        return self.guest_addr + self.size
-
-
 def test_inflate_punches_holes_in_shared_memfd_memory():
     if not hasattr(os, "memfd_create") or not hasattr(mmap, "MADV_REMOVE"):
         pytest.skip("needs memfd_create and MADV_REMOVE")
-    size = 8 << 20
-    fd = os.memfd_create("pyvmm-test-ram")
-    os.ftruncate(fd, size)
-    buffer = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    view = memoryview(buffer)
+    memory = GuestMemory.shared([(0, 8 << 20)])  # what a VM with a vhost-user device runs on
+    fd = memory.regions[0].fd
     try:
-        memory = GuestMemory([SharedRegion(0, size, buffer, view, fd)])
         device = VirtioBalloon()
         driver = mock_guest(device, memory=memory)
         driver.setup()
-        view[4 << 20 : 8 << 20] = b"\x5a" * (4 << 20)
+        memory.fill(4 << 20, 4 << 20, 0x5A)
         blocks = os.fstat(fd).st_blocks
         send_pfns(driver, driver.queues[INFLATE_QUEUE], list(range(1024, 2048)))
-        assert os.fstat(fd).st_blocks <= blocks - (4 << 20) // 512 + 8  # the file's pages are gone, not just unmapped
-        assert os.pread(fd, PAGE, 5 << 20) == bytes(PAGE)
+        # the file's pages are gone (MADV_DONTNEED would only have unmapped them from this process)
+        assert os.fstat(fd).st_blocks <= blocks - (4 << 20) // 512 + 8
+        assert os.pread(fd, PAGE, 5 << 20) == bytes(PAGE) and memory.read(5 << 20, PAGE) == bytes(PAGE)
     finally:
-        os.close(fd)  # the mapping (freed with the test's objects) keeps the memfd's pages until then
+        driver.transport.close()
+        memory.close()
 
 
 def test_inflate_zero_fills_bytearray_ram_and_deflate_is_counted():
