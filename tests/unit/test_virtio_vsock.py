@@ -337,21 +337,21 @@ def test_guest_beyond_our_credit_is_reset(uds):
     g = VsockGuest(device)
     try:
         server, peer = guest_connect(g, uds, 82)
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        # the host does not read: the device holds what the socket does not take, up to our buf_alloc
-        sent = 0
-        while sent + 4096 <= 8192:
-            g.send(g.header(OP_RW, 5000, 82, length=4096), bytes(4096))
-            sent += 4096
-        fill = device.links[(82, 5000)]
-        # the socket took what it could; whatever it did not is held, never beyond the credit
-        assert fill.conn.pending_to_host() == len(fill.out) <= 8192
-        if fill.conn.pending_to_host():
-            g.send(g.header(OP_RW, 5000, 82, length=8192), bytes(8192))
-            (rst, _), = g.recv()
-            assert rst.op == OP_RST
-            assert (82, 5000) not in device.links
-            assert device.metrics.extra["connections_reset"] == 1
+        # the host does not read: once its socket is full the device holds guest bytes, up to buf_alloc
+        link = device.links[(82, 5000)]
+        for _ in range(10000):
+            room = link.conn.buf_alloc - link.conn.pending_to_host()
+            if not room:
+                break
+            g.send(g.header(OP_RW, 5000, 82, length=room), bytes(room))
+        assert link.conn.pending_to_host() == len(link.out) == 8192
+        assert device.metrics.extra["connections_reset"] == 0
+        g.recv()
+        # one byte beyond the credit: the stream is reset, its host socket closed
+        g.send(g.header(OP_RW, 5000, 82, length=1), b"x")
+        assert [h.op for h, _ in g.recv()] == [OP_RST]
+        assert (82, 5000) not in device.links
+        assert device.metrics.extra["connections_reset"] == 1
         server.close()
         peer.close()
     finally:

@@ -122,7 +122,8 @@ class VirtioVsock(VirtioDevice):
         self._scheduled: set[tuple[int, int]] = set()
         self._rsts: deque[Header] = deque()  # RSTs of ended streams, waiting for receive buffers
         self._rx_starved = False  # the guest had no receive buffer for a packet we had
-        self._reset_event_pending = False
+        self._reset_event_pending = False  # a snapshot was restored: TRANSPORT_RESET is due
+        self._reset_event_held = False  # ... but not before the transport's restore is complete
         self._next_port = FIRST_LOCAL_PORT
         self.metrics.extra.update(connections_opened=0, connections_closed=0, connections_reset=0,
                                   packets_to_guest=0, packets_from_guest=0, bytes_to_guest=0, bytes_from_guest=0,
@@ -145,7 +146,7 @@ class VirtioVsock(VirtioDevice):
         self._scheduled.clear()
         self._rsts.clear()
         self._rx_starved = False
-        self._reset_event_pending = False
+        self._reset_event_pending = self._reset_event_held = False
         super().reset()
 
     def process_queue(self, index: int) -> None:
@@ -183,11 +184,21 @@ class VirtioVsock(VirtioDevice):
         if state.get("guest_cid", self.guest_cid) != self.guest_cid:
             log.info("%s: the snapshot's guest CID %s is now %d", self.name, state["guest_cid"], self.guest_cid)
         self._reset_event_pending = True
+        if self.host is None:
+            self._send_reset_event()
+            return
+        # vmm/snapshot.py restores the device before its transport, and the transport sets the saved
+        # interrupt status last: the event (and its interrupt) go out on the event loop after that.
+        self._reset_event_held = True
+        self.host.call_later(0, self._release_reset_event)
+
+    def _release_reset_event(self) -> None:
+        self._reset_event_held = False
         self._send_reset_event()
 
     def _send_reset_event(self) -> None:
         context = self.context
-        if not self._reset_event_pending or context is None or not context.queues[EVENT_QUEUE].ready:
+        if not self._reset_event_pending or self._reset_event_held or context is None or not context.queues[EVENT_QUEUE].ready:
             return
         queue, memory = context.queues[EVENT_QUEUE], context.memory
         chain = queue.pop(memory)
