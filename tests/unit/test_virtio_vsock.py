@@ -612,3 +612,60 @@ def test_local_ports_are_unique_per_stream(guest, uds):
     assert len(ports) == 3
     for c in clients:
         c.close()
+
+
+def test_on_a_real_event_loop(uds, loop):
+    """The same device attached to an event loop: kicks, host sockets and the listener are served on
+    the loop's thread (through the transport's DeviceHost)."""
+    from conftest import wait_for
+
+    device = VirtioVsock(GUEST_CID, uds)
+    driver = mock_guest(device, 4 << 20)
+    driver.transport.attach(loop)
+    try:
+        driver.setup()
+        rx, tx = driver.queues[0], driver.queues[1]
+        memory = driver.memory
+        slots = {}
+        for _ in range(8):
+            header, data = driver.alloc(HEADER_SIZE), driver.alloc(4096)
+            slots[rx.add([(header, HEADER_SIZE, True), (data, 4096, True)], kick=False)] = (header, data)
+        rx.kick()
+        received = []
+
+        def packets():
+            for head, _length in rx.take_used():
+                header, data = slots[head]
+                hdr = Header.unpack(memory.read(header, HEADER_SIZE))
+                received.append((hdr, memory.read(data, hdr.len)))
+            return received
+
+        def send(hdr, payload=b""):
+            addr = driver.alloc(HEADER_SIZE + len(payload))
+            memory.write(addr, hdr.pack() + payload)
+            tx.add([(addr, HEADER_SIZE + len(payload), False)])
+
+        def header(op, length=0):
+            return Header(GUEST_CID, HOST_CID, 5000, 77, length, TYPE_STREAM, op, 0, 1 << 18, 0)
+
+        server = listen(f"{uds}_77")
+        send(header(OP_REQUEST))
+        assert wait_for(lambda: any(h.op == OP_RESPONSE for h, _ in packets()))
+        peer, _ = server.accept()
+        peer.settimeout(2)
+        peer.sendall(b"from the host")
+        assert wait_for(lambda: b"".join(p for h, p in packets() if h.op == OP_RW) == b"from the host")
+        send(header(OP_RW, 14), b"from the guest")
+        assert recv_exactly(peer, 14) == b"from the guest"
+        # host-initiated through the listener, on the loop thread too
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(2)
+        client.connect(uds)
+        client.sendall(b"CONNECT 9\n")
+        assert wait_for(lambda: any(h.op == OP_REQUEST and h.dst_port == 9 for h, _ in packets()))
+        assert not driver.status & DEVICE_NEEDS_RESET
+        for s in (server, peer, client):
+            s.close()
+    finally:
+        driver.transport.close()
+    assert not os.path.exists(uds)

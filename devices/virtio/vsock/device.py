@@ -194,6 +194,8 @@ class VirtioVsock(VirtioDevice):
 
     def _release_reset_event(self) -> None:
         self._reset_event_held = False
+        if self.context is None:  # the driver was not running at the snapshot: nothing to tell it
+            self._reset_event_pending = False
         self._send_reset_event()
 
     def _send_reset_event(self) -> None:
