@@ -426,6 +426,10 @@ def test_vsock_with_linux(tmp_path):
     assert host.results["after_reset"] == b"hello after reset\n"
     assert "pyvmm-vsock: after reset the host answered: echo: hello after reset" in out
     assert re.search(r"virtio-vsock: .*errors 0,.*needs_reset 0", err), err[-3000:]
+    counters = next(line for line in err.splitlines() if "virtio-vsock: " in line and "connections_opened" in line)
+    opened = int(re.search(r"connections_opened (\d+)", counters).group(1))
+    assert opened == 4, counters  # CONNECT 5000, ports 6000, 6001 and 6002
+    print(counters.strip())
 
     mib = SIZE / (1 << 20)
     rates = {
