@@ -531,9 +531,7 @@ class InterpVcpu(system.EngineHooks):
             raise _Closing()
         pending = self._pending
         if self._replacement is not None:
-            uc.context_restore(self._replacement)
-            self._replacement = None
-            uc.ctl_flush_tb()
+            self._load_replacement()
             return None, True
         try:
             if pending is not None:
@@ -554,6 +552,13 @@ class InterpVcpu(system.EngineHooks):
             return self._triple_fault(), True
         except system.Unsupported as err:
             return self._internal_error(str(err)), True
+
+    def _load_replacement(self) -> None:
+        """Load the state the VMM wrote during an exit taken inside an instruction. Translated code
+        is dropped: the VMM may have rewritten guest RAM meanwhile (a reset that loads new code)."""
+        self.uc.context_restore(self._replacement)
+        self._replacement = None
+        self.uc.ctl_flush_tb()
 
     def _handle_pending(self, pending):
         uc = self.uc

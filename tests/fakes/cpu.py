@@ -188,6 +188,18 @@ class TrappingCpu(InterpVcpu):
             self.uc.mem_protect(addr, size, UC_PROT_READ | UC_PROT_EXEC)
         self._frozen = True
 
+    def _load_replacement(self) -> None:
+        """After an MMIO exit the VMM's state replaces the engine's (``freeze_ram``): the instruction's
+        completion, in the same code, so translated code is kept. A VM exit discards nothing of the kind
+        (SDM 27.5: the host state is loaded, the guest's code untouched); dropping it made every MMIO
+        exit cost ~10 ms of retranslation here, and a Linux guest with a 250 Hz LAPIC timer (one EOI
+        per tick) then spent longer per tick than the period and never ran anything but its ticks."""
+        if not self._frozen:
+            super()._load_replacement()
+            return
+        self.uc.context_restore(self._replacement)
+        self._replacement = None
+
     def _run_engine(self):
         result = super()._run_engine()
         if self._frozen:
