@@ -120,7 +120,7 @@ class VhostUserDevice(VirtioDevice):
         try:
             self._start(context)
         except BaseException:
-            self._forget_rings()
+            self._stop_rings()  # the rings that did start must not run on behind a failed device
             raise
 
     def _start(self, context: DeviceContext) -> None:
@@ -158,10 +158,14 @@ class VhostUserDevice(VirtioDevice):
         log.info("%s: %d queue(s) started on the vhost-user backend", self.name, len(self._rings))
 
     def reset(self) -> None:
-        """Stop every started ring (GET_VRING_BASE); a backend that cannot answer is logged, not
-        raised: the reset itself always succeeds, and the next DRIVER_OK reports the backend."""
-        rings = self._rings
-        for ring in rings:
+        """Stop every started ring; the reset itself always succeeds (see ``_stop_rings``)."""
+        self._stop_rings()
+        super().reset()
+
+    def _stop_rings(self) -> None:
+        """GET_VRING_BASE per started ring, which stops it in the backend. A backend that cannot
+        answer is logged, not raised: the next DRIVER_OK reports it to the driver."""
+        for ring in self._rings:
             if self.frontend.broken:
                 break
             try:
@@ -169,7 +173,6 @@ class VhostUserDevice(VirtioDevice):
             except VhostUserError as err:
                 log.warning("%s: stopping queue %d: %s", self.name, ring.index, err)
         self._forget_rings()
-        super().reset()
 
     def _forget_rings(self) -> None:
         rings, self._rings = self._rings, []

@@ -4,6 +4,7 @@ One boot on the interpreter (KVM here is PVM and cannot boot Linux). The guest s
 appended to the test initramfs as a second cpio archive (the kernel unpacks every archive
 of the initrd in turn): it loads virtiofs, mounts a writable and a read-only share by tag,
 hashes a 16 MiB host file (timed), lists a directory, writes a file the host then reads,
+copies the 16 MiB file from one share to the other (timed),
 and tries to write to the read-only share without telling its mount so (the host refuses).
 After the VM, no virtiofsd is left running.
 """
@@ -36,6 +37,10 @@ say "big $sum $start $end"
 say "listing $(ls /mnt/ro/dir | tr '\n' ',')"
 say "small $(cat /mnt/rw/hello.txt)"
 echo "written by the guest" > /mnt/rw/from-guest.txt && sync && say "rw write ok"
+start=$(cut -d' ' -f1 /proc/uptime)
+dd if=/mnt/ro/big.bin of=/mnt/rw/copy.bin bs=1048576 2>/dev/null && sync
+end=$(cut -d' ' -f1 /proc/uptime)
+say "copied $start $end"
 if (echo nope > /mnt/ro/nope.txt) 2>/tmp/err; then say "ro write ALLOWED"; else say "ro write refused: $(cat /tmp/err)"; fi
 if mkdir /mnt/ro/newdir 2>/dev/null; then say "ro mkdir ALLOWED"; else say "ro mkdir refused"; fi
 umount /mnt/rw && umount /mnt/ro && say "unmounted"
@@ -57,12 +62,14 @@ def newc_cpio(files: dict[str, tuple[bytes, int]]) -> bytes:
     return gzip.compress(bytes(out), mtime=0)
 
 
-def _virtiofsd_pids() -> set[int]:
-    pids = set()
-    for proc in psutil.process_iter(["name", "status"]):
-        if proc.info["name"] == "virtiofsd" and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            pids.add(proc.pid)
-    return pids
+def _virtiofsd_for(directory) -> list[str]:
+    """Live virtiofsd processes serving a directory under ``directory`` (other tests may run theirs)."""
+    found = []
+    for proc in psutil.process_iter(["name", "status", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if proc.info["name"] == "virtiofsd" and proc.info["status"] != psutil.STATUS_ZOMBIE and str(directory) in cmdline:
+            found.append(f"{proc.pid} {proc.info['status']} {cmdline}")
+    return found
 
 
 def test_virtiofs_shares(tmp_path):
@@ -98,7 +105,6 @@ def test_virtiofs_shares(tmp_path):
         f'[[share]]\npath = "{rw}"\ntag = "rwshare"\n'
         f'[[share]]\npath = "{ro}"\ntag = "roshare"\nread_only = true\n'
     )
-    before = _virtiofsd_pids()
     result = pyvmm_boot(config, "-v", timeout=600)
     out = result.stdout
     assert result.returncode == 0, f"{result.stderr[-3000:]}\n{out[-4000:]}"
@@ -108,6 +114,10 @@ def test_virtiofs_shares(tmp_path):
     assert found.group(1) == hashlib.sha256(big).hexdigest()
     seconds = float(found.group(3)) - float(found.group(2))
     print(f"16 MiB read through virtio-fs on the interpreter: {seconds:.2f} s ({16 / seconds:.1f} MiB/s)")
+    copied = re.search(r"pyvmm-fs: copied ([\d.]+) ([\d.]+)", out)
+    assert copied and (rw / "copy.bin").read_bytes() == big
+    seconds = float(copied.group(2)) - float(copied.group(1))
+    print(f"16 MiB copied share to share (read + write + sync) on the interpreter: {seconds:.2f} s")
     assert "pyvmm-fs: listing alpha,beta,gamma," in out
     assert "pyvmm-fs: small hello from the host" in out
     assert "pyvmm-fs: rw write ok" in out
@@ -119,4 +129,4 @@ def test_virtiofs_shares(tmp_path):
     assert "virtio-fs0: requests" in result.stderr and "needs_reset 0" in result.stderr.split("virtio-fs1:")[-1]
     for name in ("virtio-fs0", "virtio-fs1"):  # the backends never failed the devices
         assert re.search(rf"{name}: .*errors 0,.*needs_reset 0", result.stderr), result.stderr[-3000:]
-    assert not (_virtiofsd_pids() - before), "a virtiofsd outlived the VM"
+    assert not _virtiofsd_for(tmp_path), "a virtiofsd outlived the VM"

@@ -279,7 +279,8 @@ def test_reset_stops_the_rings_and_the_driver_brings_them_back(rig_factory):
 
 def test_without_protocol_features(rig_factory):
     rig = rig_factory(features=1 << 32, protocol=0)
-    assert rig.backend.names() == ["GET_FEATURES", "SET_OWNER"]
+    # without REPLY_ACK nothing waits for SET_OWNER: give the backend's thread its time
+    assert wait_for(lambda: rig.backend.names() == ["GET_FEATURES", "SET_OWNER"]), rig.backend.names()
     rig.driver.setup()
     assert "SET_VRING_ENABLE" not in rig.backend.names()  # rings start enabled without protocol features
     assert not any(flags & vu.FLAG_NEED_REPLY for _, flags, _ in rig.backend.log)
@@ -300,6 +301,18 @@ def test_a_refused_request_fails_the_device_with_one_line(rig_factory):
     rig.driver.setup()
     assert rig.transport.status & DEVICE_NEEDS_RESET
     assert rig.transport.last_error == "virtio-fs0: the vhost-user backend refused SET_MEM_TABLE (status 1)"
+
+
+def test_a_failure_half_way_stops_the_rings_that_started(rig_factory):
+    rig = rig_factory(refuse={Request.SET_VRING_ENABLE})
+    rig.driver.setup()
+    assert rig.transport.status & DEVICE_NEEDS_RESET
+    assert rig.backend.names()[-2:] == ["SET_VRING_ENABLE", "GET_VRING_BASE"]  # queue 0 stopped again
+    assert rig.backend.rings == {}
+    rig.backend.refuse.clear()
+    rig.driver.setup()  # the driver resets and tries again
+    assert rig.transport.status & DEVICE_NEEDS_RESET == 0
+    assert request_echo(rig, b"recovered") == b"RECOVERED"
 
 
 def test_a_silent_backend_times_out(rig_factory):
