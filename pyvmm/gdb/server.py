@@ -83,6 +83,8 @@ class GdbServer:
         self._wake_read.setblocking(False)
         self._wake_write.setblocking(False)
         self._closed = threading.Event()
+        #: held while a thread serves (accepts or runs a session); close() waits for it
+        self._serving = threading.Lock()
         self._thread: threading.Thread | None = None
         #: sessions served so far (tests wait on it)
         self.sessions = 0
@@ -108,21 +110,29 @@ class GdbServer:
 
     def serve_one(self) -> None:
         """Wait for one gdb connection and serve it to its end (or until ``close``)."""
-        conn = self._accept()
-        if conn is None:
-            return
-        try:
-            self._session(conn)
-        except Exception:
-            log.exception("gdb: the session failed")
-        finally:
-            conn.close()
-            self.sessions += 1
+        with self._serving:
+            if self._closed.is_set():
+                return
+            conn = self._accept()
+            if conn is None:
+                return
+            try:
+                self._session(conn)
+            except Exception:
+                log.exception("gdb: the session failed")
+            finally:
+                conn.close()
+                self.sessions += 1
 
     def close(self) -> None:
         """Stop serving: a session in progress ends as if gdb had gone (the guest runs on)."""
+        if self._closed.is_set():
+            return
         self._closed.set()
         self._wake()
+        # the serving thread lets go of the sockets before they are closed
+        if not self._serving.acquire(timeout=10):
+            log.warning("gdb: the server thread did not stop")
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
         self.listener.close()

@@ -128,3 +128,16 @@ def test_gdb_interrupt_a_spinning_guest(served):
     assert "SIGINT" in out, out
     assert f"rip            {CODE:#x}" in out, out
     assert target.interrupts == 1 and target.detached
+
+
+def test_gdb_over_a_unix_socket_disassembles_at_pc(tmp_path):
+    target = FakeTarget(1, threaded=True)
+    target.memory[CODE - VIRTUAL_BASE : CODE - VIRTUAL_BASE + 3] = b"\x90\xaa\xcc"
+    server = GdbServer(target, str(tmp_path / "gdb.sock"))
+    server.start()
+    try:
+        out = run_gdb(server.address, ["x/3i $pc", "detach"])
+    finally:
+        server.close()
+    assert re.search(r"=> 0x401000:\s+nop\n\s+0x401001:\s+stos\s+%al,%es:\(%rdi\)\n\s+0x401002:\s+int3", out), out
+    assert target.detached
