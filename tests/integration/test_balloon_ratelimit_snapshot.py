@@ -33,7 +33,7 @@ def test_balloon_target_and_limiters_survive_a_snapshot(tmp_path):
         vm.start()
         vm.console.wait_for("counter: start", timeout=60)
         vm.set_balloon(12)
-        vm.set_drive_rate_limiter(0, new_limit)
+        vm.set_drive_rate_limiter(0, new_limit.as_dict())  # Firecracker's shape is taken too
         vm.pause()
         vm.snapshot(tmp_path / "vm.snap", tmp_path / "vm.mem")
     finally:
