@@ -151,6 +151,22 @@ def test_owed_periodic_ticks_are_bounded_and_forgotten_on_reprogramming(chip, cl
     assert chip.ack_interrupt(0) is None
 
 
+def test_expiries_a_slow_guest_has_not_taken_merge_instead_of_being_owed(chip, clock):
+    """Each expiry polled on time while the previous tick still waits in IRR (the guest is behind,
+    interrupts off) merges into it, as on hardware: one tick, no backlog fed back to back."""
+    w(chip, 0, TIMER_DIVIDE, 0xB)
+    w(chip, 0, LVT_TIMER, PERIODIC | 0xEC)
+    w(chip, 0, TIMER_INITIAL, LAPIC_TIMER_HZ // 250)  # 4 ms
+    start = clock.now
+    for n in range(1, 6):
+        clock.now = start + n * 0.004 + 1e-7
+        chip.poll()
+    assert chip.lapics[0].timer_backlog == 0
+    assert chip.ack_interrupt(0) == 0xEC
+    w(chip, 0, EOI, 0)
+    assert chip.ack_interrupt(0) is None
+
+
 def test_masked_timer_counts_without_interrupting(chip, clock):
     w(chip, 0, TIMER_DIVIDE, 0xB)
     w(chip, 0, LVT_TIMER, MASKED | 0xEC)
