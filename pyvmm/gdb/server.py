@@ -48,6 +48,7 @@ def parse_address(text: str) -> tuple[str, str | int]:
 
 def _listen(address: str) -> socket.socket:
     kind, *where = parse_address(address)
+    listener = None
     try:
         if kind == "unix":
             (path,) = where
@@ -68,6 +69,8 @@ def _listen(address: str) -> socket.socket:
             listener.bind((host, port))
         listener.listen(1)
     except OSError as err:
+        if listener is not None:
+            listener.close()
         raise GdbError(f"gdb address {address}: {err.strerror or err}") from err
     return listener
 

@@ -55,7 +55,7 @@ def test_gdb_session(served):
         f"watch *(unsigned char *){VIRTUAL_BASE + 0x6000:#x}",
         "echo @@watch\\n", "continue",
         "info registers rip",
-        "echo @@cr\\n", "info registers cr0 efer fs_base",
+        "echo @@cr\\n", "info registers cr0 efer fs_base gs_base k_gs_base",
         "echo @@thread2\\n", "thread 2", "info registers rip rax",
         "echo @@set\\n", "set $rax = 0x4242", "info registers rax",
         "echo @@detach\\n", "detach",
@@ -73,6 +73,8 @@ def test_gdb_session(served):
     assert f"rip            {stosb + 1:#x}" in sections["watch"], out
     assert "[ PE MP ET NE WP AM PG ]" in sections["cr"] and "[ SCE LME LMA NXE ]" in sections["cr"], out
     assert re.search(r"fs_base\s+0x70000000\b", sections["cr"]), out
+    assert re.search(r"gs_base\s+0xffff888000000000\b", sections["cr"]), out
+    assert re.search(r"k_gs_base\s+0x12345678\b", sections["cr"]), out
     assert f"rip            {CODE + 0x100:#x}" in sections["thread2"] and "0x2222" in sections["thread2"], out
     assert "rax            0x4242" in sections["set"], out
     assert "detached" in sections["detach"], out

@@ -114,6 +114,7 @@ def test_sessions_one_after_another_and_a_dropped_connection_detaches(tcp):
     with pytest.raises(EOFError):
         while True:
             second.reply()
+    second.close()
     wait_for(lambda: server.sessions == 2)
 
 
