@@ -73,6 +73,8 @@ class _Ring:
 
     def __init__(self, index: int):
         self.index = index
+        #: the backend has the kick fd: the ring runs until GET_VRING_BASE
+        self.started = False
         self.call = Notifier("eventfd")
         self.err = Notifier("eventfd")
 
@@ -153,9 +155,10 @@ class VhostUserDevice(VirtioDevice):
             frontend.set_vring_call(queue.index, ring.call.fileno())
             frontend.set_vring_err(queue.index, ring.err.fileno())
             frontend.set_vring_kick(queue.index, context.kick_fds[queue.index])  # starts the ring
+            ring.started = True
             if self.backend_features >> vu.F_PROTOCOL_FEATURES & 1:
                 frontend.set_vring_enable(queue.index, True)  # rings start disabled with protocol features
-        log.info("%s: %d queue(s) started on the vhost-user backend", self.name, len(self._rings))
+        log.info("%s: %d queue(s) started on the vhost-user backend", self.name, sum(r.started for r in self._rings))
 
     def reset(self) -> None:
         """Stop every started ring; the reset itself always succeeds (see ``_stop_rings``)."""
@@ -168,6 +171,8 @@ class VhostUserDevice(VirtioDevice):
         for ring in self._rings:
             if self.frontend.broken:
                 break
+            if not ring.started:
+                continue
             try:
                 self.frontend.get_vring_base(ring.index)
             except VhostUserError as err:
@@ -195,6 +200,8 @@ class VhostUserDevice(VirtioDevice):
 
     # --- event-loop callbacks (under the transport lock) ------------------------
     def on_call(self, ring: _Ring) -> None:
+        # Not a KVM irqfd straight from the backend: virtio-mmio's InterruptStatus must say "used
+        # buffer" before the line rises, or the guest's handler finds no cause and does nothing.
         if ring.call.clear() and self.context is not None:
             self.metrics.extra["calls"] = self.metrics.extra.get("calls", 0) + 1
             self.context.signal_used(ring.index)

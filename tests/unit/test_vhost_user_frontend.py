@@ -315,6 +315,14 @@ def test_a_failure_half_way_stops_the_rings_that_started(rig_factory):
     assert request_echo(rig, b"recovered") == b"RECOVERED"
 
 
+def test_a_ring_that_never_started_is_not_stopped(rig_factory):
+    rig = rig_factory(refuse={Request.SET_VRING_ADDR})
+    rig.driver.setup()
+    assert rig.transport.status & DEVICE_NEEDS_RESET
+    assert "GET_VRING_BASE" not in rig.backend.names() and rig.backend.names()[-1] == "SET_VRING_ADDR"
+    assert "refused SET_VRING_ADDR" in rig.transport.last_error
+
+
 def test_a_silent_backend_times_out(rig_factory):
     ours, theirs = socket.socketpair()
     backend = FakeBackend(theirs, silent={Request.GET_FEATURES})
