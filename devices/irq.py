@@ -25,6 +25,14 @@ class IrqLine:
             self.level = level
             self._set(self.irq, level)
 
+    def resync(self, level: bool) -> None:
+        """Send ``level`` even where this object believes the line is there already. After a restore
+        the line object is new (it believes the line low) while the interrupt controller comes back
+        with the saved input: a "low" never sent would leave that input high, and the next rising
+        edge (an edge-triggered IOAPIC pin) would be lost."""
+        self.level = not level
+        self.set_level(level)
+
     def pulse(self) -> None:
         """Edge-triggered sources: raise then lower."""
         self._set(self.irq, True)

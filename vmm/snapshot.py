@@ -310,6 +310,8 @@ def restore_devices(machine, state: dict, source: str) -> None:
             with device._lock:
                 plainstate.apply(device, state["devices"][name], now=_clock_of(device),
                                  times=DEVICE_TIMES.get(name, frozenset()), where=name)  # fmt: skip
+            if hasattr(device, "resync_irq"):
+                device.resync_irq()  # its IRQ line object is new; the restored controller has the saved level
         if len(state["virtio"]) != len(machine.virtio):
             raise ValueError(f"{len(state['virtio'])} virtio devices saved, the configuration makes {len(machine.virtio)}")
         for transport, saved in zip(machine.virtio, state["virtio"]):

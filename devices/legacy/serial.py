@@ -302,3 +302,8 @@ class Serial:
 
     def _update_irq(self) -> None:
         self.irq.set_level(self._interrupt_source() is not None)
+
+    def resync_irq(self) -> None:
+        """After a restore: send the IRQ level the registers give, whatever the new line object believes."""
+        with self._lock:
+            self.irq.resync(self._interrupt_source() is not None)
