@@ -10,6 +10,7 @@ interrupted); any other byte counts as a one-byte instruction. Stops are reporte
 
 from __future__ import annotations
 
+import copy
 import threading
 
 from pyvmm.accel.x86 import Regs, Segment, SpecialRegs
@@ -93,8 +94,6 @@ class FakeTarget:
 
     def read_registers(self, vcpu: int) -> VcpuRegisters:
         self._check_vcpu(vcpu)
-        import copy
-
         return copy.deepcopy(self.vcpus[vcpu])
 
     def write_registers(self, vcpu: int, registers: VcpuRegisters) -> None:
@@ -190,7 +189,8 @@ class FakeTarget:
             regs.rdi += 1
             regs.rip += 1
             for kind, start, length in self.breakpoints:
-                if kind in (BreakpointKind.WRITE_WATCH, BreakpointKind.ACCESS_WATCH) and start <= address < start + length:
+                watches_writes = kind in (BreakpointKind.WRITE_WATCH, BreakpointKind.ACCESS_WATCH)
+                if watches_writes and start <= address < start + length:
                     reason = StopReason.WATCH if kind == BreakpointKind.WRITE_WATCH else StopReason.ACCESS_WATCH
                     return StopEvent(vcpu, reason, address=start)
             return None

@@ -17,6 +17,7 @@ import selectors
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable
 
 from pyvmm.gdb.errors import GdbError
@@ -25,6 +26,8 @@ from pyvmm.gdb.stub import DebugTarget, GdbStub, StopEvent
 log = logging.getLogger("pyvmm.gdb")
 
 RECEIVE_SIZE = 0x10000
+#: seconds to wait, once gdb is gone, for running vCPUs to stop so the breakpoints can come out
+STOP_TIMEOUT = 10.0
 
 
 def parse_address(text: str) -> tuple[str, str | int]:
@@ -134,7 +137,7 @@ class GdbServer:
         self._closed.set()
         self._wake()
         # the serving thread lets go of the sockets before they are closed
-        if not self._serving.acquire(timeout=10):
+        if not self._serving.acquire(timeout=STOP_TIMEOUT + 5):
             log.warning("gdb: the server thread did not stop")
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
@@ -191,13 +194,24 @@ class GdbServer:
 
         target = self._make_target()
         stub = GdbStub(target, target.attach(on_stop))
+        connected = True
+        give_up_at = None  # once gdb is gone: how long to wait for the vCPUs to stop
         with selectors.DefaultSelector() as selector:
             selector.register(conn, selectors.EVENT_READ)
             selector.register(self._wake_read, selectors.EVENT_READ)
             while not stub.finished:
-                if self._closed.is_set():
+                if connected and self._closed.is_set():
+                    connected = False
+                if not connected and give_up_at is None:
+                    selector.unregister(conn)
+                    stub.connection_lost()
+                    give_up_at = time.monotonic() + STOP_TIMEOUT
+                    continue
+                timeout = None if give_up_at is None else give_up_at - time.monotonic()
+                if timeout is not None and timeout <= 0:
+                    stub.abandon()
                     break
-                for key, _ in selector.select():
+                for key, _ in selector.select(timeout):
                     if key.fileobj is self._wake_read:
                         self._drain_wake()
                         continue
@@ -207,7 +221,7 @@ class GdbServer:
                         data = b""
                     if not data:
                         log.info("gdb: connection closed")
-                        stub.connection_lost()
+                        connected = False
                         break
                     stub.receive(data)
                 while True:
@@ -216,11 +230,9 @@ class GdbServer:
                     except queue.Empty:
                         break
                 output = stub.data_to_send()
-                if output:
+                if output and connected:
                     try:
                         conn.sendall(output)
                     except OSError as err:
                         log.info("gdb: connection lost: %s", err)
-                        stub.connection_lost()
-        if not stub.finished:  # closed under it
-            stub.connection_lost()
+                        connected = False

@@ -193,6 +193,8 @@ class GdbStub:
         self.interrupting = False
         #: gdb sent D or k, or the connection is gone: the session is over
         self.finished = False
+        #: gdb is gone; the session ends at the next stop (connection_lost)
+        self.connection_gone = False
         self.general_vcpu = self._vcpu_of(initial_stop)
         self.control_vcpu: int | None = None  # None: every vCPU (Hc-1 / Hc0)
         #: software breakpoints: address -> the guest's byte under the int3
@@ -228,14 +230,35 @@ class GdbStub:
         self.last_stop = event
         self.general_vcpu = self._vcpu_of(event)
         self.control_vcpu = None
+        if self.connection_gone:
+            self._end(self.target.detach, "detach")  # the stop connection_lost asked for
+            return
         self.codec.send(self._stop_reply(event))
 
     def connection_lost(self) -> None:
-        """gdb went away without D or k: leave the guest running, as after a detach."""
-        if not self.finished:
-            self.finished = True
-            self._take_out_breakpoints()
-            self._call_target("detach", self.target.detach)
+        """gdb went away without D or k: take the breakpoints out and let the guest run, as after D.
+
+        With the vCPUs running, the breakpoints can only come out once they are stopped: this asks
+        the target to stop them, and the session ends at that stop (``finished``). A caller that
+        cannot wait for it calls ``abandon``.
+        """
+        if self.finished or self.connection_gone:
+            return
+        self.connection_gone = True
+        if self.running:
+            self._interrupt()
+        else:
+            self._end(self.target.detach, "detach")
+
+    def abandon(self) -> None:
+        """End the session now, without waiting for a stop: breakpoints still in guest memory stay."""
+        if self.finished:
+            return
+        if self.software_breakpoints:
+            log.warning("gdb: the session ended with the vCPUs running; int3 left at %s",
+                        ", ".join(f"{a:#x}" for a in sorted(self.software_breakpoints)))  # fmt: skip
+        self.finished = True
+        self._call_target("detach", self.target.detach)
 
     def data_to_send(self) -> bytes:
         return self.codec.data_to_send()

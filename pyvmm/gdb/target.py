@@ -380,7 +380,8 @@ def _feature_xml(feature: str) -> str:
     for number, reg in enumerate(REGISTERS):
         if reg.feature == feature:
             group = f' group="{reg.group}"' if reg.group else ""
-            lines.append(f'  <reg name="{reg.name}" bitsize="{reg.bitsize}" type="{reg.type}" regnum="{number}"{group}/>')
+            lines.append(f'  <reg name="{reg.name}" bitsize="{reg.bitsize}" type="{reg.type}"'
+                         f' regnum="{number}"{group}/>')
     lines.append("</feature>")
     return "\n".join(lines) + "\n"
 

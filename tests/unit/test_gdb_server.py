@@ -118,6 +118,22 @@ def test_sessions_one_after_another_and_a_dropped_connection_detaches(tcp):
     wait_for(lambda: server.sessions == 2)
 
 
+def test_gdb_gone_while_the_guest_runs(tcp):
+    """The breakpoints come out at the stop the server asks for, not under running vCPUs."""
+    target, server = tcp
+    for vcpu in range(2):
+        target.memory[CODE + 0x100 * vcpu - VIRTUAL_BASE : CODE + 0x100 * vcpu - VIRTUAL_BASE + 2] = b"\xeb\xfe"
+    client = Client(server.address)
+    assert client.request(b"Z0,%x,1" % (CODE + 0x80)) == b"OK"
+    client.send(gdb_frame(b"c"))
+    wait_for(lambda: target.running)
+    client.close()
+    wait_for(lambda: target.detached)
+    assert target.interrupts == 1
+    assert target.memory[CODE + 0x80 - VIRTUAL_BASE] == 0x90 and not target.breakpoints
+    assert not target.violations
+
+
 def test_unix_socket(tmp_path):
     path = str(tmp_path / "gdb.sock")
     target = FakeTarget(1)

@@ -30,6 +30,12 @@ def offset(address: int) -> int:
     return address - VIRTUAL_BASE
 
 
+def spin(target: FakeTarget) -> None:
+    for vcpu in range(target.vcpu_count):
+        at = offset(CODE + 0x100 * vcpu)
+        target.memory[at : at + 2] = b"\xeb\xfe"  # jmp $: runs until interrupted
+
+
 # ------------------------------------------------------------------ handshake, description
 
 
@@ -211,8 +217,10 @@ def test_hardware_breakpoints_and_watchpoints_go_to_the_target(session):
     target = session.target
     for packet in (b"Z1,401010,1", b"Z2,406000,1", b"Z3,406008,8", b"Z4,406010,4"):
         assert session.request(packet) == b"OK"
-    assert target.breakpoints == {(BreakpointKind.HARDWARE, 0x401010, 1), (BreakpointKind.WRITE_WATCH, 0x406000, 1),
-                                  (BreakpointKind.READ_WATCH, 0x406008, 8), (BreakpointKind.ACCESS_WATCH, 0x406010, 4)}  # fmt: skip
+    assert target.breakpoints == {
+        (BreakpointKind.HARDWARE, 0x401010, 1), (BreakpointKind.WRITE_WATCH, 0x406000, 1),
+        (BreakpointKind.READ_WATCH, 0x406008, 8), (BreakpointKind.ACCESS_WATCH, 0x406010, 4),
+    }  # fmt: skip
     assert session.request(b"Z2,406100,2") == b"E05"  # the target has no fifth debug register
     assert session.request(b"z3,406008,8") == b"OK"
     assert (BreakpointKind.READ_WATCH, 0x406008, 8) not in target.breakpoints
@@ -291,8 +299,7 @@ def test_watchpoint_stop_carries_the_address(session):
 
 @pytest.mark.parametrize("reason, key", [(StopReason.READ_WATCH, b"rwatch"), (StopReason.WATCH, b"watch")])
 def test_other_stop_replies(session, reason, key):
-    session.target.memory[offset(CODE) : offset(CODE) + 2] = b"\xeb\xfe"
-    session.target.memory[offset(CODE + 0x100) : offset(CODE + 0x100) + 2] = b"\xeb\xfe"
+    spin(session.target)
     assert session.send_raw(gdb_frame(b"c")) == []
     session.target.running = False
     session.stub.stopped(StopEvent(1, reason, address=0x1234))
@@ -301,8 +308,7 @@ def test_other_stop_replies(session, reason, key):
 
 def test_ctrl_c_stops_a_running_guest_and_packets_meanwhile_are_refused(session):
     target = session.target
-    target.memory[offset(CODE) : offset(CODE) + 2] = b"\xeb\xfe"  # both vCPUs spin
-    target.memory[offset(CODE + 0x100) : offset(CODE + 0x100) + 2] = b"\xeb\xfe"
+    spin(target)
     assert session.send_raw(gdb_frame(b"vCont;c")) == []
     assert session.stub.running
     assert session.request(b"g") == b"E10"
@@ -322,8 +328,7 @@ def test_a_stop_while_stopped_is_ignored(session):
 
 
 def test_the_guest_exiting(session):
-    session.target.memory[offset(CODE) : offset(CODE) + 2] = b"\xeb\xfe"
-    session.target.memory[offset(CODE + 0x100) : offset(CODE + 0x100) + 2] = b"\xeb\xfe"
+    spin(session.target)
     session.send_raw(gdb_frame(b"c"))
     session.target.running = False
     session.stub.stopped(StopEvent(0, StopReason.EXITED, exit_status=3))
@@ -419,6 +424,35 @@ def test_connection_lost_detaches(session):
     session.stub.connection_lost()  # twice is harmless
 
 
+def test_connection_lost_while_running_stops_the_vcpus_first():
+    s = Session(FakeTarget(2))
+    spin(s.target)
+    assert s.request(b"Z0,%x,1" % (CODE + 0x200)) == b"OK"
+    assert s.send_raw(gdb_frame(b"vCont;c")) == []
+    s.target.on_stop = s.stops.append
+    s.stub.connection_lost()
+    assert s.target.interrupts == 1 and not s.stub.finished
+    assert s.target.memory[offset(CODE + 0x200)] == 0xCC  # not touched while the vCPUs run
+    s.stub.stopped(s.stops.pop())
+    assert s.stub.finished and s.target.detached
+    assert s.target.memory[offset(CODE + 0x200)] == 0x90 and not s.target.breakpoints
+    assert s.stub.data_to_send() == b""  # no stop reply to a gdb that is gone
+    assert not s.target.violations
+
+
+def test_abandon_when_the_vcpus_never_stop():
+    s = Session(FakeTarget(1))
+    spin(s.target)
+    s.request(b"Z0,%x,1" % (CODE + 0x200))
+    s.send_raw(gdb_frame(b"c"))
+    s.target.on_stop = lambda event: None  # a stop that never comes
+    s.stub.connection_lost()
+    s.stub.abandon()
+    assert s.stub.finished and s.target.detached
+    assert s.target.memory[offset(CODE + 0x200)] == 0xCC  # left: it could not be taken out safely
+    assert not s.target.violations
+
+
 # ------------------------------------------------------------------ robustness
 
 
@@ -465,8 +499,7 @@ ITEMS = st.one_of(st.tuples(st.sampled_from(PREFIXES), ARGS).map(lambda t: t[0] 
 @given(st.lists(ITEMS, max_size=25))
 def test_fuzz_the_stub_always_answers_and_never_raises(items):
     target = FakeTarget(2)
-    target.memory[offset(CODE) : offset(CODE) + 2] = b"\xeb\xfe"  # c spins until Ctrl-C
-    target.memory[offset(CODE + 0x100) : offset(CODE + 0x100) + 2] = b"\xeb\xfe"
+    spin(target)  # c runs until Ctrl-C
     s = Session(target)
     for item in items:
         if item == b"\x03":
