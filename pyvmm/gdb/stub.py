@@ -184,10 +184,13 @@ class GdbStub:
     def __init__(self, target: DebugTarget, initial_stop: StopEvent, *, packet_size: int = PACKET_SIZE):
         self.target = target
         self.vcpu_count = int(target.vcpu_count)
+        if self.vcpu_count < 1:
+            raise GdbError(f"a debug target with {self.vcpu_count} vCPUs")
         self.codec = RspCodec(packet_size)
         self.packet_size = packet_size
-        #: bytes of guest memory one m/M/X may move (the m reply is hex: two characters a byte)
-        self.max_memory = (packet_size - 1) // 2
+        #: bytes of guest memory one m may read: gdb asks for up to half its packet size (the reply
+        #: is hex, two characters a byte; replies may exceed PacketSize, which bounds gdb's packets)
+        self.max_memory = packet_size // 2
         self.last_stop = initial_stop
         self.running = False
         self.interrupting = False
@@ -311,7 +314,7 @@ class GdbStub:
 
     # ------------------------------------------------------------ queries
 
-    def _query(self, payload: bytes) -> bytes:
+    def _query(self, payload: bytes) -> bytes | None:
         name, _, args = payload.partition(b":")
         if name == b"qSupported":
             self.gdb_features = {f[:-1].decode("ascii", "replace") for f in args.split(b";") if f.endswith(b"+")}
@@ -471,20 +474,20 @@ class GdbStub:
 
     # ------------------------------------------------------------ memory
 
-    def _span(self, text: bytes) -> tuple[int, int]:
+    def _span(self, text: bytes, limit: int) -> tuple[int, int]:
         address_text, comma, length_text = text.partition(b",")
         if not comma:
             raise _Refused(E_INVALID, "expected ADDR,LENGTH")
         address = _hex_number(address_text, "address")
         length = _hex_number(length_text, "length")
-        if length > self.max_memory:
-            raise _Refused(E_TOO_BIG, f"length {length:#x} over {self.max_memory:#x}")
+        if length > limit:
+            raise _Refused(E_TOO_BIG, f"length {length:#x} over {limit:#x}")
         if address + length > ADDRESS_LIMIT:
             raise _Refused(E_INVALID, f"{address:#x}+{length:#x} wraps the address space")
         return address, length
 
     def _read_memory(self, body: bytes) -> bytes:
-        address, length = self._span(body)
+        address, length = self._span(body, self.max_memory)
         data = self._read_guest(address, length)
         if length and not data:
             return E_FAULT
@@ -521,7 +524,7 @@ class GdbStub:
         span, colon, text = body.partition(b":")
         if not colon:
             raise _Refused(E_INVALID, "M without ':'")
-        address, length = self._span(span)
+        address, length = self._span(span, self.packet_size)  # the data checks it more tightly
         data = _hex_bytes(text, "memory data")
         return self._store(address, length, data)
 
@@ -529,7 +532,7 @@ class GdbStub:
         span, colon, data = body.partition(b":")
         if not colon:
             raise _Refused(E_INVALID, "X without ':'")
-        address, length = self._span(span)
+        address, length = self._span(span, self.packet_size)
         return self._store(address, length, data)
 
     def _store(self, address: int, length: int, data: bytes) -> bytes:

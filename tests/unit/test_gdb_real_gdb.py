@@ -143,3 +143,20 @@ def test_gdb_over_a_unix_socket_disassembles_at_pc(tmp_path):
         server.close()
     assert re.search(r"=> 0x401000:\s+nop\n\s+0x401001:\s+stos\s+%al,%es:\(%rdi\)\n\s+0x401002:\s+int3", out), out
     assert target.detached
+
+
+def test_gdb_moves_big_blocks_of_memory(served, tmp_path):
+    """dump and restore: gdb's largest m reads and X writes (as big as PacketSize allows)."""
+    target, server = served
+    pattern = bytes((i * 7 + (i >> 8)) & 0xFF for i in range(0x6000))
+    target.memory[0x8000:0xE000] = pattern
+    dumped, restored = tmp_path / "dump.bin", tmp_path / "restore.bin"
+    restored.write_bytes(pattern[::-1])
+    start = VIRTUAL_BASE + 0x8000
+    out = run_gdb(server.address, [
+        f"dump binary memory {dumped} {start:#x} {start + 0x6000:#x}",
+        f"restore {restored} binary {start:#x}",
+        "detach",
+    ])  # fmt: skip
+    assert dumped.read_bytes() == pattern, out
+    assert target.memory[0x8000:0xE000] == pattern[::-1], out

@@ -149,6 +149,14 @@ def test_m_m_and_x(session):
     assert session.request(b"m402000,0") == b""
 
 
+def test_an_x_write_may_carry_more_bytes_than_an_m_read_returns(session):
+    data = bytes(range(256)) * 0x30  # 12 KiB: binary X packets fit more than half the packet size
+    escaped = escape(data)
+    assert session.request(b"X402000,%x:" % len(data) + escaped) == b"OK"
+    assert session.target.memory[0x2000 : 0x2000 + len(data)] == data
+    assert session.request(b"m402000,2001") == b"E07"
+
+
 def test_unmapped_and_malformed_memory_requests_get_error_replies(session):
     assert session.request(b"m0,4") == b"E0e"
     assert session.request(b"M0,1:00") == b"E0e"
@@ -466,8 +474,8 @@ def test_an_oversized_packet_gets_an_error_and_the_session_goes_on():
     s = Session(FakeTarget(1), packet_size=0x100)
     assert s.request(b"X401000,200:" + b"a" * 0x200) == b"E07"
     assert s.request(b"qC") == b"QC1"
-    assert s.request(b"m401000,7f") == b"90" * 0x7F
-    assert s.request(b"m401000,80") == b"E07"  # the reply would not fit
+    assert s.request(b"m401000,80") == b"90" * 0x80  # half the packet size, as gdb reads
+    assert s.request(b"m401000,81") == b"E07"
 
 
 class BrokenTarget(FakeTarget):
