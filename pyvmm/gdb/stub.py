@@ -276,11 +276,11 @@ class GdbStub:
             return
         try:
             reply = self._dispatch(payload)
-        except _Refused as refused:
-            log.info("gdb: %r refused: %s", payload[:40], refused)
+        except _Refused as refused:  # routine: gdb probes what a stub takes, and where memory is
+            log.debug("gdb: %r refused: %s", payload[:40], refused)
             reply = refused.reply
         except UnmappedAddress as err:
-            log.info("gdb: %r: %s", payload[:40], err)
+            log.debug("gdb: %r: %s", payload[:40], err)
             reply = E_FAULT
         except DebugTargetError as err:
             log.info("gdb: %r refused by the target: %s", payload[:40], err)
@@ -344,7 +344,7 @@ class GdbStub:
         parts = args.split(b":")
         if len(parts) != 4 or parts[0] != b"features":
             return b""  # an object this stub does not serve
-        obj, operation, annex, span = parts
+        _, operation, annex, span = parts
         if operation != b"read":
             return b""
         document = TARGET_DESCRIPTION.get(annex.decode("ascii", "replace"))
@@ -373,32 +373,34 @@ class GdbStub:
             )
             return b"OK"
         if words[0] == "xp":
-            if len(words) not in (2, 3):
-                self._console("usage: xp ADDR [LEN]\n")
-                return E_INVALID
-            try:
-                address = int(words[1], 0)
-                length = int(words[2], 0) if len(words) == 3 else 16
-            except ValueError:
-                self._console(f"xp: bad number in {' '.join(words[1:])!r}\n")
-                return E_INVALID
-            if not 0 <= address < ADDRESS_LIMIT or not 0 < length <= MONITOR_DUMP_LIMIT \
-                    or address + length > ADDRESS_LIMIT:  # fmt: skip
-                self._console(f"xp: address or length out of range (length 1..{MONITOR_DUMP_LIMIT})\n")
-                return E_INVALID
-            try:
-                data = self.target.read_physical(address, length)
-            except DebugTargetError as err:
-                self._console(f"xp: {err}\n")
-                return E_FAULT
-            lines = []
-            for start in range(0, len(data), 16):
-                row = data[start : start + 16]
-                lines.append(f"{address + start:#018x}: " + " ".join(f"{b:02x}" for b in row) + "\n")
-            self._console("".join(lines))
-            return b"OK"
+            return self._monitor_xp(words[1:])
         self._console(f"unknown monitor command {words[0]!r}; try 'monitor help'\n")
         return E_INVALID
+
+    def _monitor_xp(self, args: list[str]) -> bytes:
+        if len(args) not in (1, 2):
+            self._console("usage: xp ADDR [LEN]\n")
+            return E_INVALID
+        try:
+            address = int(args[0], 0)
+            length = int(args[1], 0) if len(args) == 2 else 16
+        except ValueError:
+            self._console(f"xp: bad number in {' '.join(args)!r}\n")
+            return E_INVALID
+        if not 0 <= address < ADDRESS_LIMIT or not 0 < length <= MONITOR_DUMP_LIMIT or address + length > ADDRESS_LIMIT:
+            self._console(f"xp: address or length out of range (length 1..{MONITOR_DUMP_LIMIT})\n")
+            return E_INVALID
+        try:
+            data = self.target.read_physical(address, length)
+        except DebugTargetError as err:
+            self._console(f"xp: {err}\n")
+            return E_FAULT
+        lines = []
+        for start in range(0, len(data), 16):
+            row = data[start : start + 16]
+            lines.append(f"{address + start:#018x}: " + " ".join(f"{b:02x}" for b in row) + "\n")
+        self._console("".join(lines))
+        return b"OK"
 
     def _console(self, text: str) -> None:
         """Console output for gdb to print, in O packets (gdb prints them while a qRcmd runs)."""
