@@ -45,6 +45,8 @@ end=$(cut -d' ' -f1 /proc/uptime)
 say "copied $start $end"
 if (echo nope > /mnt/ro/nope.txt) 2>/tmp/err; then say "ro write ALLOWED"; else say "ro write refused: $(cat /tmp/err)"; fi
 if mkdir /mnt/ro/newdir 2>/dev/null; then say "ro mkdir ALLOWED"; else say "ro mkdir refused"; fi
+# a program whose pages virtiofsd writes into guest RAM (not the guest's page cache) runs
+cp /bin/busybox /mnt/rw/busybox && sync && echo 3 > /proc/sys/vm/drop_caches && say "$(/mnt/rw/busybox echo ran from the share)"
 umount /mnt/rw && umount /mnt/ro && say "unmounted"
 # the driver resets both devices (GET_VRING_BASE stops virtiofsd's rings) and probes them again
 rmmod virtiofs && modprobe virtiofs && mount -t virtiofs rwshare /mnt/rw && say "again $(cat /mnt/rw/from-guest.txt)"
@@ -130,6 +132,7 @@ def test_virtiofs_shares(tmp_path):
     assert "pyvmm-fs: ro write refused" in out and "Read-only file system" in out, out[-3000:]
     assert "pyvmm-fs: ro mkdir refused" in out
     assert sorted(p.name for p in ro.iterdir()) == ["big.bin", "dir"]  # nothing appeared on the host
+    assert "pyvmm-fs: ran from the share" in out
     assert "pyvmm-fs: unmounted" in out
     assert "pyvmm-fs: again written by the guest" in out  # after a driver reset and a new probe
     assert "virtio-fs0: requests" in result.stderr and "needs_reset 0" in result.stderr.split("virtio-fs1:")[-1]
