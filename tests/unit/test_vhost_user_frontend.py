@@ -359,6 +359,14 @@ def test_backend_death_fails_the_device_not_the_vmm(rig_factory):
     assert "\n" not in rig.transport.last_error
 
 
+def test_a_message_nobody_asked_for_fails_the_device(rig_factory):
+    rig = rig_factory()
+    rig.driver.setup()
+    rig.backend.sock.sendall(vu.encode(Request.GET_FEATURES, vu.u64_payload(0), reply=True))
+    assert wait_for(lambda: rig.transport.status & DEVICE_NEEDS_RESET)
+    assert rig.transport.last_error == "virtio-fs0: the vhost-user backend sent a message nobody asked for"
+
+
 def test_death_in_the_middle_of_a_request(rig_factory):
     rig = rig_factory(die_on=Request.SET_MEM_TABLE)
     rig.driver.setup()
