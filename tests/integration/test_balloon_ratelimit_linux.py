@@ -105,7 +105,7 @@ def test_balloon_and_a_rate_limited_drive(tmp_path):
     }  # fmt: skip
     with VM.from_dict(config, base_dir=tmp_path) as vm:
         vm.start()
-        text = vm.console.wait_for(re.compile(rb"pyvmm-brl: filled[^\n]*\n"), timeout=600).group(0).decode()
+        vm.console.wait_for(re.compile(rb"pyvmm-brl: filled[^\n]*\n"), timeout=600)
         out = vm.console.text
         times = {d: (int(sectors) * 512, float(t1) - float(t0))
                  for d, sectors, t0, t1 in re.findall(r"pyvmm-brl: dd (vd\w) (\d+) sectors ([\d.]+) ([\d.]+)", out)}
