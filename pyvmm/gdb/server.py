@@ -136,11 +136,14 @@ class GdbServer:
             return
         self._closed.set()
         self._wake()
-        # the serving thread lets go of the sockets before they are closed
-        if not self._serving.acquire(timeout=STOP_TIMEOUT + 5):
-            log.warning("gdb: the server thread did not stop")
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
+        # the serving thread lets go of the sockets before they are closed (unless this is it)
+        if self._thread is not threading.current_thread():
+            if self._serving.acquire(timeout=STOP_TIMEOUT + 5):
+                self._serving.release()
+            else:
+                log.warning("gdb: the server thread did not stop")
+            if self._thread is not None:
+                self._thread.join(timeout=5)
         self.listener.close()
         if self.unix_path is not None:
             try:
