@@ -137,6 +137,9 @@ class Capability(enum.Enum):
     XSAVE_STATE = "XSAVE area"
     #: ``vcpu.interrupt_window_open()``, ``inject_interrupt(vector)``, ``inject_nmi()``
     INTERRUPT_INJECTION = "interrupt injection"
+    #: ``vm.start_dirty_log()`` then ``vm.dirty_bitmap(slot)``: the pages the guest wrote in each
+    #: memory slot since the last call, as the hypervisor logged them (KVM_GET_DIRTY_LOG)
+    DIRTY_LOG = "dirty-page log"
     #: the backend's instructions run one at a time in software (exact traces, no atomicity
     #: across vCPUs running in parallel)
     SOFTWARE_CPU = "software CPU"

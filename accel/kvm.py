@@ -221,6 +221,8 @@ class KvmVm:
         self._kvm_fd = -1
         self.fd = -1
         self._slots: dict[int, object] = {}  # slot -> cdata of from_buffer (keeps the host buffer exported)
+        self._slot_layout: dict[int, tuple[int, int, bool]] = {}  # slot -> (guest_addr, size, readonly)
+        self._dirty_log = False
         self.vcpus: list[KvmVcpu] = []
         try:
             self._kvm_fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
@@ -261,7 +263,8 @@ class KvmVm:
         if emulation_failure_exits and _check_extension(self.fd, k.KVM_CAP_EXIT_ON_EMULATION_FAILURE):
             self.enable_cap(k.KVM_CAP_EXIT_ON_EMULATION_FAILURE, 1)
             self.emulation_failure_exits = True
-        caps = {Capability.IN_KERNEL_IRQCHIP, Capability.IRQFD, Capability.IOEVENTFD, Capability.XSAVE_STATE}
+        caps = {Capability.IN_KERNEL_IRQCHIP, Capability.IRQFD, Capability.IOEVENTFD, Capability.XSAVE_STATE,
+                Capability.DIRTY_LOG}  # fmt: skip
         if self.readonly_memory:
             caps.add(Capability.READONLY_MEMORY)
         if self.emulation_failure_exits:
@@ -278,7 +281,9 @@ class KvmVm:
         _ioctl(self.fd, k.KVM_ENABLE_CAP, enable, f"KVM_ENABLE_CAP({cap})")
 
     def map_memory(self, slot: int, guest_addr: int, host_buffer, *, readonly: bool = False) -> None:
-        """Make ``host_buffer`` (an mmap) guest RAM at ``guest_addr`` in memory slot ``slot``; no copy."""
+        """Make ``host_buffer`` (an mmap) guest RAM at ``guest_addr`` in memory slot ``slot``; no copy.
+
+        Once ``start_dirty_log`` ran, new writable slots are logged too."""
         size = len(host_buffer)
         if guest_addr % mmap.PAGESIZE or size % mmap.PAGESIZE or size == 0:
             raise AccelError("kvm", f"memory slot {slot}: {guest_addr:#x}+{size:#x} is not page-aligned")
@@ -288,28 +293,56 @@ class KvmVm:
             buffer = ffi.from_buffer(host_buffer, require_writable=True)
         except TypeError as err:
             raise AccelError("kvm", f"memory slot {slot}: host buffer must be a writable mmap ({err})") from err
+        self._set_region(slot, guest_addr, buffer, size, readonly)
+        old = self._slots.pop(slot, None)
+        if old is not None:
+            ffi.release(old)
+        self._slots[slot] = buffer
+        self._slot_layout[slot] = (guest_addr, size, readonly)
+
+    def _set_region(self, slot: int, guest_addr: int, buffer, size: int, readonly: bool) -> None:
+        flags = k.KVM_MEM_READONLY if readonly else (k.KVM_MEM_LOG_DIRTY_PAGES if self._dirty_log else 0)
         region = ffi.new(
             "struct kvm_userspace_memory_region *",
             {
                 "slot": slot,
-                "flags": k.KVM_MEM_READONLY if readonly else 0,
+                "flags": flags,
                 "guest_phys_addr": guest_addr,
                 "memory_size": size,
                 "userspace_addr": int(ffi.cast("uintptr_t", buffer)),
             },
         )
         _ioctl(self.fd, k.KVM_SET_USER_MEMORY_REGION, region,
-               f"KVM_SET_USER_MEMORY_REGION(slot {slot}, {guest_addr:#x}+{size:#x})")
-        old = self._slots.pop(slot, None)
-        if old is not None:
-            ffi.release(old)
-        self._slots[slot] = buffer
+               f"KVM_SET_USER_MEMORY_REGION(slot {slot}, {guest_addr:#x}+{size:#x})")  # fmt: skip
+
+    def start_dirty_log(self) -> None:
+        """Log the guest's writes to every writable slot (KVM_MEM_LOG_DIRTY_PAGES; KVM changes only the
+        flags of a slot set again at the same place). The log starts empty."""
+        if self._dirty_log:
+            return
+        self._dirty_log = True
+        for slot, (guest_addr, size, readonly) in self._slot_layout.items():
+            if not readonly:
+                self._set_region(slot, guest_addr, self._slots[slot], size, readonly)
+
+    def dirty_bitmap(self, slot: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: one bit per 4 KiB page of ``slot`` (bit ``n % 8`` of byte ``n // 8``), set
+        for the pages the guest wrote since the last call; the log is cleared by the call."""
+        if not self._dirty_log:
+            raise AccelError("kvm", "the dirty-page log is not on (start_dirty_log)")
+        _, size, _ = self._slot_layout[slot]
+        pages = -(-size // mmap.PAGESIZE)
+        bitmap = ffi.new("uint64_t[]", -(-pages // 64))  # KVM writes whole longs
+        log_request = ffi.new("struct kvm_dirty_log *", {"slot": slot, "dirty_bitmap": bitmap})
+        _ioctl(self.fd, k.KVM_GET_DIRTY_LOG, log_request, f"KVM_GET_DIRTY_LOG(slot {slot})")
+        return bytes(ffi.buffer(bitmap))[: -(-pages // 8)]
 
     def unmap_memory(self, slot: int) -> None:
         """Remove memory slot ``slot`` from the guest."""
         region = ffi.new("struct kvm_userspace_memory_region *", {"slot": slot, "memory_size": 0})
         _ioctl(self.fd, k.KVM_SET_USER_MEMORY_REGION, region, f"KVM_SET_USER_MEMORY_REGION(delete slot {slot})")
         buffer = self._slots.pop(slot, None)
+        self._slot_layout.pop(slot, None)
         if buffer is not None:
             ffi.release(buffer)
 

@@ -92,6 +92,10 @@ class Stepper(system.EngineHooks):
             ram.append((region.guest_addr, region.size, ctypes.addressof(export), False))
         self.engine.map_memory(ram, self._mmio_read, self._mmio_write)
         self.engine.install_hooks(self)
+        if getattr(memory, "tracking_writes", False):
+            # a Diff snapshot needs the pages stepped instructions write: the hypervisor's
+            # dirty log does not see this engine's stores
+            self.engine.on_ram_write(memory.mark_written)
 
     def close(self) -> None:
         self.engine.close()

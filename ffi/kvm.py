@@ -302,6 +302,15 @@ ffi.cdef(
         uint64_t userspace_addr;
     };
 
+    struct kvm_dirty_log {
+        uint32_t slot;
+        uint32_t padding1;
+        union {
+            void *dirty_bitmap;
+            uint64_t padding2;
+        };
+    };
+
     struct kvm_irq_level {
         union {
             uint32_t irq;
@@ -422,6 +431,7 @@ KVM_GET_SUPPORTED_CPUID = _iowr(0x05, "struct kvm_cpuid2")
 # ---- ioctls on a VM fd ----
 KVM_CREATE_VCPU = _io(0x41)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, "struct kvm_userspace_memory_region")
+KVM_GET_DIRTY_LOG = _iow(0x42, "struct kvm_dirty_log")
 KVM_SET_TSS_ADDR = _io(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, "uint64_t")
 KVM_CREATE_IRQCHIP = _io(0x60)

@@ -6,14 +6,20 @@ first, or the socket does not appear in time, the error carries the end of its s
 ``stop()`` sends SIGTERM, then SIGKILL, reaps it and removes the directory. The daemon also
 exits by itself when the vhost-user connection closes (so when pyvmm's process dies).
 
-Read-only shares: this virtiofsd has no read-only option (``--help`` lists none; the Rust
-virtiofsd's ``--readonly`` is not in it). pyvmm enforces read-only on the host instead: the
-daemon is started through ``unshare --mount --propagation private`` in a new mount namespace
-where the shared directory is first bind-mounted onto itself and remounted read-only
-(``mount --bind DIR DIR; mount -o remount,bind,ro DIR``). virtiofsd's own sandbox then
-bind-mounts that read-only mount as its root, so every write the guest asks for fails in the
-host kernel with EROFS; the host's view of the directory is untouched (the mounts live only in
-the daemon's namespace). This needs root (CAP_SYS_ADMIN), as virtiofsd's sandbox does.
+The daemon runs in a mount namespace of its own (``unshare --mount --propagation private``,
+root), on a private staging directory where the shared directory is bind-mounted with its
+submounts (``mount --rbind``); the host's own mounts are never changed. Three reasons:
+
+- sharing ``/`` (``pyvmm run``): this virtiofsd's sandbox cannot pivot_root onto the current
+  root itself (``pivot_root(., .): Device or resource busy``), but can onto the staging mount;
+- the host's kernel file systems under the shared directory (proc, sysfs, devtmpfs, cgroup,
+  debugfs, ...) are unmounted in the namespace: the guest never sees the host's processes or
+  devices through the share;
+- read-only shares: this virtiofsd has no read-only option (``--help`` lists none; the Rust
+  virtiofsd's ``--readonly`` is not in it), so every mount in the staging tree is remounted
+  read-only (``mount -o remount,bind,ro``, one by one: util-linux 2.38's ``ro=recursive``
+  does not take effect here), and every write the guest asks for fails in the host kernel with
+  EROFS, whatever mount options the guest uses.
 """
 
 from __future__ import annotations
@@ -32,8 +38,28 @@ DEFAULT_BINARY = "/usr/lib/qemu/virtiofsd"
 DEBIAN_PACKAGE = "qemu-system-common"
 STDERR_TAIL = 600  # characters of the daemon's stderr in an error
 
-#: bind-mount "$1" read-only onto itself in this (new, private) mount namespace, then run the rest
-_READ_ONLY_WRAPPER = 'mount --bind -- "$1" "$1" && mount -o remount,bind,ro -- "$1" && shift && exec "$@"'
+#: Kernel file systems hidden from the guest: the host's, not the guest's to see.
+HIDDEN_FSTYPES = ("proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "securityfs", "debugfs", "tracefs",
+                  "bpf", "mqueue", "hugetlbfs", "fusectl", "configfs", "pstore", "efivarfs", "binfmt_misc", "autofs",
+                  "rpc_pipefs", "nsfs")  # fmt: skip
+
+#: In the new mount namespace: rbind "$1" (the shared directory) onto "$2" (the staging directory),
+#: unmount the hidden kernel file systems below it, remount the rest read-only when "$3" is ro,
+#: then exec the daemon (the remaining arguments). findmnt -r escapes odd characters as \xHH.
+_NAMESPACE_WRAPPER = r"""
+src=$1 stage=$2 mode=$3 hidden=$4; shift 4
+mount --rbind -- "$src" "$stage" || exit 97
+for entry in $(findmnt -R -n -r -o TARGET,FSTYPE -- "$stage" | sed 's/ /|/'); do
+    target=$(printf '%b' "${entry%%|*}"); fstype=${entry#*|}
+    case " $hidden " in *" $fstype "*) umount -R -l -- "$target" 2>/dev/null ;; esac
+done
+if [ "$mode" = ro ]; then
+    for target in $(findmnt -R -n -r -o TARGET -- "$stage"); do
+        mount -o remount,bind,ro -- "$(printf '%b' "$target")" || exit 98
+    done
+fi
+exec "$@"
+"""
 
 
 class VirtiofsdError(DeviceError):
@@ -67,21 +93,21 @@ class Virtiofsd:
 
     def command(self) -> list[str]:
         binary = find_binary(self.binary)
-        daemon = [binary, f"--socket-path={self.socket_path}", "-o", f"source={self.shared_dir}",
+        staging = os.path.join(self.workdir, "root")
+        daemon = [binary, f"--socket-path={self.socket_path}", "-o", f"source={staging}",
                   "-o", "cache=auto", "-o", "no_posix_lock", "-o", "no_flock"]  # fmt: skip
-        if not self.read_only:
-            return daemon
-        unshare = shutil.which("unshare")
-        if unshare is None or shutil.which("mount") is None:
-            raise VirtiofsdError(f"{self.name}: a read-only share needs unshare and mount (util-linux, mount) on the host")
-        return [unshare, "--mount", "--propagation", "private", "--", "sh", "-c", _READ_ONLY_WRAPPER, "sh",
-                self.shared_dir, *daemon]  # fmt: skip
+        missing = [tool for tool in ("unshare", "mount", "umount", "findmnt") if shutil.which(tool) is None]
+        if missing:
+            raise VirtiofsdError(f"{self.name}: sharing a directory needs {', '.join(missing)} (util-linux, mount) on the host")
+        return [shutil.which("unshare"), "--mount", "--propagation", "private", "--", "sh", "-c", _NAMESPACE_WRAPPER,
+                "sh", self.shared_dir, staging, "ro" if self.read_only else "rw", " ".join(HIDDEN_FSTYPES), *daemon]  # fmt: skip
 
     def start(self) -> Virtiofsd:
         if not os.path.isdir(self.shared_dir):
             raise VirtiofsdError(f"{self.name}: shared directory {self.shared_dir} does not exist")
         self.workdir = tempfile.mkdtemp(prefix="pyvmm-virtiofsd-")
         self.socket_path = os.path.join(self.workdir, "vhost-user.sock")
+        os.mkdir(os.path.join(self.workdir, "root"))
         stderr_path = os.path.join(self.workdir, "stderr")
         try:
             command = self.command()

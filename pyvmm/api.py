@@ -70,6 +70,11 @@ class Console:
     def text(self) -> str:
         return self.output.decode("utf-8", "replace")
 
+    def tail(self, size: int = 2000) -> str:
+        """The last ``size`` bytes of console output, as text (for error messages)."""
+        with self._cond:
+            return bytes(self._buffer[-size:]).decode("utf-8", "replace")
+
     def write(self, data: bytes | str) -> None:
         """Type into the guest's console."""
         if isinstance(data, str):
@@ -106,6 +111,13 @@ class Console:
         """Wait for a complete line (newline-terminated) containing ``text``; return it without the newline."""
         match = self.wait_for(re.compile(rb"[^\n]*" + re.escape(text.encode()) + rb"[^\n]*\n"), timeout)
         return match.group(0).decode("utf-8", "replace").rstrip("\r\n")
+
+
+def _rate_limiter(config):
+    """A ``RateLimiterConfig`` from one or from Firecracker's RateLimiter dict (None stays None)."""
+    from pyvmm.devices.ratelimit import RateLimiterConfig
+
+    return RateLimiterConfig.from_dict(config) if isinstance(config, dict) else config
 
 
 class VM:
@@ -190,13 +202,15 @@ class VM:
 
     @classmethod
     def restore(cls, path, mem_path, *, accel: str | list[str] | None = None, resume: bool = False,
-                echo: BinaryIO | None = None, journal=None) -> VM:  # fmt: skip
+                echo: BinaryIO | None = None, journal=None, track_dirty_pages: bool | None = None) -> VM:  # fmt: skip
         """A VM rebuilt from a snapshot (on ``accel``, by default the first usable backend), Paused
-        unless ``resume``. Any backend whose CPUID covers what the guest was shown can take it."""
+        unless ``resume``. Any backend whose CPUID covers what the guest was shown can take it.
+        ``track_dirty_pages`` turns the dirty-page log on or off for later Diff snapshots (default:
+        as the snapshotted VM had it)."""
         vm = cls.__new__(cls)
         vm._setup(echo, journal)
         order = parse_accel(accel, source="accel argument", key="accel") if accel is not None else None
-        vm.controller.restore(path, mem_path, accel=order, **vm._build_options())
+        vm.controller.restore(path, mem_path, accel=order, track_dirty_pages=track_dirty_pages, **vm._build_options())
         vm.config = vm.controller.config
         vm.console._serial = vm.controller.machine.devices["serial"]
         if resume:  # after the console is connected, so input typed at once reaches the guest
@@ -207,6 +221,85 @@ class VM:
         """Back drive ``index`` (config order) with another image while the VM runs; the guest is told
         its size may have changed (a virtio configuration-change interrupt)."""
         self.machine.replace_drive(index, path)
+
+    def set_drive_rate_limiter(self, index: int, config) -> None:
+        """Limit drive ``index`` (config order) by ``config`` (a ``pyvmm.devices.ratelimit.RateLimiterConfig``,
+        or Firecracker's RateLimiter as a dict) from its next request on; a request waiting for the old
+        limit is reconsidered at once."""
+        config = _rate_limiter(config)
+        self.machine.set_drive_rate_limiter(index, config)
+        self.config.drives[index].rate_limiter = config  # a snapshot keeps the live limits
+
+    def set_net_rate_limiters(self, index: int, rx=None, tx=None) -> None:
+        """New receive and/or transmit limits for NIC ``index`` (None leaves a direction as it is)."""
+        rx, tx = _rate_limiter(rx), _rate_limiter(tx)
+        self.machine.set_net_rate_limiters(index, rx, tx)
+        net = self.config.nets[index]
+        net.rx_rate_limiter = rx if rx is not None else net.rx_rate_limiter
+        net.tx_rate_limiter = tx if tx is not None else net.tx_rate_limiter
+
+    def set_balloon(self, amount_mib: int) -> None:
+        """Ask the guest to give ``amount_mib`` MiB back through its balloon driver (it gets there in its
+        own time: ``balloon_statistics()["actual_mib"]`` says how far it is)."""
+        self.machine.set_balloon_target(amount_mib)
+        self.config.balloon.amount_mib = amount_mib
+
+    def set_balloon_statistics_interval(self, seconds: int) -> None:
+        """Poll the guest's memory statistics every ``seconds`` (the first poll at once); statistics
+        cannot be switched on or off after the balloon was configured."""
+        self.machine.set_balloon_stats_interval(seconds)
+        self.config.balloon.stats_polling_interval_s = seconds
+
+    def balloon_statistics(self) -> dict:
+        """Firecracker's BalloonStats: target and actual (pages, MiB) and the guest's last statistics
+        (swap_in, ..., free_memory, total_memory, available_memory, ... in bytes or counts)."""
+        return self.machine.balloon_statistics()
+
+    # --- commands in the guest (pyvmm's guest agent over vsock) ----------------------------
+    def exec(self, argv, *, input: bytes | None = None, timeout: float | None = None, env: dict | None = None,
+             cwd: str | None = None, uid: int | None = None, gid: int | None = None, groups: list[int] | None = None,
+             stdin=None, stdout=None, stderr=None, port: int | None = None, connect_timeout: float = 30.0):  # fmt: skip
+        """Run ``argv`` in the guest through pyvmm's guest agent (pyvmm/run/agent.py listening on vsock
+        ``port``; ``pyvmm.run.guest.start`` boots guests that run it) and wait for it. Returns a
+        ``CommandResult``: ``status, stdout, stderr = vm.exec([...])``, plus ``signal`` and ``timed_out``.
+        A command still running after ``timeout`` seconds is killed with its process group, and the
+        VM stays usable. ``stdin``/``stdout``/``stderr``: binary streams to stream through instead of
+        ``input`` and the collected output. Commands may run one after another or at once."""
+        from pyvmm.run import agent
+        from pyvmm.run.session import connect_vsock, run_command
+
+        sock = connect_vsock(self._vsock_path("exec"), agent.DEFAULT_PORT if port is None else port,
+                             timeout=connect_timeout)  # fmt: skip
+        return run_command(sock, list(argv) if isinstance(argv, (list, tuple)) else argv, input=input, stdin=stdin,
+                           stdout=stdout, stderr=stderr, timeout=timeout, env=env, cwd=cwd, uid=uid, gid=gid,
+                           groups=groups)  # fmt: skip
+
+    def wait_for_agent(self, *, timeout: float = 60.0, port: int | None = None) -> None:
+        """Block until the guest agent accepts connections; ``PyvmmError`` (with the console's last
+        lines) if the VM stops or ``timeout`` passes first."""
+        from pyvmm.run import agent
+        from pyvmm.run.session import AgentError, connect_vsock
+
+        uds = self._vsock_path("wait_for_agent")
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.machine.wait(0)
+            if status is not None:
+                raise PyvmmError(f"the guest stopped before its agent came up ({status.reason}); console: "
+                                 f"{self.console.tail(400)!r}")  # fmt: skip
+            try:
+                connect_vsock(uds, agent.DEFAULT_PORT if port is None else port, timeout=0.5).close()
+                return
+            except AgentError:
+                if time.monotonic() >= deadline:
+                    raise PyvmmError(f"the guest agent did not answer within {timeout:.0f} s; console: "
+                                     f"{self.console.tail(400)!r}") from None  # fmt: skip
+
+    def _vsock_path(self, what: str) -> str:
+        vsock = getattr(self.config, "vsock", None)
+        if vsock is None:
+            raise PyvmmError(f"{what}: this VM has no vsock device ([vsock] guest_cid, uds_path) to reach a guest agent")
+        return str(vsock.uds_path)
 
     def events(self, timeout: float | None = None):
         """The lifecycle events from now on (``vmm.states.VmEvent``); the iterator ends after ``stopped``."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyvmm.accel.registry import AUTO_ORDER, NAMES as ACCEL_NAMES
+from pyvmm.devices.ratelimit import RateLimiterConfig, RateLimiterError
 from pyvmm.errors import ConfigError
 
 MIN_MEMORY_MIB = 16
@@ -31,6 +32,9 @@ class MachineConfig:
     #: "host": what the backend offers; "portable": what every backend of this host can run
     #: (a snapshot then restores on any of them)
     cpu: str = "host"
+    #: keep the hypervisor's dirty-page log (KVM) so Diff snapshots write only what the guest and
+    #: the VMM wrote; without it (or on backends without a log) a Diff compares pages instead
+    track_dirty_pages: bool = False
 
 
 @dataclass
@@ -47,12 +51,44 @@ class DriveConfig:
     serial: str | None = None
     #: lock the image while the VM runs (exclusive when writable, shared when read-only)
     lock: bool = True
+    rate_limiter: RateLimiterConfig | None = None
 
 
 @dataclass
 class NetConfig:
     tap: str
     mac: str | None = None
+    rx_rate_limiter: RateLimiterConfig | None = None
+    tx_rate_limiter: RateLimiterConfig | None = None
+
+
+@dataclass
+class BalloonConfig:
+    """virtio-balloon (Firecracker's Balloon object): the target, in MiB, the guest should give back."""
+
+    amount_mib: int = 0
+    deflate_on_oom: bool = False
+    #: 0: no statistics; else the driver is asked for fresh ones every this many seconds
+    stats_polling_interval_s: int = 0
+
+
+@dataclass
+class ShareConfig:
+    """A host directory the guest mounts over virtio-fs (``mount -t virtiofs TAG DIR``), served by
+    one virtiofsd; ``read_only`` is enforced on the host (host/virtiofsd.py)."""
+
+    path: Path
+    tag: str
+    read_only: bool = False
+
+
+@dataclass
+class VsockConfig:
+    """virtio-vsock with Firecracker's host side: host processes connect to ``uds_path`` (``CONNECT
+    <port>``), and guest connections to CID 2 port P reach ``<uds_path>_<P>``."""
+
+    guest_cid: int
+    uds_path: Path
 
 
 @dataclass
@@ -62,14 +98,19 @@ class VmConfig:
     drives: list[DriveConfig] = field(default_factory=list)
     nets: list[NetConfig] = field(default_factory=list)
     rng: bool = False
+    rng_rate_limiter: RateLimiterConfig | None = None
+    balloon: BalloonConfig | None = None
+    shares: list[ShareConfig] = field(default_factory=list)
+    vsock: VsockConfig | None = None
     #: where the config came from, for error messages
     source: str = "<config>"
 
     @property
     def virtio_device_count(self) -> int:
-        return len(self.drives) + len(self.nets) + int(self.rng)
+        return len(self.drives) + len(self.nets) + int(self.rng) + len(self.shares) + int(self.balloon is not None) + int(self.vsock is not None)
 
 
+_RATE_LIMITER = "a table like { bandwidth = { size = 1048576, refill_time = 1000 }, ops = { ... } }"
 # key -> (expected python types, description for errors)
 _SCHEMA = {
     "machine": {
@@ -78,6 +119,7 @@ _SCHEMA = {
         "accel": ((str, list), 'a string or a list of strings'),
         "fallback": ((bool,), "true or false"),
         "cpu": ((str,), '"host" or "portable"'),
+        "track_dirty_pages": ((bool,), "true or false"),
     },
     "boot": {
         "kernel": ((str,), "a path string"),
@@ -89,20 +131,42 @@ _SCHEMA = {
         "read_only": ((bool,), "true or false"),
         "serial": ((str,), "a string"),
         "lock": ((bool,), "true or false"),
+        "rate_limiter": ((dict,), _RATE_LIMITER),
     },
     "net": {
         "tap": ((str,), "a string"),
         "mac": ((str,), 'a string like "52:54:00:12:34:56"'),
+        "rx_rate_limiter": ((dict,), _RATE_LIMITER),
+        "tx_rate_limiter": ((dict,), _RATE_LIMITER),
     },
     "rng": {
         "enabled": ((bool,), "true or false"),
+        "rate_limiter": ((dict,), _RATE_LIMITER),
+    },
+    "balloon": {
+        "amount_mib": ((int,), "an integer (MiB)"),
+        "deflate_on_oom": ((bool,), "true or false"),
+        "stats_polling_interval_s": ((int,), "an integer (seconds)"),
+    },
+    "vsock": {
+        "guest_cid": ((int,), "an integer (3 to 4294967294)"),
+        "uds_path": ((str,), "a path string"),
+    },
+    "share": {
+        "path": ((str,), "a directory path string"),
+        "tag": ((str,), "a string of 1-36 bytes"),
+        "read_only": ((bool,), "true or false"),
     },
 }
 #: sections written as arrays of tables ([[drive]])
-_ARRAY_SECTIONS = ("drive", "net")
+_ARRAY_SECTIONS = ("drive", "net", "share")
 MAX_VIRTIO_DEVICES = 8  # one interrupt line each: IOAPIC GSIs 16-23 (vmm/layout.py)
 VIRTIO_BLK_SERIAL_MAX = 20  # bytes in the GET_ID answer
+MAX_STATS_INTERVAL_S = 65535  # Firecracker's stats_polling_interval_s is 16-bit
 IFNAMSIZ = 16
+VSOCK_MIN_CID, VSOCK_MAX_CID = 3, 0xFFFFFFFE  # 0-2 are reserved, 2^32-1 is VMADDR_CID_ANY
+UNIX_PATH_MAX = 107  # bytes of a Unix socket path (sockaddr_un.sun_path without its NUL)
+VIRTIO_FS_TAG_MAX = 36  # bytes of the tag in virtio-fs config space
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 
@@ -171,6 +235,8 @@ def config_from_dict(data: dict, *, base_dir: str | os.PathLike = ".", source: s
         if machine_data["cpu"] not in ("host", "portable"):
             fail("machine.cpu", f'must be "host" or "portable", not {machine_data["cpu"]!r}')
         machine.cpu = machine_data["cpu"]
+    if "track_dirty_pages" in machine_data:
+        machine.track_dirty_pages = machine_data["track_dirty_pages"]
 
     boot_data = data.get("boot")
     if not boot_data or "kernel" not in boot_data:
@@ -199,6 +265,8 @@ def config_from_dict(data: dict, *, base_dir: str | os.PathLike = ".", source: s
             drive.serial = entry["serial"]
             if len(drive.serial.encode()) > VIRTIO_BLK_SERIAL_MAX or not drive.serial.isascii():
                 fail(f"{key}.serial", f"must be at most {VIRTIO_BLK_SERIAL_MAX} ASCII characters")
+        if "rate_limiter" in entry:
+            drive.rate_limiter = _rate_limiter(entry["rate_limiter"], f"{key}.rate_limiter", fail)
         if any(d.path == drive.path for d in config.drives):
             fail(f"{key}.path", f"{_shown(drive.path)} is already used by another drive")
         config.drives.append(drive)
@@ -215,14 +283,76 @@ def config_from_dict(data: dict, *, base_dir: str | os.PathLike = ".", source: s
                 fail(f"{key}.mac", f"{net.mac!r} is not a MAC address like 52:54:00:12:34:56")
             if int(net.mac[:2], 16) & 1:
                 fail(f"{key}.mac", f"{net.mac} is a multicast address; a NIC needs a unicast one")
+        for direction in ("rx_rate_limiter", "tx_rate_limiter"):
+            if direction in entry:
+                setattr(net, direction, _rate_limiter(entry[direction], f"{key}.{direction}", fail))
         if any(n.tap == net.tap for n in config.nets):
             fail(f"{key}.tap", f"{net.tap} is already used by another net device")
         config.nets.append(net)
 
     config.rng = data.get("rng", {}).get("enabled", "rng" in data)
+    if "rate_limiter" in data.get("rng", {}):
+        config.rng_rate_limiter = _rate_limiter(data["rng"]["rate_limiter"], "rng.rate_limiter", fail)
+    if "balloon" in data:
+        config.balloon = _balloon(data["balloon"], machine.memory_mib, fail)
+    if "vsock" in data:
+        config.vsock = _vsock(data["vsock"], base_dir, fail)
+
+    for i, entry in enumerate(data.get("share", [])):
+        key = f"share[{i}]"
+        for required in ("path", "tag"):
+            if required not in entry:
+                fail(f"{key}.{required}", "missing: a share needs a host directory (path) and the tag the guest mounts")
+        tag = entry["tag"]
+        if not 1 <= len(tag.encode()) <= VIRTIO_FS_TAG_MAX or not tag.isprintable():
+            fail(f"{key}.tag", f"{tag!r} must be 1-{VIRTIO_FS_TAG_MAX} bytes of printable UTF-8")
+        if any(s.tag == tag for s in config.shares):
+            fail(f"{key}.tag", f"{tag!r} is already the tag of another share")
+        share = ShareConfig(path=_existing_dir(base_dir, entry["path"], source, f"{key}.path"), tag=tag,
+                            read_only=entry.get("read_only", False))  # fmt: skip
+        config.shares.append(share)
     if config.virtio_device_count > MAX_VIRTIO_DEVICES:
-        fail("drive", f"{config.virtio_device_count} virtio devices; at most {MAX_VIRTIO_DEVICES} fit the interrupt lines")
+        fail("share" if config.shares else "drive",
+             f"{config.virtio_device_count} virtio devices; at most {MAX_VIRTIO_DEVICES} fit the interrupt lines")
     return config
+
+
+def _rate_limiter(data: dict, key: str, fail) -> RateLimiterConfig:
+    try:
+        return RateLimiterConfig.from_dict(data)
+    except RateLimiterError as err:
+        fail(f"{key}.{err.key}" if err.key else key, err.problem)
+
+
+def _vsock(data: dict, base_dir: Path, fail) -> VsockConfig:
+    for required in ("guest_cid", "uds_path"):
+        if required not in data:
+            fail(f"vsock.{required}", "missing: vsock needs the guest's CID and the host Unix socket path (uds_path)")
+    cid = data["guest_cid"]
+    if not VSOCK_MIN_CID <= cid <= VSOCK_MAX_CID:
+        fail("vsock.guest_cid", f"{cid} must be between {VSOCK_MIN_CID} and {VSOCK_MAX_CID} (0-2 and 2^32-1 are reserved)")
+    value = data["uds_path"]
+    if not value or "\0" in value:
+        fail("vsock.uds_path", "must be a non-empty path without NUL characters")
+    path = Path(os.path.abspath(base_dir / os.path.expanduser(value)))
+    # sun_path holds 108 bytes with the NUL; guest connections use "<uds_path>_<port>" (up to 11 more)
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        fail("vsock.uds_path", f"{_shown(path)} is longer than the {UNIX_PATH_MAX} bytes of a Unix socket path")
+    if not path.parent.is_dir():
+        fail("vsock.uds_path", f"the folder {_shown(path.parent)} does not exist")
+    if path.exists() and not path.is_socket():
+        fail("vsock.uds_path", f"{_shown(path)} exists and is not a socket")
+    return VsockConfig(guest_cid=cid, uds_path=path)
+
+
+def _balloon(data: dict, memory_mib: int, fail) -> BalloonConfig:
+    balloon = BalloonConfig(**data)
+    if not 0 <= balloon.amount_mib <= memory_mib:
+        fail("balloon.amount_mib", f"{balloon.amount_mib} MiB must be between 0 and the guest's {memory_mib} MiB")
+    if not 0 <= balloon.stats_polling_interval_s <= MAX_STATS_INTERVAL_S:
+        fail("balloon.stats_polling_interval_s",
+             f"{balloon.stats_polling_interval_s} must be 0 (off) to {MAX_STATS_INTERVAL_S} seconds")
+    return balloon
 
 
 def _check_keys(table: dict, schema: str, where: str, fail) -> None:
@@ -273,6 +403,22 @@ def _existing_file(base_dir: Path, value: str, source: str, key: str) -> Path:
         raise ConfigError(f"not a regular file: {_shown(path)}", file=source, key=key)
     if not readable:
         raise ConfigError(f"file not readable (permission denied): {_shown(path)}", file=source, key=key)
+    return path
+
+
+def _existing_dir(base_dir: Path, value: str, source: str, key: str) -> Path:
+    if not value or "\0" in value:
+        raise ConfigError(f"{value!r} is not a directory path (empty or with a NUL)", file=source, key=key)
+    try:
+        path = (base_dir / os.path.expanduser(value)).resolve()
+        exists, is_dir = path.exists(), path.is_dir()
+    except (OSError, RuntimeError) as err:
+        why = getattr(err, "strerror", None) or str(err)
+        raise ConfigError(f"cannot use {value!r} as a directory path: {why}", file=source, key=key) from err
+    if not exists:
+        raise ConfigError(f"directory not found: {_shown(path)}", file=source, key=key)
+    if not is_dir:
+        raise ConfigError(f"not a directory: {_shown(path)}", file=source, key=key)
     return path
 
 

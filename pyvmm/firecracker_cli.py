@@ -121,10 +121,11 @@ def _serve(args) -> int:
         vms.append(vm)
         return vm
 
-    def restore_vm(snapshot_path, mem_path, resume):
+    def restore_vm(snapshot_path, mem_path, resume, track_dirty_pages=None):
         from pyvmm.api import VM
 
-        vm = VM.restore(snapshot_path, mem_path, accel=accel, resume=resume, echo=sys.stdout.buffer)
+        vm = VM.restore(snapshot_path, mem_path, accel=accel, resume=resume, echo=sys.stdout.buffer,
+                        track_dirty_pages=track_dirty_pages)  # fmt: skip
         _forward_stdin(vm)
         vms.append(vm)
         return vm

@@ -19,11 +19,13 @@ from pyvmm.devices.legacy.debug_exit import DebugExit
 from pyvmm.devices.legacy.i8042 import I8042
 from pyvmm.devices.legacy.post import PostCode
 from pyvmm.devices.legacy.serial import Serial
+from pyvmm.devices.virtio.balloon import PAGES_PER_MIB, VirtioBalloon
 from pyvmm.devices.virtio.blk import VirtioBlock
 from pyvmm.devices.virtio.mmio import QUEUE_NOTIFY, VirtioMmio, cmdline_entry
 from pyvmm.devices.virtio.net import VirtioNet
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.devices.virtio.tap import TapBackend
+from pyvmm.devices.virtio.vsock import VirtioVsock
 from pyvmm.errors import ConfigError
 from pyvmm.vmm import layout
 from pyvmm.vmm import snapshot as vmsnapshot
@@ -83,7 +85,9 @@ def build_machine(
                 key="machine.vcpus",
             )
 
-        if snapshot is None:
+        if snapshot is None and config.shares:  # a vhost-user backend maps guest RAM too
+            memory = GuestMemory.shared(layout.ram_layout(config.machine.memory_mib << 20))
+        elif snapshot is None:
             memory = GuestMemory.anonymous(layout.ram_layout(config.machine.memory_mib << 20))
         else:
             state, mem_path, source = snapshot
@@ -92,6 +96,12 @@ def build_machine(
             memory = vmsnapshot.map_memory_chain(chain, [tuple(r) for r in saved["regions"]])
         for slot, region in enumerate(memory.regions):
             vm.map_memory(slot, region.guest_addr, region.buffer)
+        dirty_log = config.machine.track_dirty_pages and Capability.DIRTY_LOG in vm.capabilities
+        if dirty_log:
+            # Diff snapshots: the hypervisor logs the guest's writes, guest memory the VMM's own
+            # (devices, the fallback's stepper); both before anything can write
+            vm.start_dirty_log()
+            memory.track_writes()
 
         lifecycle = Lifecycle()
         pio, mmio = PioBus(), MmioBus()
@@ -164,6 +174,7 @@ def build_machine(
             events=events,
             rejected_accels=rejected,
             fallback=fallback,
+            dirty_log=dirty_log,
         )
         if snapshot is not None:
             vmsnapshot.restore_processors(machine, state, source)
@@ -230,18 +241,31 @@ def _legacy_devices(vm, memory, lifecycle, console_output):
 
 
 def _virtio_devices(config: VmConfig, vm, memory: GuestMemory, mmio: MmioBus, events: EventLoop):
-    """One virtio-mmio window and interrupt line per device: drives, then NICs, then the RNG.
+    """One virtio-mmio window and interrupt line per device: drives, then NICs, the RNG, shares, the balloon and vsock.
 
     Returns the transports and their windows ``(base, size, gsi)``.
     """
     models = []
     for i, drive in enumerate(config.drives):
         models.append((f"virtio-blk{i}", lambda d=drive: VirtioBlock.open(d.path, read_only=d.read_only, serial=d.serial,
+                                                                          rate_limiter=d.rate_limiter,
                                                                           lock=d.lock)))
     for i, net in enumerate(config.nets):
-        models.append((f"virtio-net{i}", lambda n=net: VirtioNet(TapBackend(n.tap), mac=n.mac)))
+        models.append((f"virtio-net{i}", lambda n=net: VirtioNet(TapBackend(n.tap), mac=n.mac,
+                                                                 rx_rate_limiter=n.rx_rate_limiter,
+                                                                 tx_rate_limiter=n.tx_rate_limiter)))
     if config.rng:
-        models.append(("virtio-rng", VirtioRng))
+        models.append(("virtio-rng", lambda: VirtioRng(rate_limiter=config.rng_rate_limiter)))
+    for i, share in enumerate(config.shares):
+        models.append((f"virtio-fs{i}", lambda s=share, n=f"virtio-fs{i}": _virtio_fs(s, n)))
+    if config.balloon is not None:
+        balloon = config.balloon
+        models.append(("virtio-balloon", lambda: VirtioBalloon(
+            target_pages=balloon.amount_mib * PAGES_PER_MIB, deflate_on_oom=balloon.deflate_on_oom,
+            stats_polling_interval_s=balloon.stats_polling_interval_s)))
+    if config.vsock is not None:
+        vsock = config.vsock
+        models.append(("virtio-vsock", lambda: VirtioVsock(vsock.guest_cid, vsock.uds_path)))
     transports, windows = [], []
     try:
         for n, (name, make) in enumerate(models):
@@ -264,6 +288,28 @@ def _virtio_devices(config: VmConfig, vm, memory: GuestMemory, mmio: MmioBus, ev
             transport.close()
         raise
     return transports, windows
+
+
+def _virtio_fs(share, name: str):
+    """A virtiofsd for ``share`` and the virtio-fs device connected to it (the device stops the
+    daemon when it closes; if the device cannot be made, the daemon is stopped here)."""
+    from pyvmm.devices.vhost_user.frontend import Frontend
+    from pyvmm.devices.virtio.fs import VirtioFs
+    from pyvmm.host.virtiofsd import Virtiofsd
+
+    daemon = Virtiofsd(share.path, read_only=share.read_only, name=name).start()
+    frontend = None
+    try:
+        frontend = Frontend.connect(daemon.socket_path, name=name)
+        device = VirtioFs(frontend, share.tag, name=name, backend_process=daemon)
+    except BaseException:
+        if frontend is not None:
+            frontend.close()
+        daemon.stop()
+        raise
+    log.info("%s: %s shared as %r%s (virtiofsd pid %d)", name, share.path, share.tag,
+             " read-only" if share.read_only else "", daemon.pid)  # fmt: skip
+    return device
 
 
 def _virtio_irq_line(vm, irq: int, events: EventLoop) -> IrqLine:

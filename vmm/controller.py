@@ -156,8 +156,9 @@ class VmController:
             return figures
 
     def restore(self, snapshot_path, mem_path, *, accel: list[str] | None = None, resume: bool = False,
-                **build_options) -> None:  # fmt: skip
-        """Build the machine of a snapshot (Created -> Configured -> Paused), optionally resuming it."""
+                track_dirty_pages: bool | None = None, **build_options) -> None:  # fmt: skip
+        """Build the machine of a snapshot (Created -> Configured -> Paused), optionally resuming it.
+        ``track_dirty_pages`` (Firecracker's load option) overrides what the snapshotted VM had."""
         from pyvmm.accel.registry import AUTO_ORDER
         from pyvmm.vmm import snapshot as vmsnapshot
         from pyvmm.vmm.builder import build_machine
@@ -165,6 +166,8 @@ class VmController:
         source = str(snapshot_path)
         state = vmsnapshot.read_state_file(snapshot_path)
         config = vmsnapshot.config_from_data(state["config"], accel or list(AUTO_ORDER), source)
+        if track_dirty_pages is not None:
+            config.machine.track_dirty_pages = track_dirty_pages
         with self._lock:
             if self.state is VmState.CREATED:
                 self.configure(config, **build_options)

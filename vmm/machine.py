@@ -33,6 +33,8 @@ class Machine:
     rejected_accels: list = field(default_factory=list)
     #: the interpreter fallback for KVM emulation failures (accel/fallback.py), when on
     fallback: object | None = None
+    #: the hypervisor keeps a dirty-page log and memory tracks the VMM's writes (Diff snapshots)
+    dirty_log: bool = False
     _closed: bool = False
     _started: bool = False
 
@@ -88,6 +90,64 @@ class Machine:
         image = RawImage(path, read_only=transport.device.read_only, lock=transport.device.image.lock_requested)
         transport.update_device(lambda: transport.device.replace_image(image))
         log.info("%s: image replaced by %s (%d bytes)", transport.name, path, image.size)
+
+    def _transports(self, device_type) -> list:
+        return [t for t in self.virtio if isinstance(t.device, device_type)]
+
+    def set_drive_rate_limiter(self, index: int, config) -> None:
+        """Drive ``index`` is limited by ``config`` (a ``RateLimiterConfig``) from its next request on."""
+        from pyvmm.devices.virtio.blk import VirtioBlock
+
+        drives = self._transports(VirtioBlock)
+        if not 0 <= index < len(drives):
+            raise PyvmmError(f"drive {index} does not exist ({len(drives)} drives)")
+        with drives[index].lock:
+            drives[index].device.set_rate_limiter(config)
+
+    def set_net_rate_limiters(self, index: int, rx=None, tx=None) -> None:
+        """NIC ``index`` gets new receive and/or transmit limits (None: that direction unchanged)."""
+        from pyvmm.devices.virtio.net import VirtioNet
+
+        nets = self._transports(VirtioNet)
+        if not 0 <= index < len(nets):
+            raise PyvmmError(f"network interface {index} does not exist ({len(nets)} interfaces)")
+        with nets[index].lock:
+            nets[index].device.set_rate_limiters(rx, tx)
+
+    def _balloon(self):
+        from pyvmm.devices.virtio.balloon import VirtioBalloon
+
+        balloons = self._transports(VirtioBalloon)
+        if not balloons:
+            raise PyvmmError("this VM has no balloon device")
+        return balloons[0]
+
+    def set_balloon_target(self, amount_mib: int) -> None:
+        """Ask the guest's balloon driver to hold ``amount_mib`` MiB (a configuration-change interrupt)."""
+        from pyvmm.devices.virtio.balloon import PAGES_PER_MIB
+
+        if not 0 <= amount_mib <= self.memory.size >> 20:
+            raise PyvmmError(f"balloon target of {amount_mib} MiB must be between 0 and the guest's {self.memory.size >> 20} MiB")
+        transport = self._balloon()
+        transport.update_device(lambda: transport.device.set_target(amount_mib * PAGES_PER_MIB))
+
+    def set_balloon_stats_interval(self, seconds: int) -> None:
+        transport = self._balloon()
+        with transport.lock:
+            transport.device.set_stats_interval(seconds)
+
+    def balloon_statistics(self) -> dict:
+        """The target and what the guest holds (pages and MiB), and the guest's last memory statistics."""
+        from pyvmm.devices.virtio.balloon import PAGES_PER_MIB
+
+        transport = self._balloon()
+        with transport.lock:
+            device = transport.device
+            if not device.stats_enabled:
+                raise PyvmmError("balloon statistics are off (the balloon was configured with stats_polling_interval_s 0)")
+            return {"target_pages": device.target_pages, "actual_pages": device.actual_pages,
+                    "target_mib": device.target_pages // PAGES_PER_MIB, "actual_mib": device.actual_pages // PAGES_PER_MIB,
+                    **device.stats}  # fmt: skip
 
     @property
     def paused(self) -> bool:

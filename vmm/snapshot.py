@@ -167,6 +167,59 @@ def _write_memory_diff(memory, path, base) -> tuple[list[list[int]], list[list[i
     return layout, ranges
 
 
+def _take_dirty_pages(machine) -> list[bytearray]:
+    """Per region, a byte per page set when the page changed since the last snapshot: the
+    hypervisor's log of the guest's writes, the VMM's own writes recorded by guest memory, and
+    every live used ring (devices update them on the event loop without marking each write)."""
+    memory = machine.memory
+    for transport in machine.virtio:
+        for queue in transport.queues:
+            if queue.ready:
+                memory.mark_written(queue.used_addr, 6 + 8 * queue.size)
+    pages = memory.take_written()
+    for slot, flags in enumerate(pages):
+        bitmap = machine.vm.dirty_bitmap(slot)
+        for index, byte in enumerate(bitmap):
+            if byte:
+                for bit in range(8):
+                    if byte >> bit & 1 and index * 8 + bit < len(flags):
+                        flags[index * 8 + bit] = 1
+    return pages
+
+
+def _write_memory_pages(memory, path, pages: list[bytearray]) -> tuple[list[list[int]], list[list[int]]]:
+    """The flagged pages only (runs of them written at once): a sparse file of the full size, and
+    the ``[file offset, length]`` ranges written."""
+    layout, ranges = _file_layout(memory), []
+    try:
+        with open(path, "wb") as out:
+            for region, (_, size, offset), flags in zip(memory.regions, layout, pages):
+                view, page = region.view, 0
+                while (page := flags.find(1, page)) != -1:
+                    end = flags.find(0, page)
+                    end = len(flags) if end == -1 else end
+                    start_byte, end_byte = page * PAGE, min(end * PAGE, size)
+                    out.seek(offset + start_byte)
+                    out.write(view[start_byte:end_byte])
+                    ranges.append([offset + start_byte, end_byte - start_byte])
+                    page = end
+            out.truncate(layout[-1][2] + layout[-1][1] if layout else 0)
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as err:
+        raise SnapshotError(f"cannot write the memory file {path}: {err.strerror}") from err
+    return layout, ranges
+
+
+def _write_memory_compared(memory, path, base_chain: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
+    """A Diff without a dirty log: the pages that differ from the previous snapshot's memory."""
+    base = map_memory_chain(base_chain, [tuple(r) for r in _file_layout(memory)])
+    try:
+        return _write_memory_diff(memory, path, base)
+    finally:
+        base.close()
+
+
 def map_memory_chain(chain: list[dict], layout: list[tuple[int, int, int]]):
     """Guest RAM of a snapshot: the Full snapshot's memory file mapped copy-on-write, then the pages
     each later Diff wrote copied over it, oldest first. ``chain``: ``{"file", "ranges"}`` entries."""
@@ -200,28 +253,55 @@ def config_to_data(config) -> dict:
     """A ``VmConfig`` as plain data (what a restore needs to rebuild the devices)."""
     return {
         "machine": {"vcpus": config.machine.vcpus, "memory_mib": config.machine.memory_mib,
-                    "fallback": config.machine.fallback, "cpu": config.machine.cpu},  # fmt: skip
+                    "fallback": config.machine.fallback, "cpu": config.machine.cpu,
+                    "track_dirty_pages": config.machine.track_dirty_pages},  # fmt: skip
         "boot": {"kernel": str(config.boot.kernel), "initrd": str(config.boot.initrd) if config.boot.initrd else None,
                  "cmdline": config.boot.cmdline},  # fmt: skip
-        "drives": [{"path": str(d.path), "read_only": d.read_only, "serial": d.serial, "lock": d.lock} for d in config.drives],
-        "nets": [{"tap": n.tap, "mac": n.mac} for n in config.nets],
+        "drives": [{"path": str(d.path), "read_only": d.read_only, "serial": d.serial, "lock": d.lock,
+                    "rate_limiter": _limiter_data(d.rate_limiter)} for d in config.drives],  # fmt: skip
+        "nets": [{"tap": n.tap, "mac": n.mac, "rx_rate_limiter": _limiter_data(n.rx_rate_limiter),
+                  "tx_rate_limiter": _limiter_data(n.tx_rate_limiter)} for n in config.nets],  # fmt: skip
         "rng": config.rng,
+        "rng_rate_limiter": _limiter_data(config.rng_rate_limiter),
+        "balloon": vars(config.balloon) if config.balloon is not None else None,
+        "vsock": {"guest_cid": config.vsock.guest_cid, "uds_path": str(config.vsock.uds_path)} if config.vsock else None,
     }
 
 
+def _limiter_data(limiter) -> dict | None:
+    return limiter.as_dict() if limiter is not None else None
+
+
+def _limiter(data):
+    from pyvmm.devices.ratelimit import RateLimiterConfig, RateLimiterError
+
+    try:
+        return RateLimiterConfig.from_dict(data) if data is not None else None
+    except RateLimiterError as err:
+        raise ValueError(str(err)) from err
+
+
 def config_from_data(data: dict, accel: list[str], source: str):
-    from pyvmm.config import BootConfig, DriveConfig, MachineConfig, NetConfig, VmConfig
+    from pyvmm.config import BalloonConfig, BootConfig, DriveConfig, MachineConfig, NetConfig, VmConfig, VsockConfig
 
     try:
         machine = MachineConfig(vcpus=int(data["machine"]["vcpus"]), memory_mib=int(data["machine"]["memory_mib"]),
                                 accel=list(accel), fallback=bool(data["machine"]["fallback"]),
-                                cpu=str(data["machine"]["cpu"]))  # fmt: skip
+                                cpu=str(data["machine"]["cpu"]),
+                                track_dirty_pages=bool(data["machine"].get("track_dirty_pages", False)))  # fmt: skip
         boot = data["boot"]
         config = VmConfig(machine=machine, boot=BootConfig(Path(boot["kernel"]), Path(boot["initrd"]) if boot["initrd"] else None,
                                                            boot["cmdline"]), source=source)  # fmt: skip
-        config.drives = [DriveConfig(Path(d["path"]), d["read_only"], d["serial"], d["lock"]) for d in data["drives"]]
-        config.nets = [NetConfig(n["tap"], n["mac"]) for n in data["nets"]]
+        config.drives = [DriveConfig(Path(d["path"]), d["read_only"], d["serial"], d["lock"], _limiter(d.get("rate_limiter")))
+                         for d in data["drives"]]  # fmt: skip
+        config.nets = [NetConfig(n["tap"], n["mac"], _limiter(n.get("rx_rate_limiter")), _limiter(n.get("tx_rate_limiter")))
+                       for n in data["nets"]]  # fmt: skip
         config.rng = bool(data["rng"])
+        config.rng_rate_limiter = _limiter(data.get("rng_rate_limiter"))
+        if data.get("balloon") is not None:
+            config.balloon = BalloonConfig(**data["balloon"])
+        if data.get("vsock") is not None:
+            config.vsock = VsockConfig(int(data["vsock"]["guest_cid"]), Path(data["vsock"]["uds_path"]))
     except (KeyError, TypeError, ValueError) as err:
         raise SnapshotError(f"{source}: bad configuration in the state ({err})") from err
     for i, drive in enumerate(config.drives):
@@ -233,9 +313,15 @@ def config_from_data(data: dict, accel: list[str], source: str):
 def create(machine, config, snapshot_path, mem_path, *, base_chain: list[dict] | None = None) -> dict:
     """Write a snapshot of ``machine`` (paused: every vCPU parked, the devices held). Returns figures
     and the memory chain a later Diff builds on. With ``base_chain`` (the chain of the previous
-    snapshot), a Diff: only pages that differ from that snapshot's memory are written."""
+    snapshot), a Diff: only the pages changed since that snapshot are written, as the dirty log
+    says when the machine keeps one (``machine.track_dirty_pages``), else found by comparing
+    every page with that snapshot's memory."""
     if not machine.paused:
         raise SnapshotError("a snapshot is taken only while the VM is paused")
+    for transport in machine.virtio:
+        if getattr(transport.device, "external_queues", False):  # vhost-user: the queues live in another process
+            raise SnapshotError(f"{transport.name} is a vhost-user device: its backend's state (queues, open files) "
+                                f"is not pyvmm's to save, so this VM cannot be snapshotted")  # fmt: skip
     started = time.monotonic()
     vm = machine.vm
     vcpus = [loop.vcpu for loop in machine.loops]
@@ -248,30 +334,39 @@ def create(machine, config, snapshot_path, mem_path, *, base_chain: list[dict] |
         "cpuid": [[list(_cpuid_row(e)) for e in loop.cpuid] for loop in machine.loops],
         "platform": _save_platform(vm),
         "devices": _save_devices(machine),
-        "virtio": [transport.save_state() for transport in machine.virtio],
+        "virtio": [{**transport.save_state(), "device": transport.device.save_state()} for transport in machine.virtio],
     }
     mem_file = str(Path(mem_path).resolve())
-    if base_chain is None:
-        body["memory"] = {"regions": _write_memory(machine.memory, mem_path), "size": machine.memory.size}
-        chain = [{"file": mem_file, "ranges": None}]
-    else:
-        for entry in base_chain:
-            if not Path(entry["file"]).is_file():
-                raise SnapshotError(f"a Diff snapshot builds on {entry['file']}, which is gone; take a Full one")
-        layout = [tuple(r) for r in _file_layout(machine.memory)]
-        base = map_memory_chain(base_chain, layout)
-        try:
-            regions, ranges = _write_memory_diff(machine.memory, mem_path, base)
-        finally:
-            base.close()
-        body["memory"] = {"regions": regions, "size": machine.memory.size, "base_chain": base_chain, "ranges": ranges}
-        chain = [*base_chain, {"file": mem_file, "ranges": ranges}]
-    state_bytes = write_state_file(snapshot_path, body)
+    # With a dirty log, every snapshot starts a new epoch: a later Diff holds what changed after it.
+    dirty = _take_dirty_pages(machine) if machine.dirty_log else None
+    try:
+        if base_chain is None:
+            body["memory"] = {"regions": _write_memory(machine.memory, mem_path), "size": machine.memory.size}
+            chain = [{"file": mem_file, "ranges": None}]
+        else:
+            for entry in base_chain:
+                if not Path(entry["file"]).is_file():
+                    raise SnapshotError(f"a Diff snapshot builds on {entry['file']}, which is gone; take a Full one")
+            if dirty is not None:
+                regions, ranges = _write_memory_pages(machine.memory, mem_path, dirty)
+            else:
+                regions, ranges = _write_memory_compared(machine.memory, mem_path, base_chain)
+            body["memory"] = {"regions": regions, "size": machine.memory.size, "base_chain": base_chain,
+                              "ranges": ranges, "found_by": "dirty log" if dirty is not None else "comparison"}  # fmt: skip
+            chain = [*base_chain, {"file": mem_file, "ranges": ranges}]
+        state_bytes = write_state_file(snapshot_path, body)
+    except BaseException:
+        if dirty is not None:
+            machine.memory.give_back_written(dirty)  # the next snapshot still owes these pages
+        raise
     seconds = time.monotonic() - started
     log.info("snapshot written in %.3f s: %s (%d bytes of state), %s (%d MiB)", seconds, snapshot_path, state_bytes,
              mem_path, machine.memory.size >> 20)  # fmt: skip
     written = machine.memory.size if base_chain is None else sum(length for _, length in chain[-1]["ranges"])
-    return {"seconds": seconds, "state_bytes": state_bytes, "memory_bytes": written, "chain": chain}
+    figures = {"seconds": seconds, "state_bytes": state_bytes, "memory_bytes": written, "chain": chain}
+    if base_chain is not None:
+        figures["found_by"] = body["memory"]["found_by"]
+    return figures
 
 
 def _cpuid_row(entry: CpuidEntry) -> tuple:
@@ -315,6 +410,8 @@ def restore_devices(machine, state: dict, source: str) -> None:
         if len(state["virtio"]) != len(machine.virtio):
             raise ValueError(f"{len(state['virtio'])} virtio devices saved, the configuration makes {len(machine.virtio)}")
         for transport, saved in zip(machine.virtio, state["virtio"]):
+            if saved.get("device"):  # a device's own state (the balloon's target, its held stats buffer)
+                transport.device.restore_state(saved["device"])
             transport.restore_state(saved)
     except (KeyError, TypeError, ValueError) as err:
         raise SnapshotError(f"{source}: bad device state ({err})") from err

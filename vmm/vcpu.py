@@ -94,6 +94,8 @@ class VcpuLoop:
         self._gate = threading.Condition()
         self._pause_wanted = False
         self.parked = False
+        #: time.perf_counter() when the loop last left the park for the guest (restore latency)
+        self.resumed_at: float | None = None
 
     def start(self, *, paused: bool = False) -> None:
         """Start the vCPU thread; with ``paused`` it parks before the guest's first instruction."""
@@ -130,6 +132,7 @@ class VcpuLoop:
             while self._pause_wanted and not self.lifecycle.stopping:
                 self._gate.wait()
             self.parked = False
+            self.resumed_at = time.perf_counter()
             self._gate.notify_all()
 
     def _thread_main(self) -> None:

@@ -37,10 +37,12 @@ from unicorn import (
     UC_ERR_RESOURCE,
     UC_HOOK_INSN,
     UC_HOOK_INTR,
+    UC_HOOK_MEM_WRITE,
     UC_MODE_64,
     UC_PROT_ALL,
     UC_PROT_EXEC,
     UC_PROT_READ,
+    UC_PROT_WRITE,
     Uc,
     UcError,
 )
@@ -229,6 +231,16 @@ LINUX_X86_64_LAYOUT = Layout(-568, -560, 0x1B8, 0x15, 0x128, 0x130, 0x8198, 0x81
 _layout: Layout | None = None
 _layout_error: AccelError | None = None
 _layout_lock = threading.Lock()
+
+
+def _vmem_translate():
+    """``uc_vmem_translate`` of the loaded libunicorn (2.1.4 exports it; its Python binding does not)."""
+    from unicorn.unicorn_py3 import unicorn as binding
+
+    function = binding.uclib.uc_vmem_translate
+    function.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.POINTER(ctypes.c_uint64))
+    function.restype = ctypes.c_int
+    return function
 
 
 def _handle(uc: Uc) -> int:
@@ -784,16 +796,24 @@ def _verify_stops_are_exact(found: Layout) -> None:
     uc.emu_start(0x200, 0)
     if halted.value != 1 or uc.reg_read(x86.UC_X86_REG_RIP) != 0x202:
         _fail("CPUState.halted is not set by hlt")
-    timer = threading.Timer(0.002, stopper.request)
+    # The counting loop again, until a stop: requested again and again, because one made before
+    # emu_start is really running is lost (a single 2 ms timer hung start-up on a loaded host).
+    done.clear()
+    kicker = threading.Thread(target=kick, daemon=True)
+    timer = threading.Timer(0.002, kicker.start)
     timer.start()
     try:
-        uc.emu_start(0x100, 0)  # the counting loop again, until the timer's stop
+        uc.emu_start(0x100, 0)
     except UcError as err:
         if err.errno != STOPPED_ERROR:
             raise
     else:
         _fail("a BlockExit request did not end emu_start with STOPPED_ERROR")
-    timer.join()
+    finally:
+        done.set()
+        timer.join()
+        if kicker.is_alive():
+            kicker.join()
     if halted.value != 0:
         _fail("CPUState.halted is not cleared by emu_start")
 
@@ -869,6 +889,20 @@ class Engine:
         uc.hook_add(UC_HOOK_INSN, owner._on_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
         uc.hook_add(UC_HOOK_INSN, owner._on_sysenter, None, 1, 0, x86.UC_X86_INS_SYSENTER)
         uc.hook_add(UC_HOOK_INSN, owner._on_cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
+
+    def on_ram_write(self, record) -> None:
+        """Call ``record(guest_physical, size)`` for every store this engine makes (a Python call per
+        store: only for engines that run a few instructions, such as the stepper)."""
+        translate = _vmem_translate()
+        handle = self.uc._uch
+        physical = ctypes.c_uint64()
+
+        def on_write(uc, _access, address, size, _value, _data) -> None:
+            # unicorn passes the linear address; the store has passed its checks, so it translates
+            if translate(handle, address, UC_PROT_WRITE, ctypes.byref(physical)) == 0:
+                record(physical.value, size)
+
+        self.uc.hook_add(UC_HOOK_MEM_WRITE, on_write)
 
     def flush(self) -> None:
         """Forget translated code and cached translations (guest code or page tables changed behind it)."""

@@ -18,7 +18,9 @@ import logging
 import os
 import struct
 
+from pyvmm.devices.ratelimit import RateLimiterConfig
 from pyvmm.devices.virtio.device import DEVICE_ID_BLOCK, DeviceContext, VirtioDevice
+from pyvmm.devices.virtio.throttle import Throttle, drain_throttled
 from pyvmm.errors import DeviceError
 from pyvmm.host.fileio import ImageFile, LockConflict, skip
 
@@ -124,7 +126,8 @@ class VirtioBlock(VirtioDevice):
     device_id = DEVICE_ID_BLOCK
     name = "virtio-blk"
 
-    def __init__(self, image: RawImage, *, serial: str | None = None, queue_size: int = QUEUE_SIZE):
+    def __init__(self, image: RawImage, *, serial: str | None = None, queue_size: int = QUEUE_SIZE,
+                 rate_limiter: RateLimiterConfig | None = None):  # fmt: skip
         super().__init__()
         self.image = image
         self.read_only = image.read_only
@@ -135,11 +138,14 @@ class VirtioBlock(VirtioDevice):
         self.seg_max = queue_size - 2  # header and status take two descriptors of a chain
         self._write_through = True
         self._config = self._build_config()
+        #: per request: one op, and the data bytes of a read or write (Firecracker's accounting)
+        self.throttle = Throttle(self, rate_limiter, lambda: self.process_queue(0))
+        self.metrics.extra["throttled"] = 0
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, read_only: bool = False, serial: str | None = None,
-             lock: bool = True) -> VirtioBlock:  # fmt: skip
-        return cls(RawImage(path, read_only=read_only, lock=lock), serial=serial)
+             lock: bool = True, rate_limiter: RateLimiterConfig | None = None) -> VirtioBlock:  # fmt: skip
+        return cls(RawImage(path, read_only=read_only, lock=lock), serial=serial, rate_limiter=rate_limiter)
 
     def device_features(self) -> int:
         features = super().device_features()
@@ -191,10 +197,37 @@ class VirtioBlock(VirtioDevice):
         self._write_through = not context.has(VIRTIO_BLK_F_FLUSH)
 
     def process_queue(self, index: int) -> None:
-        self.drain(index, self.handle_request)
+        throttle = self.throttle
+        if throttle.limiter.limits or throttle.blocked:
+            drain_throttled(self, index, throttle, self._data_bytes, self.handle_request)
+            self.metrics.extra["throttled"] = throttle.throttled
+        else:
+            self.drain(index, self.handle_request)
+
+    def set_rate_limiter(self, config: RateLimiterConfig) -> None:
+        """A new limit from now on (Firecracker's PATCH /drives rate_limiter); call under the transport's lock."""
+        self.throttle.configure(config)
+
+    def reset(self) -> None:
+        super().reset()
+        self.throttle.cancel()
 
     def close(self) -> None:
+        self.throttle.cancel()
         self.image.close()
+
+    @staticmethod
+    def _data_bytes(chain) -> int:
+        """The bytes a read or write request moves (0 for the others and for malformed headers)."""
+        readable = chain.readable
+        if not readable or len(readable[0]) < 4:
+            return 0
+        kind = int.from_bytes(readable[0][:4], "little")
+        if kind == VIRTIO_BLK_T_IN:
+            return max(0, chain.writable_len - 1)
+        if kind == VIRTIO_BLK_T_OUT:
+            return max(0, chain.readable_len - _HEADER.size)
+        return 0
 
     # --- one request --------------------------------------------------
     def handle_request(self, chain) -> int:

@@ -12,6 +12,11 @@ never processed on a vCPU thread; the builder may hand the same eventfds to
 KVM. Without ``attach`` (unit tests), a QueueNotify write processes the queue
 synchronously.
 
+A device whose queues another process serves (``external_queues``: vhost-user) gets the
+notifiers' fds at DRIVER_OK (``DeviceContext.kick_fds``) and passes them on; the transport
+then never reads them, so the guest's kick (a QueueNotify write here, or KVM's ioeventfd)
+reaches that process directly. Its used-buffer signals come back through ``signal_used``.
+
 Guest mistakes never escape: a ``QueueError`` (or any other failure while
 serving the device) sets DEVICE_NEEDS_RESET and raises a configuration-change
 interrupt for this device only.
@@ -288,7 +293,10 @@ class VirtioMmio:
         for queue in self.queues:
             queue.event_idx = bool(features >> VIRTIO_F_EVENT_IDX & 1)
             queue.indirect = bool(features >> VIRTIO_F_INDIRECT_DESC & 1)
-        self.device.activate(DeviceContext(self.memory, self.queues, features, self.signal_used))
+        kick_fds = [notifier.fileno() for notifier in self._notify_fds]
+        self.device.activate(DeviceContext(self.memory, self.queues, features, self.signal_used, kick_fds))
+        if self.device.external_queues:
+            return
         # Chains the driver made available before DRIVER_OK are served now.
         for queue in self.queues:
             if queue.ready:
@@ -328,6 +336,9 @@ class VirtioMmio:
                 self.fail(err)
 
     def signal_used(self, index: int) -> None:
+        if self.device.external_queues:  # the backend already applied EVENT_IDX suppression
+            self._interrupt(INTERRUPT_USED_BUFFER)
+            return
         queue = self.queues[index]
         if queue.needs_notification(self.memory):
             self._interrupt(INTERRUPT_USED_BUFFER)
@@ -377,11 +388,23 @@ class VirtioMmio:
             self._loop = loop
             self._notify_fds = [Notifier() for _ in self.queues]
         for index, notifier in enumerate(self._notify_fds):
+            if self.device.external_queues:
+                break  # the device hands the notifiers to whoever serves its queues; pyvmm must not drain them
             loop.add_fd(notifier.fileno(), self._notify_callback(notifier, index), READABLE, on_error=self.fail,
                         name=f"{self.name} queue {index}")  # fmt: skip
         for fd, events, callback in self.device.poll_fds():
             loop.add_fd(fd, lambda ev, cb=callback: self.run_device(cb, ev), events, on_error=self.fail, name=f"{self.name} fd {fd}")
+        self.device.attach_host(_TransportHost(self, loop))
         return list(self._notify_fds)
+
+    def run_host_callback(self, callback, *args) -> None:
+        """A ``DeviceHost`` callback: under the device lock whatever the driver's state (the device
+        decides what an fd event means while inactive); a failure marks the device needs-reset."""
+        with self.lock:
+            try:
+                callback(*args)
+            except Exception as err:
+                self.fail(err)
 
     def _notify_callback(self, notifier: Notifier, index: int):
         def on_notify(events: int) -> None:
@@ -400,6 +423,8 @@ class VirtioMmio:
                 loop.remove_fd(notifier.fileno())
             for fd, _events, _callback in self.device.poll_fds():
                 loop.remove_fd(fd)
+            if isinstance(self.device.host, _TransportHost):
+                self.device.host.unwatch_all()
         for notifier in notifiers:
             notifier.close()
         self.guest_log.flush()
@@ -461,3 +486,33 @@ class VirtioMmio:
         with self.lock:
             return {"device": self.name, **self.device.metrics.as_dict(), **self.counters}
 
+
+
+class _TransportHost:
+    """``DeviceHost`` over the transport's event loop: callbacks run under the transport's lock."""
+
+    def __init__(self, transport: VirtioMmio, loop):
+        self._transport, self._loop = transport, loop
+        self._watched: set[int] = set()
+
+    def watch(self, fd: int, events: int, callback) -> None:
+        run = self._transport.run_host_callback
+        self._loop.add_fd(fd, lambda ev: run(callback, ev), events, on_error=self._transport.fail,
+                          name=f"{self._transport.name} fd {fd}")  # fmt: skip
+        self._watched.add(fd)
+
+    def modify(self, fd: int, events: int) -> None:
+        self._loop.modify_fd(fd, events)
+
+    def unwatch(self, fd: int) -> None:
+        if fd in self._watched:
+            self._watched.discard(fd)
+            self._loop.remove_fd(fd)
+
+    def call_later(self, delay: float, callback):
+        run = self._transport.run_host_callback
+        return self._loop.call_later(delay, lambda: run(callback), name=f"{self._transport.name} timer")
+
+    def unwatch_all(self) -> None:
+        for fd in list(self._watched):
+            self.unwatch(fd)

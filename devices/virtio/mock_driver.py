@@ -206,3 +206,58 @@ def mock_guest(device, memory_size: int = 2 << 20, *, memory=None, irq: int = 5)
     driver = MockDriver(transport, memory)
     driver.irq_levels = levels
     return driver
+
+
+class ManualHost:
+    """A ``DeviceHost`` for sans-IO tests: nothing runs by itself; the test fires fd events and
+    moves a fake clock (``advance``), and the due timers run in deadline order."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.watched: dict[int, tuple[int, object]] = {}
+        self._timers: list[list] = []  # [deadline, sequence, callback, cancelled]
+        self._sequence = 0
+
+    def watch(self, fd: int, events: int, callback) -> None:
+        if fd in self.watched:
+            raise ValueError(f"fd {fd} is already watched")
+        self.watched[fd] = (events, callback)
+
+    def modify(self, fd: int, events: int) -> None:
+        self.watched[fd] = (events, self.watched[fd][1])
+
+    def unwatch(self, fd: int) -> None:
+        self.watched.pop(fd, None)
+
+    def call_later(self, delay: float, callback):
+        self._sequence += 1
+        timer = _ManualTimer([self.now + max(0.0, delay), self._sequence, callback, False])
+        self._timers.append(timer.entry)
+        return timer
+
+    def fire(self, fd: int, events: int) -> None:
+        self.watched[fd][1](events)
+
+    def pending_timers(self) -> int:
+        return sum(1 for entry in self._timers if not entry[3])
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock and run the timers that fall due, in order."""
+        end = self.now + seconds
+        while True:
+            due = sorted((e for e in self._timers if not e[3] and e[0] <= end), key=lambda e: (e[0], e[1]))
+            if not due:
+                break
+            entry = due[0]
+            self._timers.remove(entry)
+            self.now = max(self.now, entry[0])
+            entry[2]()
+        self.now = end
+
+
+class _ManualTimer:
+    def __init__(self, entry: list):
+        self.entry = entry
+
+    def cancel(self) -> None:
+        self.entry[3] = True

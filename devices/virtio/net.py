@@ -14,6 +14,12 @@ read) and spreads it over as many receive chains as it needs with
 VIRTIO_NET_F_MRG_RXBUF. The fd is watched edge-triggered: the device reads
 until the backend is empty or the guest has no buffers left; in the latter
 case the frame waits and the guest's next receive-queue kick resumes.
+
+Optional rate limiters, one per direction (Firecracker's ``rx_rate_limiter`` and
+``tx_rate_limiter``), charge each frame one op and its bytes (header included). A
+transmit chain that does not fit stays in the ring; a received frame that does
+not fit stays in the bounce buffer, already read from the backend; either
+direction resumes on its limiter's timer.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import re
 import socket
 import struct
 
+from pyvmm.devices.ratelimit import RateLimiterConfig
 from pyvmm.devices.virtio.device import DEVICE_ID_NET, VirtioDevice
+from pyvmm.devices.virtio.throttle import Throttle, drain_throttled
 from pyvmm.errors import DeviceError
 from pyvmm.host.poll import EDGE, READABLE
 
@@ -89,7 +97,8 @@ class VirtioNet(VirtioDevice):
     name = "virtio-net"
     queue_sizes = (256, 256)
 
-    def __init__(self, backend, *, mac: str | bytes | None = None):
+    def __init__(self, backend, *, mac: str | bytes | None = None, rx_rate_limiter: RateLimiterConfig | None = None,
+                 tx_rate_limiter: RateLimiterConfig | None = None):  # fmt: skip
         super().__init__()
         self.backend = backend
         self.mac = parse_mac(mac)
@@ -97,7 +106,10 @@ class VirtioNet(VirtioDevice):
         self._frame = bytearray(MAX_FRAME)
         self._frame_view = memoryview(self._frame)
         self._pending = 0  # length of a received frame still waiting for guest buffers
-        self.metrics.extra.update(rx_frames=0, tx_frames=0, rx_dropped=0, tx_dropped=0)
+        self._pending_paid = False  # the pending frame went through the rx limiter already
+        self.rx_throttle = Throttle(self, rx_rate_limiter, self.receive)
+        self.tx_throttle = Throttle(self, tx_rate_limiter, lambda: self.process_queue(TX_QUEUE))
+        self.metrics.extra.update(rx_frames=0, tx_frames=0, rx_dropped=0, tx_dropped=0, rx_throttled=0, tx_throttled=0)
 
     def device_features(self) -> int:
         return super().device_features() | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_MRG_RXBUF | 1 << VIRTIO_NET_F_STATUS
@@ -108,17 +120,35 @@ class VirtioNet(VirtioDevice):
     def reset(self) -> None:
         super().reset()
         self._pending = 0
+        self._pending_paid = False
+        self.rx_throttle.cancel()
+        self.tx_throttle.cancel()
 
     def process_queue(self, index: int) -> None:
         if index == TX_QUEUE:
-            self.drain(TX_QUEUE, self._transmit)
+            throttle = self.tx_throttle
+            if throttle.limiter.limits or throttle.blocked:
+                drain_throttled(self, TX_QUEUE, throttle, lambda chain: chain.readable_len, self._transmit)
+                self.metrics.extra["tx_throttled"] = throttle.throttled
+            else:
+                self.drain(TX_QUEUE, self._transmit)
         elif index == RX_QUEUE:
             self.receive()
+
+    def set_rate_limiters(self, rx: RateLimiterConfig | None = None, tx: RateLimiterConfig | None = None) -> None:
+        """New limits from now on (Firecracker's PATCH /network-interfaces); None leaves a direction as it
+        is. Call under the transport's lock."""
+        if rx is not None:
+            self.rx_throttle.configure(rx)
+        if tx is not None:
+            self.tx_throttle.configure(tx)
 
     def poll_fds(self):
         return [(self.backend.fileno(), READABLE | EDGE, self._on_readable)]
 
     def close(self) -> None:
+        self.rx_throttle.cancel()
+        self.tx_throttle.cancel()
         self.backend.close()
 
     # --- transmit --------------------------------------------------------
@@ -148,6 +178,10 @@ class VirtioNet(VirtioDevice):
         if context is None or not context.queues[RX_QUEUE].ready:
             return
         queue, memory = context.queues[RX_QUEUE], context.memory
+        throttle = self.rx_throttle
+        if throttle.blocked:
+            return  # its timer calls again
+        limited = throttle.limiter.limits
         delivered = False
         while True:
             if not self._pending:
@@ -161,9 +195,16 @@ class VirtioNet(VirtioDevice):
                 if not length:
                     break
                 self._pending = length
+                self._pending_paid = False
+            if limited and not self._pending_paid:
+                if not throttle.admit(self._pending):
+                    self.metrics.extra["rx_throttled"] = throttle.throttled
+                    break  # the frame waits in the bounce buffer for the limiter's timer
+                self._pending_paid = True
             if not self._deliver(queue, memory, self._pending):
                 break
             self._pending = 0
+            self._pending_paid = False
             delivered = True
         if delivered:
             context.signal_used(RX_QUEUE)

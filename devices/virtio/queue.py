@@ -100,6 +100,7 @@ class SplitQueue:
         self._memory = None
         self._desc = self._avail = self._used = None
         self._regions = []
+        self._mark_written = None
 
     # --- setup -----------------------------------------------------------
     def _where(self) -> str:
@@ -130,6 +131,10 @@ class SplitQueue:
         self._used = memory.view(self.used_addr, 6 + 8 * size)
         self._regions = [(r.guest_addr, r.end, r.view) for r in memory.regions]
         self._memory = memory
+        # Device-writable buffers are recorded as written when memory tracks the VMM's writes
+        # (a Diff snapshot on KVM: the hypervisor's dirty log does not see them). The used ring
+        # is marked by the snapshot itself, keeping this off the per-request path.
+        self._mark_written = memory.mark_written if getattr(memory, "tracking_writes", False) else None
 
     def _rings(self, memory) -> None:
         if memory is not self._memory:
@@ -192,6 +197,7 @@ class SplitQueue:
         writable: list[memoryview] = []
         readable_len = writable_len = 0
         unpack = _DESC.unpack_from
+        mark_written = self._mark_written
         while True:
             addr, length, flags, next_index = unpack(table, DESC_SIZE * index)
             steps += 1
@@ -221,6 +227,8 @@ class SplitQueue:
             if flags & VIRTQ_DESC_F_WRITE:
                 writable.append(view)
                 writable_len += length
+                if mark_written is not None:
+                    mark_written(addr, length)
             elif writable:
                 raise QueueError(f"{where()}: chain {head} has a device-readable buffer after a device-writable one")
             else:

@@ -5,8 +5,7 @@ The shapes are Firecracker's (src/firecracker/swagger/firecracker.yaml, v1.x):
 ``entropy``, ``logger``, ``metrics``. Each body is checked field by field; a
 problem is a ``FaultError`` naming the object and the field, which the API
 answers as 400 ``{"fault_message": ...}``. Fields that have no meaning in pyvmm
-are accepted and logged once (rate limiters, cache_type, io_engine,
-track_dirty_pages until Diff snapshots exist) or refused with a 400 when
+are accepted and logged once (cache_type, io_engine, ...) or refused with a 400 when
 accepting them would mislead (a CPU template, SMT, huge pages, vhost-user
 drives): ``ACCEPTED_NOT_APPLIED`` and ``REFUSED`` list them, and the README
 repeats the lists.
@@ -22,6 +21,7 @@ import copy
 import logging
 import re
 
+from pyvmm.devices.ratelimit import RateLimiterConfig, RateLimiterError
 from pyvmm.errors import ConfigError, PyvmmError
 
 log = logging.getLogger("pyvmm.firecracker")
@@ -70,6 +70,20 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "tx_rate_limiter": ((dict, type(None)), "a rate limiter object"),
     },
     "entropy": {"rate_limiter": ((dict, type(None)), "a rate limiter object")},
+    "vsock": {
+        "guest_cid": ((int,), "an integer (3 to 4294967294)"),
+        "uds_path": ((str,), "a path string"),
+        "vsock_id": ((str,), "a string (deprecated; ignored)"),
+    },
+    "balloon": {
+        "amount_mib": ((int,), "an integer (MiB)"),
+        "deflate_on_oom": ((bool,), "a boolean"),
+        "stats_polling_interval_s": ((int,), "an integer (seconds)"),
+        "free_page_hinting": ((bool,), "a boolean"),
+        "free_page_reporting": ((bool,), "a boolean"),
+    },
+    "balloon-update": {"amount_mib": ((int,), "an integer (MiB)")},
+    "balloon-stats-update": {"stats_polling_interval_s": ((int,), "an integer (seconds)")},
     "logger": {
         "log_path": ((str,), "a path string"),
         "level": ((str,), '"Error", "Warning", "Info", "Debug", "Trace" or "Off"'),
@@ -95,10 +109,14 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
     "mem_backend": {"backend_type": ((str,), '"File"'), "backend_path": ((str,), "a path string")},
 }
 REQUIRED = {
+    "vsock": {"guest_cid", "uds_path"},
     "machine-config": {"vcpu_count", "mem_size_mib"},
     "boot-source": {"kernel_image_path"},
     "drive": {"drive_id", "is_root_device"},
     "network-interface": {"iface_id", "host_dev_name"},
+    "balloon": {"amount_mib", "deflate_on_oom"},
+    "balloon-update": {"amount_mib"},
+    "balloon-stats-update": {"stats_polling_interval_s"},
     "metrics": {"metrics_path"},
     "snapshot-create": {"snapshot_path", "mem_file_path"},
     "snapshot-load": {"snapshot_path"},
@@ -111,15 +129,16 @@ PATCHABLE = {
     "network-interface": {"iface_id", "rx_rate_limiter", "tx_rate_limiter"},
 }
 #: accepted and logged once: they change nothing in pyvmm
-ACCEPTED_NOT_APPLIED = ("rate_limiter", "rx_rate_limiter", "tx_rate_limiter", "cache_type", "io_engine",
-                        "track_dirty_pages", "enable_diff_snapshots", "partuuid", "show_level", "show_log_origin",
-                        "module")  # fmt: skip
+ACCEPTED_NOT_APPLIED = ("cache_type", "io_engine", "partuuid", "show_level", "show_log_origin", "module",
+                        "vsock_id")  # fmt: skip
 #: refused with 400 (field: why), unless set to the value that means "off"
 REFUSED = {
     "cpu_template": ("None", "CPU templates are not supported: pyvmm presents its own CPUID policy"),
     "smt": (False, "SMT (2 threads per core) is not supported"),
     "huge_pages": ("None", "huge pages are not supported"),
     "socket": (None, "vhost-user block devices are not supported"),
+    "free_page_hinting": (False, "balloon free page hinting is not supported"),
+    "free_page_reporting": (False, "balloon free page reporting is not supported"),
 }
 LOG_LEVELS = {"Error": "ERROR", "Warning": "WARNING", "Info": "INFO", "Debug": "DEBUG", "Trace": "DEBUG", "Off": None}
 _logged_once: set[str] = set()
@@ -140,6 +159,12 @@ def check_body(kind: str, body, *, patch: bool = False) -> dict:
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise FaultError(f"{kind}: field '{key}' must be {description}, not {_json_type(value)}")
     _check_paths(kind, body)
+    for key, value in body.items():
+        if key.endswith("rate_limiter") and value is not None:
+            try:
+                RateLimiterConfig.from_dict(value)
+            except RateLimiterError as err:
+                raise FaultError(f"{kind}: field '{'.'.join(filter(None, (key, err.key)))}' {err.problem}") from err
     if not patch:
         missing = sorted(REQUIRED.get(kind, set()) - set(body))
         if missing:
@@ -177,6 +202,8 @@ class FirecrackerConfig:
         self.drives: dict[str, dict] = {}
         self.nets: dict[str, dict] = {}
         self.entropy: dict | None = None
+        self.balloon: dict | None = None
+        self.vsock: dict | None = None
         self.logger: dict | None = None
         self.metrics: dict | None = None
 
@@ -198,7 +225,7 @@ class FirecrackerConfig:
         if patch:
             if drive_id not in self.drives:
                 raise FaultError(f"drive '{drive_id}' does not exist; PUT /drives/{drive_id} first")
-            self.drives[drive_id] = {**self.drives[drive_id], **body}
+            self.drives[drive_id] = self.patched(self.drives[drive_id], body)
             return
         if "path_on_host" not in body:
             raise FaultError("drive: missing required field 'path_on_host'")
@@ -212,12 +239,54 @@ class FirecrackerConfig:
         if patch:
             if iface_id not in self.nets:
                 raise FaultError(f"network interface '{iface_id}' does not exist")
-            self.nets[iface_id] = {**self.nets[iface_id], **body}
+            self.nets[iface_id] = self.patched(self.nets[iface_id], body)
             return
         self.nets[iface_id] = dict(body)
 
     def put_entropy(self, body) -> None:
         self.entropy = dict(check_body("entropy", body))
+
+    def put_vsock(self, body) -> None:
+        from pyvmm.config import VSOCK_MAX_CID, VSOCK_MIN_CID
+
+        body = check_body("vsock", body)
+        if not VSOCK_MIN_CID <= body["guest_cid"] <= VSOCK_MAX_CID:
+            raise FaultError(f"vsock: field 'guest_cid' must be between {VSOCK_MIN_CID} and {VSOCK_MAX_CID}, "
+                             f"not {body['guest_cid']}")  # fmt: skip
+        self.vsock = dict(body)
+
+    def put_balloon(self, body) -> None:
+        body = check_body("balloon", body)
+        self._check_balloon_fields(body)
+        self.balloon = {"stats_polling_interval_s": 0, **body}
+
+    def patch_balloon(self, body) -> None:
+        """PATCH /balloon before boot (after boot the VM takes the new target too: routes.py)."""
+        body = check_body("balloon-update", body)
+        if self.balloon is None:
+            raise FaultError("balloon: no balloon device is configured (PUT /balloon first)")
+        self._check_balloon_fields(body)
+        self.balloon.update(body)
+
+    def patch_balloon_statistics(self, body, *, started: bool) -> None:
+        body = check_body("balloon-stats-update", body)
+        if self.balloon is None:
+            raise FaultError("balloon: no balloon device is configured (PUT /balloon first)")
+        self._check_balloon_fields(body)
+        was_on, on = self.balloon["stats_polling_interval_s"] > 0, body["stats_polling_interval_s"] > 0
+        if started and was_on != on:
+            raise FaultError(f"balloon: statistics cannot be turned {'on' if on else 'off'} after the microVM started")
+        self.balloon.update(body)
+
+    def _check_balloon_fields(self, body: dict) -> None:
+        from pyvmm.config import MAX_STATS_INTERVAL_S
+
+        if "amount_mib" in body and not 0 <= body["amount_mib"] <= self.machine["mem_size_mib"]:
+            raise FaultError(f"balloon: field 'amount_mib' {body['amount_mib']} must be between 0 and the guest's "
+                             f"{self.machine['mem_size_mib']} MiB")  # fmt: skip
+        if not 0 <= body.get("stats_polling_interval_s", 0) <= MAX_STATS_INTERVAL_S:
+            raise FaultError(f"balloon: field 'stats_polling_interval_s' must be between 0 and {MAX_STATS_INTERVAL_S}, "
+                             f"not {body['stats_polling_interval_s']}")  # fmt: skip
 
     def put_logger(self, body) -> None:
         body = check_body("logger", body)
@@ -227,6 +296,15 @@ class FirecrackerConfig:
 
     def put_metrics(self, body) -> None:
         self.metrics = dict(check_body("metrics", body))
+
+    @staticmethod
+    def patched(current: dict, body: dict) -> dict:
+        """``current`` with a PATCH ``body`` applied; rate limiters merge bucket by bucket, as Firecracker's."""
+        out = {**current, **body}
+        for key in ("rate_limiter", "rx_rate_limiter", "tx_rate_limiter"):
+            if key in body:
+                out[key] = merged_rate_limiter(current.get(key), body[key])
+        return out
 
     @staticmethod
     def _check_id(kind: str, field: str, path_id: str, body: dict) -> None:
@@ -247,7 +325,7 @@ class FirecrackerConfig:
         for key, value in data.items():
             if key not in known:
                 raise FaultError(f"unknown configuration key '{key}'; expected one of: {', '.join(known)}")
-            if key in ("balloon", "vsock", "mmds-config", "cpu-config") and value is not None:
+            if key in ("mmds-config", "cpu-config") and value is not None:
                 raise FaultError(f"'{key}' is not supported by pyvmm yet")
         if "machine-config" in data:
             config.put_machine_config(data["machine-config"])
@@ -259,6 +337,10 @@ class FirecrackerConfig:
             config.put_network_interface(_item_id(net, "iface_id", f"network-interfaces[{i}]"), net)
         if data.get("entropy") is not None:
             config.put_entropy(data["entropy"])
+        if data.get("balloon") is not None:
+            config.put_balloon(data["balloon"])
+        if data.get("vsock") is not None:
+            config.put_vsock(data["vsock"])
         if data.get("logger") is not None:
             config.put_logger(data["logger"])
         if data.get("metrics") is not None:
@@ -270,23 +352,29 @@ class FirecrackerConfig:
         """A pyvmm ``VmConfig`` (a TOML-configured VM) in Firecracker's shapes, for ``GET /vm/config``."""
         out = cls()
         out.machine = {"vcpu_count": config.machine.vcpus, "mem_size_mib": config.machine.memory_mib, "smt": False,
-                       "track_dirty_pages": False}  # fmt: skip
+                       "track_dirty_pages": config.machine.track_dirty_pages}  # fmt: skip
         out.boot = {"kernel_image_path": str(config.boot.kernel), "boot_args": config.boot.cmdline,
                     "initrd_path": str(config.boot.initrd) if config.boot.initrd else None}  # fmt: skip
         for i, drive in enumerate(config.drives):
             out.drives[f"drive{i}"] = {"drive_id": f"drive{i}", "path_on_host": str(drive.path), "is_root_device": False,
-                                       "is_read_only": drive.read_only}  # fmt: skip
+                                       "is_read_only": drive.read_only, **_limiters(drive, "rate_limiter")}  # fmt: skip
         for i, net in enumerate(config.nets):
             out.nets[f"net{i}"] = {"iface_id": f"net{i}", "host_dev_name": net.tap,
-                                   **({"guest_mac": net.mac} if net.mac else {})}  # fmt: skip
+                                   **({"guest_mac": net.mac} if net.mac else {}),
+                                   **_limiters(net, "rx_rate_limiter", "tx_rate_limiter")}  # fmt: skip
         if config.rng:
-            out.entropy = {}
+            out.entropy = {"rate_limiter": config.rng_rate_limiter.as_dict()} if config.rng_rate_limiter else {}
+        if config.vsock is not None:
+            out.vsock = {"guest_cid": config.vsock.guest_cid, "uds_path": str(config.vsock.uds_path)}
+        if config.balloon is not None:
+            out.balloon = {"amount_mib": config.balloon.amount_mib, "deflate_on_oom": config.balloon.deflate_on_oom,
+                           "stats_polling_interval_s": config.balloon.stats_polling_interval_s}  # fmt: skip
         return out
 
     def as_json(self) -> dict:
         """``GET /vm/config``: Firecracker's FullVmConfiguration."""
         return {
-            "balloon": None,
+            "balloon": copy.deepcopy(self.balloon),
             "drives": [copy.deepcopy(d) for d in self.ordered_drives()],
             "boot-source": copy.deepcopy(self.boot) if self.boot else None,
             "cpu-config": None,
@@ -295,7 +383,7 @@ class FirecrackerConfig:
             "metrics": copy.deepcopy(self.metrics),
             "mmds-config": None,
             "network-interfaces": [copy.deepcopy(n) for n in self.nets.values()],
-            "vsock": None,
+            "vsock": copy.deepcopy(self.vsock),
             "entropy": copy.deepcopy(self.entropy),
         }
 
@@ -315,7 +403,8 @@ class FirecrackerConfig:
         if root is not None:
             cmdline += f" root={ROOT_DRIVE_NAME} {'ro' if root['is_read_only'] else 'rw'}"
         data: dict = {
-            "machine": {"vcpus": self.machine["vcpu_count"], "memory_mib": self.machine["mem_size_mib"]},
+            "machine": {"vcpus": self.machine["vcpu_count"], "memory_mib": self.machine["mem_size_mib"],
+                        "track_dirty_pages": bool(self.machine.get("track_dirty_pages", False))},
             "boot": {"kernel": self.boot["kernel_image_path"], "cmdline": cmdline},
         }
         if accel:
@@ -324,12 +413,17 @@ class FirecrackerConfig:
         if self.boot.get("initrd_path"):
             data["boot"]["initrd"] = self.boot["initrd_path"]
         if drives:
-            data["drive"] = [{"path": d["path_on_host"], "read_only": d["is_read_only"]} for d in drives]
+            data["drive"] = [{"path": d["path_on_host"], "read_only": d["is_read_only"], **_present(d, "rate_limiter")}
+                             for d in drives]  # fmt: skip
         if self.nets:
-            data["net"] = [{"tap": n["host_dev_name"], **({"mac": n["guest_mac"]} if "guest_mac" in n else {})}
-                           for n in self.nets.values()]  # fmt: skip
+            data["net"] = [{"tap": n["host_dev_name"], **({"mac": n["guest_mac"]} if "guest_mac" in n else {}),
+                            **_present(n, "rx_rate_limiter", "tx_rate_limiter")} for n in self.nets.values()]  # fmt: skip
         if self.entropy is not None:
-            data["rng"] = {"enabled": True}
+            data["rng"] = {"enabled": True, **_present(self.entropy, "rate_limiter")}
+        if self.balloon is not None:
+            data["balloon"] = {key: self.balloon[key] for key in ("amount_mib", "deflate_on_oom", "stats_polling_interval_s")}
+        if self.vsock is not None:
+            data["vsock"] = {"guest_cid": self.vsock["guest_cid"], "uds_path": self.vsock["uds_path"]}
         return data
 
     def to_vm_config(self, accel: list[str] | None = None, cpu: str = "host"):
@@ -350,6 +444,23 @@ def _firecracker_key(message: str) -> str:
                          (".mac", ".guest_mac")):  # fmt: skip
         message = message.replace(ours, theirs)
     return message
+
+
+def _limiters(config, *names: str) -> dict:
+    """A pyvmm config object's rate limiters that are set, in Firecracker's shape."""
+    return {name: getattr(config, name).as_dict() for name in names if getattr(config, name) is not None}
+
+
+def _present(body: dict, *names: str) -> dict:
+    """The fields of a Firecracker object that are given and not null."""
+    return {name: body[name] for name in names if body.get(name) is not None}
+
+
+def merged_rate_limiter(old: dict | None, update: dict | None) -> dict | None:
+    """Firecracker's PATCH of a rate limiter: the buckets ``update`` names replace the old ones, the others stay."""
+    if update is None:
+        return old
+    return RateLimiterConfig.from_dict(old or {}).updated(update).as_dict()
 
 
 def _list(data: dict, key: str) -> list:

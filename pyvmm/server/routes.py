@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 
 from pyvmm import __version__
+from pyvmm.devices.ratelimit import RateLimiterConfig
 from pyvmm.errors import PyvmmError, one_line
 from pyvmm.server.firecracker import FIRECRACKER_VERSION, LOG_LEVELS, FaultError, FirecrackerConfig, check_body
 from pyvmm.vmm.states import VmState
@@ -52,7 +53,8 @@ class FirecrackerApi:
         self.config = FirecrackerConfig()
         self.cpu = cpu
         self.start_vm = start_vm
-        #: ``restore_vm(snapshot_path, mem_path, resume)`` -> the restored VM (PUT /snapshot/load)
+        #: ``restore_vm(snapshot_path, mem_path, resume, track_dirty_pages)`` -> the restored VM
+        #: (PUT /snapshot/load; ``track_dirty_pages`` None: as the snapshotted VM had it)
         self.restore_vm = restore_vm or self._no_restore
         self.instance_id = instance_id
         self.accel = accel
@@ -113,6 +115,12 @@ class FirecrackerApi:
                 lambda b: self.config.put_network_interface(parts[1], b), d),
             ("PATCH", ("network-interfaces", "{id}")): lambda d: self._patch_net(parts[1], d),
             ("PUT", ("entropy",)): lambda d: self._pre_boot(self.config.put_entropy, d),
+            ("PUT", ("vsock",)): lambda d: self._pre_boot(self.config.put_vsock, d),
+            ("GET", ("balloon",)): self._get_balloon,
+            ("PUT", ("balloon",)): lambda d: self._pre_boot(self.config.put_balloon, d),
+            ("PATCH", ("balloon",)): self._patch_balloon,
+            ("GET", ("balloon", "statistics")): self._balloon_statistics,
+            ("PATCH", ("balloon", "statistics")): self._patch_balloon_statistics,
             ("PUT", ("logger",)): lambda d: self._pre_boot(self._put_logger, d),
             ("PUT", ("metrics",)): lambda d: self._pre_boot(self._put_metrics, d),
             ("PUT", ("actions",)): self._action,
@@ -135,7 +143,7 @@ class FirecrackerApi:
             if allowed:
                 return Response(405, {"fault_message": f"/{'/'.join(parts)} takes {', '.join(allowed)}, not {method}"},
                                 allow=tuple(allowed))  # fmt: skip
-            if parts and parts[0] in ("vsock", "balloon", "mmds", "cpu-config", "hotplug"):
+            if parts and parts[0] in ("balloon", "mmds", "cpu-config", "hotplug"):
                 return fault(f"/{'/'.join(parts)}: not supported by pyvmm yet")
             return fault(f"Invalid request method and/or path: {method} /{'/'.join(parts)}.")
         return handler(data)
@@ -184,10 +192,13 @@ class FirecrackerApi:
         body = check_body("drive", data or {}, patch=True)
         if drive_id not in self.config.drives:
             raise FaultError(f"drive '{drive_id}' does not exist")
+        order = [d["drive_id"] for d in self.config.ordered_drives()]  # the guest's vda, vdb, ...
+        patched = self.config.patched(self.config.drives[drive_id], body)
         if "path_on_host" in body and body["path_on_host"] != self.config.drives[drive_id]["path_on_host"]:
-            order = [d["drive_id"] for d in self.config.ordered_drives()]  # the guest's vda, vdb, ...
             self.vm.replace_drive(order.index(drive_id), body["path_on_host"])
-        self.config.drives[drive_id].update(body)
+        if body.get("rate_limiter") is not None:
+            self.vm.set_drive_rate_limiter(order.index(drive_id), RateLimiterConfig.from_dict(patched["rate_limiter"]))
+        self.config.drives[drive_id] = patched
         return Response(204)
 
     def _patch_net(self, iface_id: str, data) -> Response:
@@ -196,8 +207,49 @@ class FirecrackerApi:
         body = check_body("network-interface", data or {}, patch=True)
         if iface_id not in self.config.nets:
             raise FaultError(f"network interface '{iface_id}' does not exist")
-        self.config.nets[iface_id].update(body)  # rate limiters only: accepted, not applied
+        patched = self.config.patched(self.config.nets[iface_id], body)
+        rx, tx = (RateLimiterConfig.from_dict(patched[key]) if body.get(key) is not None else None
+                  for key in ("rx_rate_limiter", "tx_rate_limiter"))  # fmt: skip
+        if rx is not None or tx is not None:
+            self.vm.set_net_rate_limiters(list(self.config.nets).index(iface_id), rx, tx)
+        self.config.nets[iface_id] = patched
         return Response(204)
+
+    # --- the balloon -----------------------------------------------------------------------
+    def _get_balloon(self, _data) -> Response:
+        if self.config.balloon is None:
+            raise FaultError("balloon: no balloon device is configured")
+        return Response(200, dict(self.config.balloon))
+
+    def _patch_balloon(self, data) -> Response:
+        self._balloon_update(lambda: self.config.patch_balloon(data), lambda: self.vm.set_balloon(data["amount_mib"]))
+        return Response(204)
+
+    def _balloon_statistics(self, _data) -> Response:
+        if self.config.balloon is None:
+            raise FaultError("balloon: no balloon device is configured")
+        if not self.config.balloon["stats_polling_interval_s"]:
+            raise FaultError("balloon: statistics are not enabled (stats_polling_interval_s was 0 when the balloon "
+                             "was configured)")  # fmt: skip
+        if self.vm is None:
+            return fault(NOT_BEFORE_BOOT)
+        return Response(200, self.vm.balloon_statistics())
+
+    def _patch_balloon_statistics(self, data) -> Response:
+        self._balloon_update(lambda: self.config.patch_balloon_statistics(data, started=self.vm is not None),
+                             lambda: self.vm.set_balloon_statistics_interval(data["stats_polling_interval_s"]))
+        return Response(204)
+
+    def _balloon_update(self, update_config, update_vm) -> None:
+        """Check and record a balloon change, then (after boot) apply it; the record is undone if the VM refuses."""
+        before = dict(self.config.balloon) if self.config.balloon is not None else None
+        update_config()
+        if self.vm is not None:
+            try:
+                update_vm()
+            except BaseException:
+                self.config.balloon = before
+                raise
 
     def _action(self, data) -> Response:
         if not isinstance(data, dict) or set(data) != {"action_type"}:
@@ -260,7 +312,8 @@ class FirecrackerApi:
                 raise FaultError(f"snapshot-load: mem_backend.backend_type {backend['backend_type']!r} is not supported "
                                  "(only \"File\")")  # fmt: skip
             mem_path = backend["backend_path"]
-        self.vm = self.restore_vm(body["snapshot_path"], mem_path, bool(body.get("resume_vm", False)))
+        track = body.get("track_dirty_pages", body.get("enable_diff_snapshots"))  # the older name
+        self.vm = self.restore_vm(body["snapshot_path"], mem_path, bool(body.get("resume_vm", False)), track)
         self.config = FirecrackerConfig.from_vm_config(self.vm.config)
         self.started.set()
         return Response(204)

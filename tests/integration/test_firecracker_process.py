@@ -131,7 +131,7 @@ def test_a_config_file_without_the_api_boots_at_once_and_exits_with_the_guests_s
     ({"machine-config": {"vcpu_count": 1}}, "missing required field 'mem_size_mib'"),
     ({"boot-source": {"kernel_image_path": "/nonexistent"}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 32}},
      "boot-source.kernel_image_path: file not found"),
-    ({"vsock": {"guest_cid": 3, "uds_path": "/tmp/v"}}, "'vsock' is not supported by pyvmm yet"),
+    ({"vsock": {"guest_cid": 1, "uds_path": "/tmp/v"}}, "vsock: field 'guest_cid' must be between 3 and 4294967294"),
 ])  # fmt: skip
 def test_a_bad_config_file_is_a_one_line_error(tmp_path, body, words):
     config = tmp_path / "vm.json"

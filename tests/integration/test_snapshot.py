@@ -44,8 +44,9 @@ def backends(*names):
             fn()
 
 
-def counter_vm(backend, vcpus=2):
-    return VM.from_dict({"machine": {"vcpus": vcpus, "memory_mib": 64, "accel": backend, "cpu": "portable"},
+def counter_vm(backend, vcpus=2, track_dirty_pages=False):
+    return VM.from_dict({"machine": {"vcpus": vcpus, "memory_mib": 64, "accel": backend, "cpu": "portable",
+                                     "track_dirty_pages": track_dirty_pages},
                          "boot": {"kernel": str(GUESTS / "counter.elf"), "cmdline": "console=ttyS0"}})  # fmt: skip
 
 
@@ -199,16 +200,18 @@ def test_snapshot_over_the_api_and_load_into_a_fresh_process(tmp_path, target):
     assert b"counter: stop" in out
 
 
-@pytest.mark.parametrize("backend", ["interp", "kvm"])
-def test_a_diff_snapshot_holds_only_what_changed_and_restores_on_its_base(tmp_path, backend):
+@pytest.mark.parametrize(("backend", "track"), [("interp", False), ("kvm", False), ("kvm", True)],
+                         ids=["interp-compared", "kvm-compared", "kvm-dirty-log"])
+def test_a_diff_snapshot_holds_only_what_changed_and_restores_on_its_base(tmp_path, backend, track):
     """Full, run on, Diff: the Diff's memory file holds only the pages that changed (the counter's,
-    the stack's, a page the host wrote), and it restores on top of the Full one."""
+    the stack's, a page the host wrote), and it restores on top of the Full one. With
+    ``track_dirty_pages`` on KVM the pages come from KVM's dirty log plus the VMM's own writes."""
     import os
 
     from pyvmm.vmm.controller import ControllerError
 
     with backends(backend):
-        vm = counter_vm(backend)
+        vm = counter_vm(backend, track_dirty_pages=track)
         try:
             run_then_pause(vm)
             with pytest.raises(ControllerError, match="take a Full one first"):
@@ -223,6 +226,7 @@ def test_a_diff_snapshot_holds_only_what_changed_and_restores_on_its_base(tmp_pa
             diff = vm.snapshot(tmp_path / "diff.snap", tmp_path / "diff.mem", diff=True)
         finally:
             vm.close()
+        assert diff["found_by"] == ("dirty log" if track else "comparison")
         assert diff["memory_bytes"] <= 16 * 4096 < full["memory_bytes"]
         assert os.stat(tmp_path / "diff.mem").st_blocks * 512 < os.stat(tmp_path / "full.mem").st_blocks * 512
         vm = VM.restore(tmp_path / "diff.snap", tmp_path / "diff.mem", accel=backend)
@@ -237,3 +241,31 @@ def test_a_diff_snapshot_holds_only_what_changed_and_restores_on_its_base(tmp_pa
         (tmp_path / "full.mem").unlink()
         with pytest.raises(Exception, match="full.mem"):
             VM.restore(tmp_path / "diff.snap", tmp_path / "diff.mem", accel=backend)
+
+
+def test_a_vm_restored_with_track_dirty_pages_takes_diffs_from_the_dirty_log(tmp_path):
+    """Firecracker's load option: the restored VM logs its pages, and its Diff builds on the loaded chain."""
+    with backends("kvm"):
+        vm = counter_vm("kvm")
+        try:
+            run_then_pause(vm)
+            vm.snapshot(tmp_path / "full.snap", tmp_path / "full.mem")
+        finally:
+            vm.close()
+        vm = VM.restore(tmp_path / "full.snap", tmp_path / "full.mem", accel="kvm", resume=True, track_dirty_pages=True)
+        try:
+            assert vm.machine.dirty_log
+            progress(vm, count(vm))
+            vm.pause()
+            held = count(vm)
+            diff = vm.snapshot(tmp_path / "diff.snap", tmp_path / "diff.mem", diff=True)
+        finally:
+            vm.close()
+        assert diff["found_by"] == "dirty log" and 0 < diff["memory_bytes"] <= 16 * 4096
+        vm = VM.restore(tmp_path / "diff.snap", tmp_path / "diff.mem", accel="kvm")
+        try:
+            assert count(vm) == held and vm.machine.dirty_log  # kept from the snapshotted VM when not given
+            vm.resume()
+            progress(vm, held)
+        finally:
+            vm.close()

@@ -40,8 +40,8 @@ def test_accel_never_imports_vmm():
 
 def test_arch_is_a_leaf():
     for path in sources("arch"):
-        ours = {m for m in imported_modules(path) if m.startswith("pyvmm")}
-        assert not ours, f"{path.relative_to(ROOT)} imports {ours}: arch/ imports nothing of pyvmm"
+        ours = {m for m in imported_modules(path) if m.startswith("pyvmm") and not m.startswith("pyvmm.arch")}
+        assert not ours, f"{path.relative_to(ROOT)} imports {ours}: arch/ imports nothing of pyvmm outside arch/"
 
 
 def test_only_the_engine_module_creates_unicorn_engines():

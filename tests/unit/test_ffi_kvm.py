@@ -18,6 +18,7 @@ from pyvmm.ffi import kvm
 STRUCTS = [
     "kvm_run", "kvm_regs", "kvm_segment", "kvm_dtable", "kvm_sregs", "kvm_fpu", "kvm_msr_entry", "kvm_msrs",
     "kvm_msr_list", "kvm_cpuid_entry2", "kvm_cpuid2", "kvm_lapic_state", "kvm_userspace_memory_region",
+    "kvm_dirty_log",
     "kvm_irq_level", "kvm_pit_config", "kvm_irqfd", "kvm_ioeventfd", "kvm_enable_cap", "kvm_vcpu_events",
     "kvm_mp_state", "kvm_xsave", "kvm_xcr", "kvm_xcrs", "kvm_guest_debug", "kvm_debug_exit_arch", "kvm_msi",
     "kvm_irq_routing", "kvm_irq_routing_entry", "kvm_irqchip", "kvm_pit_channel_state", "kvm_pit_state2", "kvm_clock_data",
@@ -91,6 +92,7 @@ OFFSETS = [
     ("kvm_cpuid2", "entries", "entries"),
     ("kvm_userspace_memory_region", "guest_phys_addr", "guest_phys_addr"),
     ("kvm_userspace_memory_region", "userspace_addr", "userspace_addr"),
+    ("kvm_dirty_log", "dirty_bitmap", "dirty_bitmap"),
     ("kvm_irq_level", "level", "level"),
     ("kvm_irqfd", "resamplefd", "resamplefd"),
     ("kvm_ioeventfd", "len", "len"),

@@ -43,6 +43,9 @@ class FakeVm:
     def replace_drive(self, index, path):
         self.replaced = (index, path)
 
+    def set_drive_rate_limiter(self, index, config):
+        self.drive_limits = (index, config)
+
 
 @pytest.fixture
 def api():
@@ -98,7 +101,7 @@ def test_machine_config_put_patch_get(api):
     ("/snapshot/create", {"snapshot_path": "s", "mem_file_path": "m", "snapshot_type": "Half"}, "must be \"Full\" or \"Diff\""),
     ("/snapshot/load", {"snapshot_path": "s"}, "exactly one of 'mem_file_path' and 'mem_backend'"),
     ("/snapshot/load", {"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/x"}}, "only \"File\""),
-    ("/vsock", {"guest_cid": 3, "uds_path": "/tmp/v"}, "not supported by pyvmm yet"),
+    ("/vsock", {"guest_cid": 2, "uds_path": "/tmp/v"}, "field 'guest_cid' must be between 3 and 4294967294"),
 ])  # fmt: skip
 def test_bad_bodies_are_400_with_a_message_naming_the_field(api, path, body, words):
     status, answer = call(api, "PUT", path, body)
@@ -184,6 +187,7 @@ def test_patching_a_drive_after_boot(api, tmp_path):
     call(api, "PUT", "/drives/d", {"drive_id": "d", "path_on_host": str(image), "is_root_device": False})
     call(api, "PUT", "/actions", {"action_type": "InstanceStart"})
     assert call(api, "PATCH", "/drives/d", {"drive_id": "d", "rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}})[0] == 204
+    assert api.started_vms[0].drive_limits[0] == 0 and api.started_vms[0].drive_limits[1].bandwidth.size == 1
     other = tmp_path / "other.img"
     other.write_bytes(bytes(8192))
     assert call(api, "PATCH", "/drives/d", {"drive_id": "d", "path_on_host": str(other)})[0] == 204

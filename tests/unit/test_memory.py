@@ -78,3 +78,72 @@ def test_large_sparse_memory_is_cheap():
     mem.write(mem.end - 8, b"12345678")
     assert mem.read(mem.end - 8, 8) == b"12345678"
     mem.close()
+
+
+# --- the VMM's own writes (Diff snapshots on a hypervisor with a dirty log) ----------------------
+def _written_pages(memory) -> list[list[int]]:
+    return [[i for i, flag in enumerate(pages) if flag] for pages in memory.take_written()]
+
+
+def test_writes_through_guest_memory_mark_their_pages_once_tracking():
+    memory = GuestMemory.from_buffers([(0, bytearray(16 * 4096)), (0x100000, bytearray(4 * 4096))])
+    memory.write(0x1000, b"x")  # before tracking: not recorded
+    memory.track_writes()
+    memory.write(0x2FFF, b"ab")  # straddles pages 2 and 3
+    memory.write_int(0x100000 + 3 * 4096, 4, 7)
+    memory.fill(0x5000, 2 * 4096)
+    memory.read(0x9000, 100)  # reads mark nothing
+    assert _written_pages(memory) == [[2, 3, 5, 6], [3]]
+    assert _written_pages(memory) == [[], []]  # taken: the next epoch starts empty
+
+
+def test_pages_taken_for_a_snapshot_that_failed_are_given_back():
+    memory = GuestMemory.from_buffers([(0, bytearray(8 * 4096))])
+    memory.track_writes()
+    memory.write(0x1000, b"x")
+    taken = memory.take_written()
+    memory.write(0x3000, b"y")
+    memory.give_back_written(taken)
+    assert _written_pages(memory) == [[1, 3]]
+
+
+def test_take_written_without_tracking_is_an_error():
+    memory = GuestMemory.from_buffers([(0, bytearray(4096))])
+    with pytest.raises(GuestMemoryError, match="not tracking"):
+        memory.take_written()
+
+
+def test_device_writable_buffers_of_a_virtqueue_are_marked_written():
+    from pyvmm.devices.virtio.mock_driver import mock_guest
+    from pyvmm.devices.virtio.rng import VirtioRng
+
+    memory = GuestMemory.from_buffers([(0, bytearray(1 << 20))])
+    memory.track_writes()
+    driver = mock_guest(VirtioRng(), memory=memory)
+    driver.setup()
+    memory.take_written()  # the driver's own set-up writes
+    driver.queues[0].add([(0x80000, 3 * 4096, True)])
+    assert driver.queues[0].take_used()
+    pages = _written_pages(memory)[0]
+    assert {0x80, 0x81, 0x82} <= set(pages)
+
+
+def test_the_stepper_records_the_pages_its_instructions_write():
+    """The fallback's stepper writes guest RAM through its own engine, which no hypervisor log sees."""
+    from unicorn.x86_const import UC_X86_REG_RAX
+
+    from pyvmm.accel.stepper import Stepper
+    from pyvmm.vmm.bus import MmioBus, PioBus
+
+    memory = GuestMemory.anonymous([(0, 1 << 20)])
+    memory.track_writes()
+    memory.write(0x1000, bytes.fromhex("a2fe7f"))  # real mode: mov [0x7ffe], al
+    memory.take_written()
+    stepper = Stepper(0, memory, PioBus(), MmioBus(), [])
+    try:
+        stepper.uc.reg_write(UC_X86_REG_RAX, 0x55)
+        stepper.uc.emu_start(0x1000, 0x1003, count=1)
+    finally:
+        stepper.close()
+    assert memory.read(0x7FFE, 1) == b"\x55"
+    assert _written_pages(memory) == [[7]]
