@@ -102,10 +102,64 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", parents=[common], help="say which accelerators are usable here, and why not")
     check.set_defaults(func=_cmd_check)
 
+    run = sub.add_parser("run", parents=[common], help="run a command in a fresh VM on the host's own root file system",
+                         usage="pyvmm run [options] -- CMD [ARGS...]")  # fmt: skip
+    run.add_argument("--kernel", help="kernel to boot (default: the one `pyvmm fetch-kernel` keeps)")
+    run.add_argument("--accel", help="accelerator, as for boot")
+    run.add_argument("--memory", type=int, default=512, help="guest RAM in MiB (default 512)")
+    run.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
+    run.add_argument("--rw", action="store_true", help="share the host root writable (default: read-only)")
+    run.add_argument("--cwd", help="directory the command runs in (default: the current one)")
+    run.add_argument("--share", action="append", default=[], metavar="DIR", help="also share DIR writable (repeatable)")
+    run.add_argument("--timeout", type=float, help="kill the command after this many seconds (exit status 124)")
+    run.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    run.set_defaults(func=_cmd_run)
+
+    fetch = sub.add_parser("fetch-kernel", parents=[common], help="fetch Debian's cloud kernel and busybox once (for run)")
+    fetch.add_argument("--dest", help="cache folder (default: $PYVMM_KERNEL_DIR or ~/.cache/pyvmm/kernel)")
+    fetch.add_argument("--force", action="store_true", help="fetch again even when the cache is current")
+    fetch.set_defaults(func=_cmd_fetch_kernel)
+
     demo = sub.add_parser("demo", parents=[common], help="boot the bundled example guest")
     demo.add_argument("--accel", help="accelerator, as for boot")
     demo.set_defaults(func=_cmd_demo, timeout=60.0)
     return parser
+
+
+def _cmd_run(args) -> int:
+    from pathlib import Path
+
+    from pyvmm.run import guest
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise PyvmmError("pyvmm run: give the command after --, e.g. pyvmm run -- uname -a")
+    options = guest.RunOptions(kernel=Path(args.kernel) if args.kernel else None, accel=args.accel,
+                               memory_mib=args.memory, vcpus=args.cpus, rw=args.rw,
+                               shares=[Path(s) for s in args.share])  # fmt: skip
+    uid, gid, groups = guest.host_user()
+    cwd = os.path.abspath(args.cwd) if args.cwd else os.getcwd()
+    with guest.start(options) as command_vm:
+        log.info("start-up to the command: %.2f s", command_vm.startup_seconds)
+        stdin = sys.stdin.buffer if sys.stdin is not None and not sys.stdin.closed else None
+        result = command_vm.exec(argv, stdin=stdin, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
+                                 env=dict(os.environ), cwd=cwd, uid=uid, gid=gid, groups=groups,
+                                 timeout=args.timeout)  # fmt: skip
+    if result.timed_out:
+        print(f"pyvmm: {argv[0]} killed after {args.timeout} s", file=sys.stderr)
+        return 124
+    return result.status
+
+
+def _cmd_fetch_kernel(args) -> int:
+    from pathlib import Path
+
+    from pyvmm.run import debian
+
+    dest = Path(args.dest) if args.dest else debian.default_cache()
+    debian.fetch(dest, force=args.force)
+    print(f"pyvmm: kernel ready in {dest}")
+    return 0
 
 
 def _setup_logging(verbosity: int) -> None:
