@@ -140,6 +140,9 @@ class Capability(enum.Enum):
     #: ``vm.start_dirty_log()`` then ``vm.dirty_bitmap(slot)``: the pages the guest wrote in each
     #: memory slot since the last call, as the hypervisor logged them (KVM_GET_DIRTY_LOG)
     DIRTY_LOG = "dirty-page log"
+    #: ``map_memory`` may run on another thread while the rest of the VM is set up (vCPUs made and
+    #: given their state); no vCPU runs before it has returned
+    CONCURRENT_MAP = "memory mapped beside the set-up"
     #: the backend's instructions run one at a time in software (exact traces, no atomicity
     #: across vCPUs running in parallel)
     SOFTWARE_CPU = "software CPU"

@@ -263,8 +263,10 @@ class KvmVm:
         if emulation_failure_exits and _check_extension(self.fd, k.KVM_CAP_EXIT_ON_EMULATION_FAILURE):
             self.enable_cap(k.KVM_CAP_EXIT_ON_EMULATION_FAILURE, 1)
             self.emulation_failure_exits = True
+        # CONCURRENT_MAP: KVM_SET_USER_MEMORY_REGION (waiting for an SRCU grace period: ~5 ms here)
+        # and vCPU creation take different locks in KVM, and the slot tables here are this VM's own
         caps = {Capability.IN_KERNEL_IRQCHIP, Capability.IRQFD, Capability.IOEVENTFD, Capability.XSAVE_STATE,
-                Capability.DIRTY_LOG}  # fmt: skip
+                Capability.DIRTY_LOG, Capability.CONCURRENT_MAP}  # fmt: skip
         if self.readonly_memory:
             caps.add(Capability.READONLY_MEMORY)
         if self.emulation_failure_exits:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable
 
 from pyvmm import accel
@@ -69,6 +70,7 @@ def build_machine(
         log.info("accelerator %s skipped: %s", probe.name, probe.reason)
     log.info("accelerator: %s", vm.name)
     memory = None
+    mapping = None
     virtio: list[VirtioMmio] = []
     events = None
     try:
@@ -94,13 +96,11 @@ def build_machine(
             saved = state["memory"]
             chain = [*saved.get("base_chain", []), {"file": str(mem_path), "ranges": saved.get("ranges")}]
             memory = vmsnapshot.map_memory_chain(chain, [tuple(r) for r in saved["regions"]])
-        for slot, region in enumerate(memory.regions):
-            vm.map_memory(slot, region.guest_addr, region.buffer)
+        mapping = _MapMemory(vm, memory)
         dirty_log = config.machine.track_dirty_pages and Capability.DIRTY_LOG in vm.capabilities
         if dirty_log:
-            # Diff snapshots: the hypervisor logs the guest's writes, guest memory the VMM's own
-            # (devices, the fallback's stepper); both before anything can write
-            vm.start_dirty_log()
+            # Diff snapshots: guest memory records the VMM's own writes (devices, the fallback's
+            # stepper) from before anything can write; the hypervisor's log starts with its slots
             memory.track_writes()
 
         lifecycle = Lifecycle()
@@ -179,8 +179,13 @@ def build_machine(
         if snapshot is not None:
             vmsnapshot.restore_processors(machine, state, source)
             vmsnapshot.restore_devices(machine, state, source)
+        mapping.wait()  # no vCPU has run yet: guest RAM is in place before the first one does
+        if dirty_log:
+            vm.start_dirty_log()
         return machine
     except BaseException:
+        if mapping is not None:
+            mapping.wait(raising=False)  # the hypervisor's call ends before the VM is closed under it
         for transport in virtio:
             transport.close()
         if events is not None:
@@ -189,6 +194,40 @@ def build_machine(
         if memory is not None:
             memory.close()
         raise
+
+
+class _MapMemory:
+    """Guest RAM given to the hypervisor, slot after slot. Where the backend allows it
+    (``Capability.CONCURRENT_MAP``) on its own thread, beside the rest of the set-up: KVM's slot
+    registration is its slowest call (an SRCU grace period, ~5 ms here, most of a restore).
+    ``wait()`` before any vCPU can run; it raises what the mapping raised."""
+
+    def __init__(self, vm, memory):
+        self._vm, self._memory = vm, memory
+        self._error: BaseException | None = None
+        self._thread = None
+        if Capability.CONCURRENT_MAP in vm.capabilities:
+            self._thread = threading.Thread(target=self._run, name="map-memory", daemon=True)
+            self._thread.start()
+        else:
+            self._map()
+
+    def _map(self) -> None:
+        for slot, region in enumerate(self._memory.regions):
+            self._vm.map_memory(slot, region.guest_addr, region.buffer)
+
+    def _run(self) -> None:
+        try:
+            self._map()
+        except BaseException as err:  # raised on the builder's thread by wait()
+            self._error = err
+
+    def wait(self, *, raising: bool = True) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if raising and self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def _fallback(config: VmConfig, vm, memory, pio, mmio):

@@ -8,6 +8,7 @@ With the in-kernel irqchip HLT never exits to userspace, so guests end in a
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import time
@@ -534,3 +535,41 @@ def test_virtio_devices_on_kvm_get_irqfd_lines_and_release_them(tmp_path):
         assert len(lines) == 2 and all(isinstance(line, IrqfdLine) for line in lines)
         assert vm.run(timeout=30).ok
     assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+@needs_kvm
+def test_guest_ram_is_registered_beside_the_set_up_and_its_failure_is_the_builds(monkeypatch):
+    """KVM's slot registration (CONCURRENT_MAP) runs on its own thread during the build; the machine
+    is returned only once it is done, and its error is the build's, with nothing left open."""
+    import threading
+
+    from pyvmm.accel.core import Capability
+    from pyvmm.config import config_from_dict
+    from pyvmm.vmm.builder import build_machine
+    from conftest import GUESTS
+
+    config = config_from_dict({"machine": {"memory_mib": 32, "accel": "kvm"}, "boot": {"kernel": str(GUESTS / "hello.elf")}})
+    original, threads = kvm.KvmVm.map_memory, []
+
+    def recording(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        time.sleep(0.2)  # a slow registration: the build must still wait for it
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(kvm.KvmVm, "map_memory", recording)
+    machine = build_machine(config, console_output=lambda data: None)
+    try:
+        assert Capability.CONCURRENT_MAP in machine.vm.capabilities
+        assert threads and set(threads) == {"map-memory"}
+        assert len(machine.vm._slots) == len(machine.memory.regions)  # every slot in place at return
+    finally:
+        machine.close()
+
+    def failing(self, slot, *args, **kwargs):
+        raise AccelError("kvm", f"memory slot {slot}: refused by the test")
+
+    monkeypatch.setattr(kvm.KvmVm, "map_memory", failing)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(AccelError, match="refused by the test"):
+        build_machine(config, console_output=lambda data: None)
+    assert len(os.listdir("/proc/self/fd")) == before
