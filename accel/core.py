@@ -98,14 +98,16 @@ class EmulationFailure(NamedTuple):
 
 
 class Debug(NamedTuple):
-    """A debug event for an attached debugger: a breakpoint, a watchpoint or a single step.
+    """The vCPU stopped for a debugger (``vcpu.set_guest_debug``), at an instruction boundary.
 
-    ``kind`` is "breakpoint", "watchpoint" or "step"; ``addr`` the guest address concerned.
+    ``kind``: "step" (one instruction done), "breakpoint" (one of the debugger's int3s: ``pc`` is
+    the int3's address and RIP is left there), or "debug-register" (a hardware breakpoint or
+    watchpoint: ``dr6`` has the B bit of each debug register that hit).
     """
 
     kind: str
     pc: int
-    addr: int | None = None
+    dr6: int = 0
 
 
 VcpuExit = (IoIn | IoOut | MmioRead | MmioWrite | Halt | Shutdown | SystemEvent | Interrupted | InternalError
@@ -143,9 +145,35 @@ class Capability(enum.Enum):
     #: ``map_memory`` may run on another thread while the rest of the VM is set up (vCPUs made and
     #: given their state); no vCPU runs before it has returned
     CONCURRENT_MAP = "memory mapped beside the set-up"
+    #: ``vcpu.set_guest_debug(GuestDebug)``: single steps, the debugger's int3s and the debug
+    #: registers stop the vCPU with ``Debug`` exits
+    GUEST_DEBUG = "guest debug"
+    #: ``GuestDebug``'s DR7 instruction breakpoints stop exactly before their instruction (without
+    #: it a debugger plants an int3 instead)
+    INSTRUCTION_BREAKPOINTS = "instruction breakpoints"
+    #: ``vcpu.trace_blocks(callback)``: ``callback(linear address, size, guest-physical address or
+    #: None)`` for every block of guest code the vCPU executes (None turns it off)
+    BLOCK_TRACE = "block trace"
     #: the backend's instructions run one at a time in software (exact traces, no atomicity
     #: across vCPUs running in parallel)
     SOFTWARE_CPU = "software CPU"
+
+
+@dataclass(frozen=True)
+class GuestDebug:
+    """What a vCPU stops on for a debugger; the default stops on nothing (the guest runs freely)."""
+
+    #: stop after each instruction (interrupts are held off meanwhile, where the backend can)
+    single_step: bool = False
+    #: linear addresses of the debugger's int3s: a #BP there is a Debug exit, any other is the guest's
+    software_breakpoints: frozenset[int] = frozenset()
+    #: the debug registers for hardware breakpoints and watchpoints (x86: DR0-DR3, DR7; 0: none)
+    addresses: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dr7: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.single_step or bool(self.software_breakpoints) or bool(self.dr7 & 0xFF)
 
 
 # --------------------------------------------------------------------------

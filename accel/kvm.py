@@ -22,7 +22,9 @@ from collections import deque
 
 from pyvmm.accel.core import (
     Capability,
+    Debug,
     EmulationFailure,
+    GuestDebug,
     Halt,
     InternalError,
     Interrupted,
@@ -267,6 +269,10 @@ class KvmVm:
         # and vCPU creation take different locks in KVM, and the slot tables here are this VM's own
         caps = {Capability.IN_KERNEL_IRQCHIP, Capability.IRQFD, Capability.IOEVENTFD, Capability.XSAVE_STATE,
                 Capability.DIRTY_LOG, Capability.CONCURRENT_MAP}  # fmt: skip
+        if _check_extension(self.fd, k.KVM_CAP_SET_GUEST_DEBUG):
+            caps |= {Capability.GUEST_DEBUG, Capability.INSTRUCTION_BREAKPOINTS}
+        #: KVM_GUESTDBG_* flags this KVM takes (0 where it cannot say: the basic ones)
+        self.guest_debug_flags = _check_extension(self.fd, k.KVM_CAP_SET_GUEST_DEBUG2)
         if self.readonly_memory:
             caps.add(Capability.READONLY_MEMORY)
         if self.emulation_failure_exits:
@@ -557,6 +563,7 @@ class KvmVcpu:
         self._regs = ffi.new("struct kvm_regs *")
         self._sregs = ffi.new("struct kvm_sregs *")
         self._fpu = ffi.new("struct kvm_fpu *")
+        self._debug = GuestDebug()
 
     # ------------------------------------------------------------------ run
     def run(self) -> VcpuExit:
@@ -634,9 +641,7 @@ class KvmVcpu:
             return InternalError("guest exception exit",
                                  f"exception {run.ex.exception} error code {run.ex.error_code:#x}", self._rip())
         if reason == k.KVM_EXIT_DEBUG:
-            return InternalError("debug exit",
-                                 f"debug exception {run.debug.arch.exception} at {run.debug.arch.pc:#x} "
-                                 f"(dr6 {run.debug.arch.dr6:#x}) with no debugger attached", self._rip())
+            return self._debug_exit()
         if reason == k.KVM_EXIT_UNKNOWN:
             return InternalError("unknown KVM exit",
                                  f"hardware exit reason {run.hw.hardware_exit_reason:#x}", self._rip())
@@ -652,7 +657,12 @@ class KvmVcpu:
             if failure.flags & k.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
                 size = min(failure.insn_size, 15)
                 insn = bytes(ffi.buffer(failure.insn_bytes, size))
-            return EmulationFailure(self._rip(), insn)
+            rip = self._rip()
+            if insn[:1] == b"\xcc" and rip in self._debug.software_breakpoints:
+                # A PVM host's KVM cannot emulate int3 at CPL0: the debugger's int3 arrives here
+                # (with KVM_GUESTDBG_USE_SW_BP a VT-x/AMD-V host exits with KVM_EXIT_DEBUG instead)
+                return Debug("breakpoint", rip)
+            return EmulationFailure(rip, insn)
         what = _INTERNAL_SUBERRORS.get(suberror, f"suberror {suberror}")
         ndata = min(run.internal.ndata, 16)
         data = " ".join(f"{run.internal.data[i]:#x}" for i in range(ndata))
@@ -739,6 +749,41 @@ class KvmVcpu:
         msrs = ffi.cast("struct kvm_msrs *", raw)
         msrs.nmsrs = count
         return raw, msrs
+
+    # ------------------------------------------------------------------ debugging
+    def set_guest_debug(self, debug: GuestDebug) -> None:
+        """KVM_SET_GUEST_DEBUG: single-step (interrupts held off where KVM takes BLOCKIRQ), the
+        debugger's int3s (USE_SW_BP) and the hardware debug registers (USE_HW_BP)."""
+        control = 0
+        if debug.active:
+            control = k.KVM_GUESTDBG_ENABLE
+            if debug.single_step:
+                control |= k.KVM_GUESTDBG_SINGLESTEP
+                if self.vm.guest_debug_flags & k.KVM_GUESTDBG_BLOCKIRQ:
+                    control |= k.KVM_GUESTDBG_BLOCKIRQ
+            if debug.software_breakpoints:
+                control |= k.KVM_GUESTDBG_USE_SW_BP
+            if debug.dr7 & 0xFF:
+                control |= k.KVM_GUESTDBG_USE_HW_BP
+        request = ffi.new("struct kvm_guest_debug *", {"control": control})
+        for index, address in enumerate(debug.addresses):
+            request.arch.debugreg[index] = address
+        request.arch.debugreg[7] = debug.dr7 if debug.dr7 & 0xFF else 0
+        _ioctl(self.fd, k.KVM_SET_GUEST_DEBUG, request, f"KVM_SET_GUEST_DEBUG (vCPU {self.index})")
+        self._debug = debug
+
+    def _debug_exit(self) -> VcpuExit:
+        arch = self.kvm_run.debug.arch
+        if arch.exception == 3 and arch.pc in self._debug.software_breakpoints:
+            return Debug("breakpoint", arch.pc)
+        if arch.exception == 1:
+            dr6 = arch.dr6
+            if dr6 & 0xF and self._debug.dr7 & 0xFF:
+                return Debug("debug-register", arch.pc, dr6)
+            if self._debug.single_step:
+                return Debug("step", arch.pc, dr6)
+        return InternalError("debug exit", f"debug exception {arch.exception} at {arch.pc:#x} (dr6 {arch.dr6:#x}) "
+                             "that no debugger asked for", self._rip())  # fmt: skip
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         raw, msrs = self._new_msrs(len(indices))

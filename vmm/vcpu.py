@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 from time import perf_counter_ns
 
-from pyvmm.accel.core import EmulationFailure, Halt, InternalError, Interrupted, IoIn, IoOut, MmioRead, MmioWrite, Shutdown, SystemEvent
+from pyvmm.accel.core import (Debug, EmulationFailure, Halt, InternalError, Interrupted, IoIn, IoOut, MmioRead, MmioWrite,
+                              Shutdown, SystemEvent)  # fmt: skip
 from pyvmm.errors import GuestError, PyvmmError
 from pyvmm.vmm.bus import Bus
 from pyvmm.vmm.latency import new_histogram
@@ -96,6 +97,8 @@ class VcpuLoop:
         self.parked = False
         #: time.perf_counter() when the loop last left the park for the guest (restore latency)
         self.resumed_at: float | None = None
+        #: ``on_debug(loop, exit)`` for Debug exits while a debugger is attached (pyvmm/gdb/machine.py)
+        self.on_debug = None
 
     def start(self, *, paused: bool = False) -> None:
         """Start the vCPU thread; with ``paused`` it parks before the guest's first instruction."""
@@ -223,6 +226,8 @@ class VcpuLoop:
                     return
             elif kind is EmulationFailure and self.fallback is not None:
                 self.fallback(self.vcpu, exit_)
+            elif kind is Debug and self.on_debug is not None:
+                self.on_debug(self, exit_)  # it asks every loop to park; this one parks at its next run
             else:
                 self._finish(exit_)
                 return

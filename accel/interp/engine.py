@@ -844,6 +844,7 @@ class Engine:
             self.halted = ctypes.c_uint32.from_address(_cpu_state(uc, self.layout) + self.layout.cpu_halted)
             self.block_exit = BlockExit(uc, self.layout)
         self._ram: dict[int, tuple[int, int]] = {}  # guest_addr -> (size, pointer)
+        self._translate = None
         self._holes: list[tuple[int, int]] = []
         self._exports: list = []
 
@@ -889,6 +890,27 @@ class Engine:
         uc.hook_add(UC_HOOK_INSN, owner._on_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
         uc.hook_add(UC_HOOK_INSN, owner._on_sysenter, None, 1, 0, x86.UC_X86_INS_SYSENTER)
         uc.hook_add(UC_HOOK_INSN, owner._on_cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
+
+    def exact_stops(self, on: bool) -> None:
+        """With ``on``, a stop asked for inside a block (a hook writing RIP and calling emu_stop) takes
+        effect at once instead of at the block's end: a debugger's single step needs it. The hazard
+        ``_disable_midblock_exits`` avoids (an *asynchronous* stop landing after a store re-runs the
+        instruction) is the caller's to avoid meanwhile: no stops from other threads. Translated code
+        is dropped: the switch is read when code is translated."""
+        flag = ctypes.c_uint8.from_address(_anchor_fast(self.uc) + NO_EXIT_REQUEST_FROM_ANCHOR)
+        if flag.value != (0 if on else 1):
+            flag.value = 0 if on else 1
+            self.uc.ctl_flush_tb()
+
+    def physical_address(self, linear: int) -> int | None:
+        """Where ``linear`` lies in guest-physical memory for the current mode and page tables
+        (None: not mapped). For hooks: it reads the engine's own translation."""
+        translate = self._translate or _vmem_translate()
+        self._translate = translate
+        physical = ctypes.c_uint64()
+        if translate(self.uc._uch, linear, UC_PROT_EXEC, ctypes.byref(physical)) != 0:
+            return None
+        return physical.value
 
     def on_ram_write(self, record) -> None:
         """Call ``record(guest_physical, size)`` for every store this engine makes (a Python call per

@@ -33,10 +33,12 @@ from __future__ import annotations
 import threading
 import time
 
-from unicorn import UC_ERR_INSN_INVALID, UcError
+from unicorn import UC_ERR_INSN_INVALID, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, UcError
 from unicorn import x86_const as x86
 
 from pyvmm.accel.core import (
+    Debug,
+    GuestDebug,
     InternalError,
     Interrupted,
     IoIn,
@@ -181,6 +183,15 @@ class InterpVcpu(system.EngineHooks):
         self._kicked_at = 0.0
         self._halt_wait = HaltWait(self._chip, index)
         self.exits_posted = 0
+        # debugging (set from the VMM's thread while parked, applied by the engine thread)
+        self._debug = GuestDebug()
+        self._debug_wanted: GuestDebug | None = None
+        self._debug_hooks: list = []
+        self._watch_hits = 0
+        self._step_seen = 0  # instructions begun in this emu_start while single-stepping
+        self._block_callback = None
+        self._blocks_wanted: tuple | None = None  # (callback or None,) when a change waits
+        self._block_hook = None
 
         self._halted_flag = self.engine.halted
         self._block_exit = self.engine.block_exit
@@ -405,9 +416,16 @@ class InterpVcpu(system.EngineHooks):
                 self._halted = False
             if self._memory_changed:
                 self._sync_memory()  # before a delivery: it reads the IDT and pushes a frame in guest RAM
-            exit_value = self._inject()
+            if self._debug_wanted is not None or self._blocks_wanted is not None:
+                self._apply_debug()
+            stepping = self._debug.single_step
+            # a single step holds interrupts off, as KVM's BLOCKIRQ and QEMU's gdbstub do
+            exit_value = None if stepping else self._inject()
             if exit_value is None:
+                self._step_seen = 0
                 exit_value, progressed = self._run_engine()
+                if exit_value is None and stepping and progressed:
+                    exit_value = Debug("step", self._safe_rip())
                 if exit_value is None and not progressed:
                     rip = self._safe_rip()
                     idle_returns = idle_returns + 1 if rip == last_rip else 0
@@ -533,6 +551,9 @@ class InterpVcpu(system.EngineHooks):
         if self._replacement is not None:
             self._load_replacement()
             return None, True
+        if self._watch_hits:  # a watched access: the stop came at the end of its block
+            hits, self._watch_hits = self._watch_hits, 0
+            return Debug("debug-register", uc.reg_read(x86.UC_X86_REG_RIP), hits), True
         try:
             if pending is not None:
                 return self._handle_pending(pending), True
@@ -563,6 +584,12 @@ class InterpVcpu(system.EngineHooks):
     def _handle_pending(self, pending):
         uc = self.uc
         kind = pending[0]
+        if kind == "exception" and pending[1] == system.BP and pending[3] and self._debug.software_breakpoints:
+            state = system.MachineState(uc, self._ram)
+            at = (state.segs[engine.CS][1] + state.rip - 1) & ((1 << 64) - 1)
+            if at in self._debug.software_breakpoints:
+                uc.reg_write(x86.UC_X86_REG_RIP, state.rip - 1)  # back on the debugger's int3
+                return Debug("breakpoint", at)
         try:
             if kind == "exception":
                 _, vector, error_code, software, cr2 = pending
@@ -623,7 +650,8 @@ class InterpVcpu(system.EngineHooks):
                 with cond:
                     if self._epoch != epoch or not self._in_emu or self._closing:
                         break
-                    self._block_exit.request()
+                    if not self._debug.single_step:  # a step ends by itself, and must not be cut mid-store
+                        self._block_exit.request()
                     cond.wait(KICK_REPEAT)
 
     # ------------------------------------------------------------------
@@ -738,6 +766,71 @@ class InterpVcpu(system.EngineHooks):
         self._wait_for_sipi = cpu.mp_state == "wait-for-sipi"
         self._halted = cpu.mp_state == "halted"
         self.set_events(cpu.events)
+
+    # ------------------------------------------------------------------
+    # debugging and tracing (called while the vCPU is not running; applied before it runs again)
+
+    def set_guest_debug(self, debug: GuestDebug) -> None:
+        """Single steps stop before the second instruction an emu_start begins; the debugger's int3s
+        are told from the guest's at #BP; DR7's data watchpoints are memory hooks on the linear range
+        (x86's are linear too) whose stop lands at the end of the translation block holding the
+        access (straight-line code: up to a few instructions after it); DR7's instruction
+        breakpoints are not taken (see _apply_debug). The debugger's int3s are in guest RAM:
+        translated code is dropped so the engine sees them."""
+        self._debug_wanted = debug
+
+    def trace_blocks(self, callback) -> None:
+        self._blocks_wanted = (callback,)
+
+    def _apply_debug(self) -> None:
+        uc = self.uc
+        if self._debug_wanted is not None:
+            debug, self._debug_wanted = self._debug_wanted, None
+            for handle in self._debug_hooks:
+                uc.hook_del(handle)
+            self._debug_hooks = []
+            if debug.single_step:
+                # a code hook stops before the second instruction; mid-block stops are off in this
+                # engine (engine._disable_midblock_exits), so they are turned on while stepping, and
+                # the kicker leaves the engine alone meanwhile (the step ends by itself)
+                self._debug_hooks.append(uc.hook_add(UC_HOOK_CODE, self._on_step))
+            self.engine.exact_stops(debug.single_step)
+            for slot in range(4):
+                if not debug.dr7 >> (2 * slot) & 3:
+                    continue
+                address = debug.addresses[slot]
+                access = debug.dr7 >> (16 + 4 * slot) & 3
+                length = (1, 2, 8, 4)[debug.dr7 >> (18 + 4 * slot) & 3]
+                # instruction breakpoints (access 0) are not taken here: a hook could not stop before a
+                # mid-block instruction; debuggers put an int3 there (pyvmm/gdb/machine.py)
+                if access in (1, 3):  # 2: I/O breakpoints, not offered
+                    kinds = UC_HOOK_MEM_WRITE | (UC_HOOK_MEM_READ if access == 3 else 0)
+                    self._debug_hooks.append(uc.hook_add(kinds, self._on_watch, slot, address, address + length - 1))
+            self._debug = debug
+        if self._blocks_wanted is not None:
+            (callback,), self._blocks_wanted = self._blocks_wanted, None
+            if self._block_hook is not None:
+                uc.hook_del(self._block_hook)
+                self._block_hook = None
+            self._block_callback = callback
+            if callback is not None:
+                self._block_hook = uc.hook_add(UC_HOOK_BLOCK, self._on_block)
+        uc.ctl_flush_tb()
+
+    def _on_step(self, uc, address, size, _data) -> None:
+        self._step_seen += 1
+        if self._step_seen == 2:
+            uc.reg_write(x86.UC_X86_REG_RIP, address)  # unicorn leaves this instruction unexecuted
+            uc.emu_stop()
+
+    def _on_watch(self, uc, access, address, size, value, slot) -> None:
+        self._watch_hits |= 1 << slot
+        uc.emu_stop()
+
+    def _on_block(self, uc, address, size, _data) -> None:
+        callback = self._block_callback
+        if callback is not None:
+            callback(address, size, self.engine.physical_address(address))
 
     def set_cpuid(self, entries: list[CpuidEntry]) -> None:
         if not entries:

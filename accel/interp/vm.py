@@ -64,7 +64,8 @@ class InterpVm:
     name = "interp"
     arch = ARCH
     capabilities = frozenset({Capability.USERSPACE_IRQCHIP, Capability.SERVE_IO_DIRECTLY,
-                              Capability.READONLY_MEMORY, Capability.SOFTWARE_CPU})  # fmt: skip
+                              Capability.READONLY_MEMORY, Capability.SOFTWARE_CPU, Capability.GUEST_DEBUG,
+                              Capability.BLOCK_TRACE})  # fmt: skip
 
     def __init__(self, vcpu_count: int = 1, *, irqchip=None):
         """``irqchip``: the VM-level userspace interrupt controllers (``accel.irqchip.Irqchip``);
