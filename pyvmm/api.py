@@ -120,6 +120,29 @@ def _rate_limiter(config):
     return RateLimiterConfig.from_dict(config) if isinstance(config, dict) else config
 
 
+class _VcpuView:
+    """One vCPU's registers for embedding code (the VM paused)."""
+
+    def __init__(self, vcpu, vm):
+        self._vcpu, self._vm = vcpu, vm
+
+    def regs(self):
+        self._vm._require_paused("regs")
+        return self._vcpu.get_regs()
+
+    def sregs(self):
+        self._vm._require_paused("sregs")
+        return self._vcpu.get_sregs()
+
+    def fpu(self):
+        self._vm._require_paused("fpu")
+        return self._vcpu.get_fpu()
+
+    def msrs(self, indices: list[int]) -> dict[int, int]:
+        self._vm._require_paused("msrs")
+        return self._vcpu.get_msrs(list(indices))
+
+
 class VM:
     """A virtual machine built from a config. Use as a context manager, or call ``close()``."""
 
@@ -138,6 +161,8 @@ class VM:
         self._extra_pio: list = []
         self._extra_mmio: list = []
         self._servers: list = []
+        self._gdb = None
+        self._recorder = None  # coverage and trace: vmm/coverage.py, fed by the vCPUs' block traces
         self.controller = VmController(journal=journal)
 
     def _build_options(self) -> dict:
@@ -184,9 +209,18 @@ class VM:
         return self.controller.state
 
     def start(self) -> VM:
-        """Build if needed, start the devices and the vCPUs (paused), then resume them."""
+        """Build if needed, start the devices and the vCPUs (paused), then resume them. With
+        ``[debug] gdb`` the gdb stub serves first (``gdb_wait``: the vCPUs wait for gdb), and
+        ``[debug] coverage``/``trace`` start recording at the first instruction."""
         self.machine  # noqa: B018 - builds, and connects the console
-        self.controller.start()
+        debug = self.config.debug
+        if debug.gdb is not None and self._gdb is None:
+            self.serve_gdb(debug.gdb)
+        if debug.coverage is not None:
+            self.start_coverage(debug.coverage)
+        if debug.trace is not None:
+            self.start_trace(debug.trace, limit_mib=debug.trace_limit_mib)
+        self.controller.start(hold=debug.gdb is not None and debug.gdb_wait)
         return self
 
     def pause(self) -> None:
@@ -330,7 +364,74 @@ class VM:
         self._servers.append(server)
         return server
 
+    # --- debugging: gdb, introspection, coverage and traces ------------------------------------
+    def serve_gdb(self, address: str):
+        """Serve gdb's remote protocol for this VM on ``"HOST:PORT"`` or a Unix socket path (before or
+        after start; one session at a time; attaching stops every vCPU). Returns the server (its
+        ``address`` has the real port when 0 was asked)."""
+        from pyvmm.gdb.machine import MachineTarget
+        from pyvmm.gdb.server import GdbServer
+
+        self._gdb = GdbServer(lambda: MachineTarget(self.machine), address)
+        self._gdb.start()
+        self._servers.append(self._gdb)
+        return self._gdb
+
+    def vcpu(self, index: int):
+        """vCPU ``index`` of the built machine: ``regs()``, ``sregs()``, ``fpu()`` (pause the VM first)."""
+        from pyvmm.vmm.introspect import vcpu_of
+
+        return _VcpuView(vcpu_of(self.machine, index), self)
+
+    def read_physical(self, address: int, size: int) -> bytes:
+        from pyvmm.vmm import introspect
+
+        return introspect.read_physical(self.machine, address, size)
+
+    def read_virtual(self, vcpu: int, address: int, size: int) -> bytes:
+        """``size`` bytes at guest-virtual ``address`` through vCPU ``vcpu``'s page tables (paused VM)."""
+        from pyvmm.vmm import introspect
+
+        self._require_paused("read_virtual")
+        return introspect.read_virtual(self.machine, vcpu, address, size)
+
+    def translate(self, vcpu: int, address: int) -> int | None:
+        """The guest-physical address of guest-virtual ``address`` for vCPU ``vcpu`` (None: not mapped)."""
+        from pyvmm.vmm import introspect
+
+        self._require_paused("translate")
+        return introspect.translate(self.machine, vcpu, address)
+
+    def _require_paused(self, what: str) -> None:
+        if not self.machine.paused:
+            raise PyvmmError(f"{what}: the vCPUs are running; pause the VM first (vm.pause())")
+
+    def start_coverage(self, path) -> None:
+        """Record basic-block coverage from now on (the interpreter); ``stop_coverage`` writes it as
+        drcov to ``path``. Turning it on and off around one guest command covers just that."""
+        self._trace_recorder().start_coverage(path)
+
+    def stop_coverage(self) -> int:
+        """Write the coverage file; returns the number of blocks."""
+        return self._trace_recorder().stop_coverage()
+
+    def start_trace(self, path, *, limit_mib: int = 64) -> None:
+        """Record every executed block (vCPU, address, size) to ``path`` from now on, at most ``limit_mib``."""
+        self._trace_recorder().start_trace(path, limit_mib << 20)
+
+    def stop_trace(self) -> dict:
+        return self._trace_recorder().stop_trace()
+
+    def _trace_recorder(self):
+        if self._recorder is None:
+            from pyvmm.vmm.coverage import BlockRecorder
+
+            self._recorder = BlockRecorder(self.machine, kernel=self.config.boot.kernel)
+        return self._recorder
+
     def close(self) -> None:
+        if self._recorder is not None:
+            self._recorder.close()
         for server in self._servers:
             server.close()
         self._servers.clear()

@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--accel", help='accelerator: "auto", a name, or a comma-separated preference list')
     boot.add_argument("--timeout", type=float, help="stop the VM after this many seconds (exit status 124)")
     boot.add_argument("--api-sock", help="serve Firecracker's API for this VM on this Unix socket (pause, resume, ...)")
+    boot.add_argument("--gdb", metavar="ADDR", help='serve gdb on "HOST:PORT" or a Unix socket path (target remote ADDR)')
+    boot.add_argument("--gdb-wait", action="store_true", help="hold the vCPUs before the first instruction until gdb continues")
     boot.add_argument("--journal", help="append the VM's lifecycle events here, one JSON object per line")
     boot.set_defaults(func=_cmd_boot)
 
@@ -189,6 +191,19 @@ def _cmd_boot(args) -> int:
 
     accel = args.accel.split(",") if args.accel else None
     vm = VM.from_config(args.config, accel=accel, echo=sys.stdout.buffer, journal=args.journal)
+    if args.gdb or args.gdb_wait:
+        from pyvmm.errors import ConfigError
+        from pyvmm.gdb.errors import GdbError
+        from pyvmm.gdb.server import parse_address
+
+        address = args.gdb or vm.config.debug.gdb
+        if address is None:
+            raise ConfigError("--gdb-wait needs --gdb ADDR (or [debug] gdb in the config)", key="--gdb-wait")
+        try:
+            parse_address(address)
+        except GdbError as err:
+            raise ConfigError(str(err), key="--gdb") from err
+        vm.config.debug.gdb, vm.config.debug.gdb_wait = address, args.gdb_wait or vm.config.debug.gdb_wait
     return _run(vm, args.timeout, api_sock=args.api_sock)
 
 

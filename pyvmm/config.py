@@ -83,6 +83,21 @@ class ShareConfig:
 
 
 @dataclass
+class DebugConfig:
+    """Debugging a guest: a gdb stub, and the interpreter's coverage and execution traces."""
+
+    #: serve gdb's remote protocol on "HOST:PORT" or a Unix socket path
+    gdb: str | None = None
+    #: hold the vCPUs before the guest's first instruction until gdb lets them go
+    gdb_wait: bool = False
+    #: write basic-block coverage (drcov) here when the VM ends (interpreter)
+    coverage: Path | None = None
+    #: write an execution trace here (interpreter), at most trace_limit_mib
+    trace: Path | None = None
+    trace_limit_mib: int = 64
+
+
+@dataclass
 class VsockConfig:
     """virtio-vsock with Firecracker's host side: host processes connect to ``uds_path`` (``CONNECT
     <port>``), and guest connections to CID 2 port P reach ``<uds_path>_<P>``."""
@@ -102,6 +117,7 @@ class VmConfig:
     balloon: BalloonConfig | None = None
     shares: list[ShareConfig] = field(default_factory=list)
     vsock: VsockConfig | None = None
+    debug: DebugConfig = field(default_factory=DebugConfig)
     #: where the config came from, for error messages
     source: str = "<config>"
 
@@ -147,6 +163,13 @@ _SCHEMA = {
         "amount_mib": ((int,), "an integer (MiB)"),
         "deflate_on_oom": ((bool,), "true or false"),
         "stats_polling_interval_s": ((int,), "an integer (seconds)"),
+    },
+    "debug": {
+        "gdb": ((str,), 'a string: "HOST:PORT" or a Unix socket path'),
+        "gdb_wait": ((bool,), "true or false"),
+        "coverage": ((str,), "a path string"),
+        "trace": ((str,), "a path string"),
+        "trace_limit_mib": ((int,), "an integer"),
     },
     "vsock": {
         "guest_cid": ((int,), "an integer (3 to 4294967294)"),
@@ -297,6 +320,8 @@ def config_from_dict(data: dict, *, base_dir: str | os.PathLike = ".", source: s
         config.balloon = _balloon(data["balloon"], machine.memory_mib, fail)
     if "vsock" in data:
         config.vsock = _vsock(data["vsock"], base_dir, fail)
+    if "debug" in data:
+        config.debug = _debug(data["debug"], base_dir, fail)
 
     for i, entry in enumerate(data.get("share", [])):
         key = f"share[{i}]"
@@ -322,6 +347,31 @@ def _rate_limiter(data: dict, key: str, fail) -> RateLimiterConfig:
         return RateLimiterConfig.from_dict(data)
     except RateLimiterError as err:
         fail(f"{key}.{err.key}" if err.key else key, err.problem)
+
+
+def _debug(data: dict, base_dir: Path, fail) -> DebugConfig:
+    debug = DebugConfig(gdb=data.get("gdb"), gdb_wait=data.get("gdb_wait", False),
+                        trace_limit_mib=data.get("trace_limit_mib", 64))  # fmt: skip
+    if debug.gdb is not None:
+        from pyvmm.gdb.server import parse_address
+
+        from pyvmm.gdb.errors import GdbError
+
+        try:
+            parse_address(debug.gdb)
+        except GdbError as err:
+            fail("debug.gdb", str(err))
+    elif debug.gdb_wait:
+        fail("debug.gdb_wait", "needs debug.gdb: nothing would let the vCPUs go")
+    for key in ("coverage", "trace"):
+        if key in data:
+            path = Path(os.path.abspath(base_dir / os.path.expanduser(data[key])))
+            if not path.parent.is_dir():
+                fail(f"debug.{key}", f"the folder {_shown(path.parent)} does not exist")
+            setattr(debug, key, path)
+    if not 1 <= debug.trace_limit_mib <= 1 << 20:
+        fail("debug.trace_limit_mib", f"{debug.trace_limit_mib} must be between 1 and 1048576")
+    return debug
 
 
 def _vsock(data: dict, base_dir: Path, fail) -> VsockConfig:

@@ -115,14 +115,16 @@ class VmController:
                 self.machine.lifecycle.on_stop(self._machine_stopped)
             return self.machine
 
-    def start(self) -> None:
-        """Start the devices and the vCPUs (paused), then resume them: Configured -> Running."""
+    def start(self, *, hold: bool = False) -> None:
+        """Start the devices and the vCPUs (paused), then resume them: Configured -> Running. With
+        ``hold`` the vCPUs stay before the guest's first instruction for a debugger to release."""
         with self._lock:
             self.states.check("start")
             machine = self.build()
             machine.start(paused=True)
-            machine.resume()
-            self._record("start", accel=machine.accel, vcpus=len(machine.loops))
+            if not hold:
+                machine.resume()
+            self._record("start", accel=machine.accel, vcpus=len(machine.loops), held=hold)
 
     def pause(self) -> None:
         with self._lock:
