@@ -70,6 +70,10 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "tx_rate_limiter": ((dict, type(None)), "a rate limiter object"),
     },
     "entropy": {"rate_limiter": ((dict, type(None)), "a rate limiter object")},
+    # pyvmm's own (under /pyvmm/): the interpreter's coverage and traces, on and off at run time
+    "coverage": {"state": ((str,), '"On" or "Off"'), "path": ((str,), "a path string")},
+    "trace": {"state": ((str,), '"On" or "Off"'), "path": ((str,), "a path string"),
+              "limit_mib": ((int,), "an integer (1 to 1048576)")},
     "vsock": {
         "guest_cid": ((int,), "an integer (3 to 4294967294)"),
         "uds_path": ((str,), "a path string"),
@@ -109,6 +113,8 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
     "mem_backend": {"backend_type": ((str,), '"File"'), "backend_path": ((str,), "a path string")},
 }
 REQUIRED = {
+    "coverage": {"state"},
+    "trace": {"state"},
     "vsock": {"guest_cid", "uds_path"},
     "machine-config": {"vcpu_count", "mem_size_mib"},
     "boot-source": {"kernel_image_path"},

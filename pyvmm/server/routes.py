@@ -126,6 +126,8 @@ class FirecrackerApi:
             ("PUT", ("actions",)): self._action,
             ("PATCH", ("vm",)): self._patch_vm,
             ("GET", ("vm", "config")): lambda _: Response(200, self.config.as_json()),
+            ("PUT", ("pyvmm", "coverage")): self._coverage,
+            ("PUT", ("pyvmm", "trace")): self._trace,
             ("PUT", ("snapshot", "create")): self._snapshot_create,
             ("PUT", ("snapshot", "load")): self._snapshot_load,
         }
@@ -285,6 +287,35 @@ class FirecrackerApi:
         else:
             self.vm.resume()
         return Response(204)
+
+    # --- pyvmm's own: coverage and traces of the interpreter ---------------------------------
+    def _recording(self, kind: str, data) -> tuple[dict, bool]:
+        body = check_body(kind, data)
+        if body["state"] not in ("On", "Off"):
+            raise FaultError(f"{kind}: field 'state' must be \"On\" or \"Off\", not {body['state']!r}")
+        if self.vm is None:
+            raise FaultError(NOT_BEFORE_BOOT)
+        on = body["state"] == "On"
+        if on and not body.get("path"):
+            raise FaultError(f"{kind}: field 'path' is required to turn it on")
+        return body, on
+
+    def _coverage(self, data) -> Response:
+        body, on = self._recording("coverage", data)
+        if on:
+            self.vm.start_coverage(body["path"])
+            return Response(204)
+        return Response(200, {"blocks": self.vm.stop_coverage()})
+
+    def _trace(self, data) -> Response:
+        body, on = self._recording("trace", data)
+        if on:
+            limit = body.get("limit_mib", 64)
+            if not 1 <= limit <= 1 << 20:
+                raise FaultError(f"trace: field 'limit_mib' must be between 1 and 1048576, not {limit}")
+            self.vm.start_trace(body["path"], limit_mib=limit)
+            return Response(204)
+        return Response(200, self.vm.stop_trace())
 
     # --- snapshots ---------------------------------------------------------------------------
     def _snapshot_create(self, data) -> Response:

@@ -57,3 +57,25 @@ def test_coverage_of_a_window_only_and_on_a_backend_that_cannot(tmp_path, guest)
         with VM.from_dict({"machine": {"memory_mib": 16, "accel": "kvm"}, "boot": {"kernel": str(guest)}}) as other:
             with pytest.raises(CoverageError, match="cannot trace"):
                 other.start_coverage(tmp_path / "kvm.drcov")
+
+
+def test_coverage_and_a_trace_turned_on_and_off_over_the_api(tmp_path, guest):
+    from pyvmm.server.routes import FirecrackerApi
+
+    vm = VM.from_dict({"machine": {"memory_mib": 16, "accel": "interp"}, "boot": {"kernel": str(guest)}})
+    with vm:
+        api = FirecrackerApi.for_vm(vm)
+        on = api.handle("PUT", "/pyvmm/coverage", f'{{"state": "On", "path": "{tmp_path / "api.drcov"}"}}'.encode())
+        assert on.status == 204, on.body
+        assert api.handle("PUT", "/pyvmm/trace", f'{{"state": "On", "path": "{tmp_path / "api.trace"}", "limit_mib": 1}}'.encode()).status == 204
+        assert vm.run(timeout=60).code == 0x11
+        off = api.handle("PUT", "/pyvmm/coverage", b'{"state": "Off"}')
+        assert off.status == 200 and off.body["blocks"] >= 3
+        trace = api.handle("PUT", "/pyvmm/trace", b'{"state": "Off"}')
+        assert trace.status == 200 and trace.body["records"] >= 4 and trace.body["dropped"] == 0
+        again = api.handle("PUT", "/pyvmm/coverage", b'{"state": "Off"}')
+        assert again.status == 400 and "not being recorded" in again.body["fault_message"]
+        bad = api.handle("PUT", "/pyvmm/trace", b'{"state": "Maybe"}')
+        assert bad.status == 400 and "'state'" in bad.body["fault_message"]
+    modules, bbs = read_drcov(tmp_path / "api.drcov")
+    assert {(s, z) for s, z, m in bbs if m == 0} >= BLOCKS

@@ -44,6 +44,11 @@ class _Vm:
     def snapshot(self, *args, **kwargs):
         raise FaultError("snapshot: refused by the test's VM")
 
+    def start_coverage(self, *args, **kwargs):
+        raise FaultError("coverage: refused by the test's VM")
+
+    stop_coverage = start_trace = stop_trace = start_coverage
+
 
 def _refuse_restore(*args):
     raise FaultError("snapshot-load: refused by the test's VM")
