@@ -137,34 +137,22 @@ def _file_layout(memory) -> list[list[int]]:
     return layout
 
 
-def _write_memory_diff(memory, path, base) -> tuple[list[list[int]], list[list[int]]]:
-    """Only the pages that differ from ``base`` (the previous snapshot's memory, a GuestMemory):
-    a sparse file of the full size, and the ``[file offset, length]`` ranges written."""
-    layout, ranges = _file_layout(memory), []
-    try:
-        with open(path, "wb") as out:
-            for region, (_, size, offset), old in zip(memory.regions, layout, base.regions):
-                new_view, old_view = region.view, old.view
-                for chunk in range(0, size, CHUNK):
-                    end = min(chunk + CHUNK, size)
-                    if new_view[chunk:end].tobytes() == old_view[chunk:end].tobytes():
-                        continue
-                    for page in range(chunk, end, PAGE):
-                        data = new_view[page : page + PAGE].tobytes()
-                        if data == old_view[page : page + PAGE].tobytes():
-                            continue
-                        out.seek(offset + page)
-                        out.write(data)
-                        if ranges and ranges[-1][0] + ranges[-1][1] == offset + page:
-                            ranges[-1][1] += PAGE
-                        else:
-                            ranges.append([offset + page, PAGE])
-            out.truncate(layout[-1][2] + layout[-1][1] if layout else 0)
-            out.flush()
-            os.fsync(out.fileno())
-    except OSError as err:
-        raise SnapshotError(f"cannot write the memory file {path}: {err.strerror}") from err
-    return layout, ranges
+def _changed_pages(memory, base) -> list[bytearray]:
+    """Per region, a byte per page set where guest RAM differs from ``base`` (the previous
+    snapshot's memory, a GuestMemory): chunks compared first, pages only in chunks that differ."""
+    flags = []
+    for region, old in zip(memory.regions, base.regions):
+        new_view, old_view, size = region.view, old.view, region.size
+        pages = bytearray(-(-size // PAGE))
+        for chunk in range(0, size, CHUNK):
+            end = min(chunk + CHUNK, size)
+            if new_view[chunk:end].tobytes() == old_view[chunk:end].tobytes():  # memcmp, not per element
+                continue
+            for page in range(chunk, end, PAGE):
+                if new_view[page : page + PAGE].tobytes() != old_view[page : page + PAGE].tobytes():
+                    pages[page // PAGE] = 1
+        flags.append(pages)
+    return flags
 
 
 def _take_dirty_pages(machine) -> list[bytearray]:
@@ -215,9 +203,10 @@ def _write_memory_compared(memory, path, base_chain: list[dict]) -> tuple[list[l
     """A Diff without a dirty log: the pages that differ from the previous snapshot's memory."""
     base = map_memory_chain(base_chain, [tuple(r) for r in _file_layout(memory)])
     try:
-        return _write_memory_diff(memory, path, base)
+        pages = _changed_pages(memory, base)
     finally:
         base.close()
+    return _write_memory_pages(memory, path, pages)
 
 
 def map_memory_chain(chain: list[dict], layout: list[tuple[int, int, int]]):
