@@ -124,7 +124,8 @@ class VmController:
             machine.start(paused=True)
             if not hold:
                 machine.resume()
-            self._record("start", accel=machine.accel, vcpus=len(machine.loops), held=hold)
+            # "held" only when it is: the started event of an ordinary start keeps its shape
+            self._record("start", accel=machine.accel, vcpus=len(machine.loops), **({"held": True} if hold else {}))
 
     def pause(self) -> None:
         with self._lock:
