@@ -15,7 +15,8 @@ from pathlib import Path
 
 from pyvmm.accel.registry import AUTO_ORDER, NAMES as ACCEL_NAMES
 from pyvmm.devices.ratelimit import RateLimiterConfig, RateLimiterError
-from pyvmm.errors import ConfigError
+from pyvmm.errors import BootError, ConfigError
+from pyvmm.vmm.boot import multiboot
 
 MIN_MEMORY_MIB = 16
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
@@ -38,10 +39,20 @@ class MachineConfig:
 
 
 @dataclass
+class BootModule:
+    """A multiboot module after the initrd (``[[boot.module]]``): a file and its command line."""
+
+    path: Path
+    cmdline: str = ""
+
+
+@dataclass
 class BootConfig:
     kernel: Path
     initrd: Path | None = None
     cmdline: str = DEFAULT_CMDLINE
+    #: multiboot modules 1.. (module 0 is the initrd)
+    modules: list[BootModule] = field(default_factory=list)
 
 
 @dataclass
@@ -141,6 +152,7 @@ _SCHEMA = {
         "kernel": ((str,), "a path string"),
         "initrd": ((str,), "a path string"),
         "cmdline": ((str,), "a string"),
+        "module": ((list,), "an array of tables ([[boot.module]]) with path and cmdline"),
     },
     "drive": {
         "path": ((str,), "a path string"),
@@ -273,7 +285,9 @@ def config_from_dict(data: dict, *, base_dir: str | os.PathLike = ".", source: s
     bad = [c for c in cmdline if not (0x20 <= ord(c) < 0x7F)]
     if bad:
         fail("boot.cmdline", f"contains a non-printable or non-ASCII character {bad[0]!r}")
-    config = VmConfig(machine=machine, boot=BootConfig(kernel=kernel, initrd=initrd, cmdline=cmdline), source=source)
+    modules = _boot_modules(boot_data.get("module", []), base_dir, source, fail)
+    config = VmConfig(machine=machine, boot=BootConfig(kernel=kernel, initrd=initrd, cmdline=cmdline, modules=modules),
+                      source=source)  # fmt: skip
 
     for i, entry in enumerate(data.get("drive", [])):
         key = f"drive[{i}]"
@@ -478,6 +492,27 @@ def _shown(path) -> str:
     return text if text.isprintable() else repr(text)
 
 
+def _boot_modules(entries: list, base_dir: Path, source: str, fail) -> list[BootModule]:
+    modules = []
+    for i, entry in enumerate(entries):
+        key = f"boot.module[{i}]"
+        if not isinstance(entry, dict):
+            fail(key, f"must be a table with path and cmdline, not {_toml_type(entry)}")
+        for name, value in entry.items():
+            if name not in ("path", "cmdline"):
+                fail(f"{key}.{name}", "unknown key; expected one of: path, cmdline")
+            if not isinstance(value, str):
+                fail(f"{key}.{name}", f"must be a string, not {_toml_type(value)}")
+        if "path" not in entry:
+            fail(f"{key}.path", "missing: name the module's file")
+        cmdline = entry.get("cmdline", "")
+        bad = [c for c in cmdline if not (0x20 <= ord(c) < 0x7F)]
+        if bad:
+            fail(f"{key}.cmdline", f"contains a non-printable or non-ASCII character {bad[0]!r}")
+        modules.append(BootModule(_existing_file(base_dir, entry["path"], source, f"{key}.path"), cmdline))
+    return modules
+
+
 def _check_kernel_format(path: Path, source: str) -> None:
     """A cheap sniff so a wrong file is named at config time; the loader checks the rest."""
     try:
@@ -489,7 +524,15 @@ def _check_kernel_format(path: Path, source: str) -> None:
         return
     if len(head) >= 0x206 and head[0x1FE:0x200] == b"\x55\xaa" and head[0x202:0x206] == b"HdrS":
         return
-    raise ConfigError(f"{_shown(path)} is neither an ELF vmlinux nor a bzImage", file=source, key="boot.kernel")
+    with open(path, "rb") as f:
+        head = f.read(multiboot.SEARCH_LIMIT)
+    try:
+        if multiboot.find_header(head, str(path)) is not None:
+            return
+    except BootError:
+        return  # a header pyvmm cannot honour: the loader names what is wrong with it
+    raise ConfigError(f"{_shown(path)} is neither an ELF vmlinux, a bzImage nor a multiboot image", file=source,
+                      key="boot.kernel")  # fmt: skip
 
 
 def _host_memory_mib() -> int | None:

@@ -36,6 +36,7 @@ from pyvmm.vmm.boot.cmdline import write_cmdline
 from pyvmm.vmm.boot.e820 import e820_map
 from pyvmm.vmm.boot.initrd import load_initrd
 from pyvmm.vmm.boot.kernel import load_kernel
+from pyvmm.vmm.boot import multiboot
 from pyvmm.vmm.boot import mptable
 from pyvmm.vmm.boot.pvh import write_pvh_start_info
 from pyvmm.vmm.bus import MmioBus, PioBus
@@ -358,6 +359,19 @@ def _virtio_irq_line(vm, irq: int, events: EventLoop) -> IrqLine:
     return IrqLine(irq, vm.set_irq_line)
 
 
+def _load_multiboot_modules(config: VmConfig, memory: GuestMemory, kernel, initrd) -> list[multiboot.Module]:
+    """The initrd as module 0, then each ``[[boot.module]]`` page-aligned below the one before."""
+    modules = []
+    if initrd is not None:
+        modules.append(multiboot.Module(initrd[0], initrd[0] + initrd[1], str(config.boot.initrd)))
+    below = initrd[0] if initrd is not None else None
+    for module in config.boot.modules:
+        addr, size = load_initrd(memory, str(module.path), kernel, below=below, what="multiboot module")
+        modules.append(multiboot.Module(addr, addr + size, module.cmdline))
+        below = addr
+    return modules
+
+
 def _load_guest(config: VmConfig, memory: GuestMemory, rsdp: int, cmdline: str) -> tuple[str, int, int]:
     """Load kernel and initrd and write the boot information. Returns (mode, entry, boot_info)."""
     boot = config.boot
@@ -365,6 +379,13 @@ def _load_guest(config: VmConfig, memory: GuestMemory, rsdp: int, cmdline: str) 
     initrd = load_initrd(memory, str(boot.initrd), kernel) if boot.initrd else None
     cmdline_addr, cmdline_size = write_cmdline(memory, cmdline, kernel)
     e820 = e820_map(memory)
+    if boot.modules and kernel.multiboot_entry is None:
+        raise ConfigError("modules are for a multiboot kernel; this one boots by PVH or the Linux protocol, "
+                          "which take the initrd only", file=config.source, key="boot.module")  # fmt: skip
+    if kernel.multiboot_entry is not None:
+        modules = _load_multiboot_modules(config, memory, kernel, initrd)
+        info = multiboot.write_multiboot_info(memory, cmdline_addr=cmdline_addr, e820=e820, modules=modules)
+        return "multiboot", kernel.multiboot_entry, info
     if kernel.pvh_entry is not None:
         info = write_pvh_start_info(
             memory, cmdline_addr=cmdline_addr, e820=e820, modules=[initrd] if initrd else [], rsdp_addr=rsdp

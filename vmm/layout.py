@@ -30,6 +30,9 @@ CMDLINE_MAX = 0x10000  # bytes including the NUL
 EBDA_START = 0x9FC00  # the MP table lives here (searched by Linux)
 LOW_RAM_END = 0xA0000  # VGA hole / BIOS area up to 1 MiB is reserved in the e820 map
 HIGH_MEMORY = 0x100000  # where protected-mode kernels load
+# Low memory a multiboot kernel may load into (kvm-unit-tests' realmode test loads at 0x8000): what a
+# multiboot boot leaves free between the GDT and info structure, the command line, and the EBDA.
+MULTIBOOT_LOW_ZONES = ((0x8000, CMDLINE), (CMDLINE + CMDLINE_MAX, EBDA_START))
 
 # --- the 32-bit MMIO hole ------------------------------------------------
 MMIO_GAP_START = 0xC000_0000

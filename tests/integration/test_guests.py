@@ -326,3 +326,44 @@ def test_new_guests_under_qemu(guest):
         pytest.skip(f"QEMU did not start: {result.stderr.decode(errors='replace')[:200]}")
     assert output.splitlines() == QEMU_EXPECTED[guest]
     assert result.returncode == 1  # debug-exit status 0
+
+
+@pytest.mark.parametrize("guest", ["multiboot.elf", "multiboot-aout.bin"])
+def test_a_multiboot_kernel_gets_the_information_structure_with_its_modules(tmp_path, backend, guest):
+    """Multiboot v1 through `pyvmm boot` (the ELF entered at e_entry, and a flat image placed by the
+    header's a.out kludge addresses): EAX = 0x2BADB002 (else the guest exits 0x11), EBX = the
+    information structure; the initrd is module 0, [[boot.module]] the next, each page-aligned with
+    its bytes and string; mem_lower/mem_upper and the memory map agree with the VM's RAM."""
+    (tmp_path / "env").write_text("NR_CPUS=1\nMEMSIZE=64\n")
+    (tmp_path / "second").write_bytes(b"second module bytes")
+    extra_boot = f'initrd = "{tmp_path / "env"}"\n[[boot.module]]\npath = "{tmp_path / "second"}"\ncmdline = "two args"\n'
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[machine]\nmemory_mib = 64\naccel = "{backend}"\n[boot]\nkernel = "{GUESTS / guest}"\n'
+                      f'cmdline = "console=ttyS0 a=1"\n{extra_boot}')  # fmt: skip
+    result = pyvmm_boot(config, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    flags = int(re.search(r"multiboot: flags (0x[0-9a-f]+)", out).group(1), 16)
+    assert flags & 0b1001001101 == 0b1001001101  # memory, cmdline, modules, memory map, loader name
+    assert "mem: 639 64512\n" in out  # KiB below 640 KiB; KiB from 1 MiB to the end of 64 MiB
+    assert "cmdline: console=ttyS0 a=1\n" in out and "mods: 2\n" in out
+    mods = re.findall(r"mod (0x[0-9a-f]+) (0x[0-9a-f]+) (.*?) \[(.*?)\]\n", out, re.S)
+    assert [(text, int(end, 16) - int(start, 16)) for start, end, _, text in mods] == [
+        ("NR_CPUS=1\nMEMSIZE=64\n", 21), ("second module bytes", 19)]
+    assert all(int(start, 16) % 4096 == 0 for start, _, _, _ in mods)
+    assert mods[0][2] == str(tmp_path / "env") and mods[1][2] == "two args"
+    mmap = re.findall(r"mmap: (0x[0-9a-f]+) (0x[0-9a-f]+) (\d+)", out)
+    assert ("0x100000", hex((64 << 20) - 0x100000), "1") in mmap
+    assert "loader: pyvmm\n" in out and out.endswith("multiboot ok\n")
+
+
+def test_boot_modules_for_a_kernel_that_is_not_multiboot_are_a_one_line_error(tmp_path):
+    (tmp_path / "m").write_text("x")
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[machine]\naccel = "interp"\n[boot]\nkernel = "{GUESTS / "hello.elf"}"\n'
+                      f'[[boot.module]]\npath = "{tmp_path / "m"}"\n')  # fmt: skip
+    result = pyvmm_boot(config, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""  # 2: a configuration error
+    assert result.stderr.strip().splitlines() == [
+        f"pyvmm: error: {config}: boot.module: modules are for a multiboot kernel; this one boots by PVH or the "
+        "Linux protocol, which take the initrd only"]

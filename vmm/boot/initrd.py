@@ -19,16 +19,18 @@ def initrd_top(mem: GuestMemory, kernel: LoadedKernel) -> int:
     return top
 
 
-def load_initrd(mem: GuestMemory, path: str, kernel: LoadedKernel) -> tuple[int, int]:
-    """Write the initrd at ``path`` into guest RAM; returns ``(addr, size)``."""
-    data = read_image(path, "initrd")
+def load_initrd(mem: GuestMemory, path: str, kernel: LoadedKernel, *, below: int | None = None,
+                what: str = "initrd") -> tuple[int, int]:
+    """Write the initrd (or a multiboot module) at ``path`` into guest RAM, page-aligned at the top
+    of low RAM or just under ``below``; returns ``(addr, size)``."""
+    data = read_image(path, what)
     if not data:
-        raise BootError(f"{path}: initrd file is empty")
-    top = initrd_top(mem, kernel)
+        raise BootError(f"{path}: {what} file is empty")
+    top = initrd_top(mem, kernel) if below is None else below
     addr = (top - len(data)) & ~(PAGE_SIZE - 1)
     if addr < kernel.kernel_end:
         raise BootError(
-            f"{path}: initrd of {len(data)} bytes does not fit in guest RAM between the kernel end "
+            f"{path}: {what} of {len(data)} bytes does not fit in guest RAM between the kernel end "
             f"{kernel.kernel_end:#x} and {top:#x}"
         )
     mem.write(addr, data)

@@ -12,6 +12,9 @@ The format is detected from the content, never from the file name:
 * bzImage (``HdrS`` at 0x202, boot flag 0xAA55 at 0x1FE): the protected-mode
   part is loaded at 1 MiB as Firecracker does; its 64-bit entry is 0x200
   past the load address (boot protocol 2.12+ with ``XLF_KERNEL_64``).
+* multiboot v1 (a 0x1BADB002 header in the first 8 KiB, ``vmm/boot/multiboot.py``): an ELF
+  with the header and no PVH note is entered at ``e_entry`` by the multiboot protocol; any
+  other file with the header's a.out kludge addresses is loaded where they say.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from elftools.elf.elffile import ELFFile
 
 from pyvmm.errors import BootError, GuestMemoryError
 from pyvmm.vmm import layout
+from pyvmm.vmm.boot import multiboot
 from pyvmm.vmm.memory import GuestMemory
 
 PAGE_SIZE = 0x1000
@@ -56,7 +60,7 @@ BZIMAGE_64BIT_ENTRY_OFFSET = 0x200  # startup_64 is 512 bytes past startup_32
 
 @dataclass
 class LoadedKernel:
-    #: "elf" or "bzimage"
+    #: "elf", "bzimage" or "multiboot-aout"
     kind: str
     #: 32-bit PVH entry (XEN_ELFNOTE_PHYS32_ENTRY), ELF only
     pvh_entry: int | None
@@ -73,6 +77,9 @@ class LoadedKernel:
     #: lowest loaded address
     kernel_start: int = layout.HIGH_MEMORY
     path: str = ""
+    #: 32-bit multiboot entry (EAX = 0x2BADB002, EBX = the information structure); set for a
+    #: multiboot kernel without a PVH note
+    multiboot_entry: int | None = None
 
 
 def page_align_up(value: int) -> int:
@@ -97,17 +104,24 @@ def load_kernel(mem: GuestMemory, path: str) -> LoadedKernel:
         return _load_elf(mem, path, image)
     if len(image) >= HDR_MAGIC + 4 and image[HDR_MAGIC : HDR_MAGIC + 4] == HEADER_MAGIC:
         return _load_bzimage(mem, path, image)
-    raise BootError(f"{path}: not a kernel: neither an ELF file nor a bzImage (no 'HdrS' header at 0x202)")
+    header = multiboot.find_header(image, path)
+    if header is not None:
+        return _load_multiboot_aout(mem, path, image, header)
+    raise BootError(f"{path}: not a kernel: neither an ELF file, a bzImage (no 'HdrS' header at 0x202) "
+                    f"nor a multiboot image (no 0x1BADB002 header in its first 8 KiB)")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
 # ELF
 
 
-def _check_range(mem: GuestMemory, path: str, what: str, addr: int, size: int) -> None:
-    if addr < layout.HIGH_MEMORY:
+def _check_range(mem: GuestMemory, path: str, what: str, addr: int, size: int, *, low_ok=()) -> None:
+    """``low_ok``: the low-memory zones (start, end) the image may also occupy."""
+    if addr < layout.HIGH_MEMORY and not any(start <= addr and addr + size <= end for start, end in low_ok):
+        free = "".join(f"; a multiboot image may use [{start:#x}, {end:#x})" for start, end in low_ok)
         raise BootError(
-            f"{path}: {what} at {addr:#x} overlaps the boot area below {layout.HIGH_MEMORY:#x} (1 MiB)"
+            f"{path}: {what} [{addr:#x}, {addr + size:#x}) overlaps the boot area below {layout.HIGH_MEMORY:#x} "
+            f"(1 MiB){free}"
         )
     if not mem.contains(addr, size):
         raise BootError(f"{path}: {what} [{addr:#x}, {addr + size:#x}) lies outside guest RAM")
@@ -128,6 +142,8 @@ def _load_elf(mem: GuestMemory, path: str, image: bytes) -> LoadedKernel:
     if not loads:
         raise BootError(f"{path}: ELF has no PT_LOAD segment")
 
+    multiboot_header = multiboot.find_header(image, path)
+    low_ok = layout.MULTIBOOT_LOW_ZONES if multiboot_header is not None and _pvh_entry(path, notes) is None else ()
     # Check everything before writing anything, so a bad file leaves memory untouched.
     for seg in loads:
         paddr, offset, filesz, memsz = seg["p_paddr"], seg["p_offset"], seg["p_filesz"], seg["p_memsz"]
@@ -138,7 +154,7 @@ def _load_elf(mem: GuestMemory, path: str, image: bytes) -> LoadedKernel:
                 f"{path}: truncated ELF: segment at {paddr:#x} needs file bytes up to {offset + filesz:#x}, "
                 f"file has {len(image):#x}"
             )
-        _check_range(mem, path, "ELF segment", paddr, memsz)
+        _check_range(mem, path, "ELF segment", paddr, memsz, low_ok=low_ok)
 
     for seg in loads:
         paddr, offset, filesz, memsz = seg["p_paddr"], seg["p_offset"], seg["p_filesz"], seg["p_memsz"]
@@ -147,10 +163,17 @@ def _load_elf(mem: GuestMemory, path: str, image: bytes) -> LoadedKernel:
             mem.fill(paddr + filesz, memsz - filesz)  # .bss
 
     pvh_entry = _pvh_entry(path, notes)
+    # A PVH note wins (a Linux vmlinux may carry both); else a multiboot header says how to enter.
+    multiboot_entry = None
+    if pvh_entry is None and multiboot_header is not None:
+        multiboot_entry = _physical_entry(path, entry, loads)
+        if multiboot_entry >> 32:
+            raise BootError(f"{path}: multiboot entry point {multiboot_entry:#x} is above 4 GiB")
     linux64_entry = _physical_entry(path, entry, loads) if machine == "EM_X86_64" else None
-    if pvh_entry is None and linux64_entry is None:
-        raise BootError(f"{path}: i386 ELF without a PVH entry note: no way to enter it")
+    if pvh_entry is None and linux64_entry is None and multiboot_entry is None:
+        raise BootError(f"{path}: i386 ELF without a PVH entry note or a multiboot header: no way to enter it")
     return LoadedKernel(
+        multiboot_entry=multiboot_entry,
         kind="elf",
         pvh_entry=pvh_entry,
         linux64_entry=linux64_entry,
@@ -183,6 +206,31 @@ def _physical_entry(path: str, entry: int, loads) -> int:
         if seg["p_vaddr"] <= entry < seg["p_vaddr"] + seg["p_memsz"]:
             return entry - seg["p_vaddr"] + seg["p_paddr"]
     raise BootError(f"{path}: ELF entry point {entry:#x} lies in no loaded segment")
+
+
+# ---------------------------------------------------------------------------
+# multiboot with the a.out kludge (not an ELF)
+
+
+def _load_multiboot_aout(mem: GuestMemory, path: str, image: bytes, header) -> LoadedKernel:
+    if not header.aout_kludge:
+        raise BootError(f"{path}: the multiboot header at {header.offset:#x} gives no load addresses "
+                        f"(flag 16) and the file is not an ELF: nothing says where to load it")  # fmt: skip
+    load = multiboot.aout_load(image, header, path)
+    _check_range(mem, path, "multiboot image", load.load_addr, load.bss_end - load.load_addr,
+                 low_ok=layout.MULTIBOOT_LOW_ZONES)
+    mem.write(load.load_addr, load.data)
+    if load.bss_end > load.load_addr + len(load.data):
+        mem.fill(load.load_addr + len(load.data), load.bss_end - load.load_addr - len(load.data))
+    return LoadedKernel(
+        kind="multiboot-aout",
+        pvh_entry=None,
+        linux64_entry=None,
+        multiboot_entry=load.entry,
+        kernel_start=load.load_addr,
+        kernel_end=page_align_up(load.bss_end),
+        path=path,
+    )
 
 
 # ---------------------------------------------------------------------------

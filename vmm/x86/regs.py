@@ -61,7 +61,8 @@ CODE64 = gdt_entry(0xA09B, 0, 0xFFFFF)
 DATA = gdt_entry(0xC093, 0, 0xFFFFF)
 TSS_BUSY = gdt_entry(0x008B, 0, TSS_LIMIT)
 
-BOOT_MODES = ("pvh32", "linux64")
+BOOT_MODES = ("pvh32", "multiboot", "linux64")
+MULTIBOOT_MAGIC = 0x2BADB002  # EAX at a multiboot entry (multiboot spec 3.2)
 
 
 def write_gdt(mem: GuestMemory, code: int) -> list[int]:
@@ -87,17 +88,19 @@ def write_identity_page_tables(mem: GuestMemory) -> int:
 
 
 def boot_cpu_state(mem: GuestMemory, mode: str, entry: int, boot_info: int) -> tuple[Regs, SpecialRegs]:
-    """The BSP state for ``mode`` ("pvh32" or "linux64") entering at ``entry``.
+    """The BSP state for ``mode`` (one of BOOT_MODES) entering at ``entry``.
 
-    ``boot_info`` is the hvm_start_info address (EBX) for "pvh32" and the
-    zero page address (RSI) for "linux64".
+    ``boot_info`` is the hvm_start_info address (EBX) for "pvh32", the multiboot information
+    structure (EBX, with EAX = 0x2BADB002) for "multiboot", and the zero page (RSI) for "linux64".
+    Both 32-bit entries are flat protected mode with paging off.
     """
     if mode not in BOOT_MODES:
         raise BootError(f"unknown boot mode {mode!r} (expected one of {', '.join(BOOT_MODES)})")
-    if mode == "pvh32" and entry >> 32:
-        raise BootError(f"PVH entry point {entry:#x} is above 4 GiB")
+    protected32 = mode in ("pvh32", "multiboot")
+    if protected32 and entry >> 32:
+        raise BootError(f"{mode} entry point {entry:#x} is above 4 GiB")
 
-    gdt = write_gdt(mem, CODE32 if mode == "pvh32" else CODE64)
+    gdt = write_gdt(mem, CODE32 if protected32 else CODE64)
     data = Segment.from_descriptor(SEL_DATA, gdt[2])
     sregs = SpecialRegs(
         cs=Segment.from_descriptor(SEL_CODE, gdt[1]),
@@ -112,11 +115,13 @@ def boot_cpu_state(mem: GuestMemory, mode: str, entry: int, boot_info: int) -> t
     )
     regs = Regs(rip=entry, rflags=RFLAGS_RESERVED)
 
-    if mode == "pvh32":
+    if protected32:
         sregs.cr0 = CR0_PE | CR0_ET
         sregs.cr4 = 0
         sregs.efer = 0
         regs.rbx = boot_info
+        if mode == "multiboot":
+            regs.rax = MULTIBOOT_MAGIC
     else:
         sregs.cr3 = write_identity_page_tables(mem)
         sregs.cr4 = CR4_PAE
