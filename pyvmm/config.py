@@ -106,6 +106,8 @@ class DebugConfig:
     #: write an execution trace here (interpreter), at most trace_limit_mib
     trace: Path | None = None
     trace_limit_mib: int = 64
+    #: QEMU's pc-testdev (devices/legacy/testdev.py), for kvm-unit-tests
+    test_device: bool = False
 
 
 @dataclass
@@ -182,6 +184,7 @@ _SCHEMA = {
         "coverage": ((str,), "a path string"),
         "trace": ((str,), "a path string"),
         "trace_limit_mib": ((int,), "an integer"),
+        "test_device": ((bool,), "true or false"),
     },
     "vsock": {
         "guest_cid": ((int,), "an integer (3 to 4294967294)"),
@@ -365,7 +368,8 @@ def _rate_limiter(data: dict, key: str, fail) -> RateLimiterConfig:
 
 def _debug(data: dict, base_dir: Path, fail) -> DebugConfig:
     debug = DebugConfig(gdb=data.get("gdb"), gdb_wait=data.get("gdb_wait", False),
-                        trace_limit_mib=data.get("trace_limit_mib", 64))  # fmt: skip
+                        trace_limit_mib=data.get("trace_limit_mib", 64),
+                        test_device=data.get("test_device", False))  # fmt: skip
     if debug.gdb is not None:
         from pyvmm.gdb.server import parse_address
 

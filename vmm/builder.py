@@ -20,6 +20,7 @@ from pyvmm.devices.legacy.debug_exit import DebugExit
 from pyvmm.devices.legacy.i8042 import I8042
 from pyvmm.devices.legacy.post import PostCode
 from pyvmm.devices.legacy.serial import Serial
+from pyvmm.devices.legacy.testdev import PcTestdev
 from pyvmm.devices.virtio.balloon import PAGES_PER_MIB, VirtioBalloon
 from pyvmm.devices.virtio.blk import VirtioBlock
 from pyvmm.devices.virtio.mmio import QUEUE_NOTIFY, VirtioMmio, cmdline_entry
@@ -107,6 +108,8 @@ def build_machine(
         lifecycle = Lifecycle()
         pio, mmio = PioBus(), MmioBus()
         devices = _legacy_devices(vm, memory, lifecycle, console_output)
+        if config.debug.test_device:
+            devices.update(PcTestdev(vm.set_irq_line).regions())
         for name, (device, bus, base, size) in devices.items():
             (pio if bus == "pio" else mmio).insert(device, base, size)
         for base, size, device in extra_pio:

@@ -367,3 +367,33 @@ def test_boot_modules_for_a_kernel_that_is_not_multiboot_are_a_one_line_error(tm
     assert result.stderr.strip().splitlines() == [
         f"pyvmm: error: {config}: boot.module: modules are for a multiboot kernel; this one boots by PVH or the "
         "Linux protocol, which take the initrd only"]
+
+
+def _testdev_probe() -> bytes:
+    """32-bit code: write the pc-testdev memory and scratch port, read both back, exit 0 when both
+    kept the value, 1 when not (no device there: reads give all ones)."""
+    import struct
+
+    value = 0x5A5AA5A5
+    code = b"\xc7\x05" + struct.pack("<II", 0xFF000010, value)  # mov dword [0xff000010], value
+    code += b"\xa1" + struct.pack("<I", 0xFF000010)  # mov eax, [0xff000010]
+    code += b"\x3d" + struct.pack("<I", value) + b"\x75\x17"  # cmp eax, value; jne fail
+    code += b"\xb8" + struct.pack("<I", 0x1234) + b"\xe7\xe0"  # mov eax, 0x1234; out 0xe0, eax
+    code += b"\x31\xc0\x66\xe5\xe0"  # xor eax, eax; in ax, 0xe0
+    code += b"\x3d" + struct.pack("<I", 0x1234) + b"\x75\x04"  # cmp eax, 0x1234; jne fail
+    code += b"\xb0\x00\xe6\xf4"  # mov al, 0; out 0xf4, al
+    code += b"\xb0\x01\xe6\xf4"  # fail: mov al, 1; out 0xf4, al
+    return code
+
+
+@pytest.mark.parametrize("test_device", [True, False])
+def test_the_pc_testdev_is_there_only_when_asked_for(tmp_path, backend, test_device):
+    from elfgen import pvh_elf
+
+    kernel = tmp_path / "probe.elf"
+    kernel.write_bytes(pvh_elf(_testdev_probe()))
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[machine]\naccel = "{backend}"\n[boot]\nkernel = "{kernel}"\n'
+                      f'[debug]\ntest_device = {"true" if test_device else "false"}\n')  # fmt: skip
+    result = pyvmm_boot(config, timeout=60)
+    assert result.returncode == (0 if test_device else 1), result.stderr
