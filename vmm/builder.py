@@ -380,6 +380,9 @@ def _load_guest(config: VmConfig, memory: GuestMemory, rsdp: int, cmdline: str) 
     boot = config.boot
     kernel = load_kernel(memory, str(boot.kernel))
     initrd = load_initrd(memory, str(boot.initrd), kernel) if boot.initrd else None
+    if kernel.multiboot_entry is not None:
+        # as GRUB and QEMU pass it: the kernel's path first (argv[0] to kernels that split it)
+        cmdline = f"{boot.kernel} {cmdline}" if cmdline else str(boot.kernel)
     cmdline_addr, cmdline_size = write_cmdline(memory, cmdline, kernel)
     e820 = e820_map(memory)
     if boot.modules and kernel.multiboot_entry is None:
