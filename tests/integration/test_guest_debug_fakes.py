@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import mmap
 import struct
+import threading
 
 import pytest
 
@@ -63,6 +64,19 @@ def _vm(name: str, code: bytes, *, long_mode: bool):
     return vm, ram, vcpu
 
 
+def _run(vcpu):
+    """vcpu.run(), failing (not hanging) when the guest does not come back within 10 s."""
+    result = []
+    runner = threading.Thread(target=lambda: result.append(vcpu.run()), daemon=True)
+    runner.start()
+    runner.join(10)
+    if runner.is_alive():
+        vcpu.request_stop()
+        runner.join(5)
+        pytest.fail(f"no exit within 10 s (then: {result})")
+    return result[0]
+
+
 def test_both_backends_offer_guest_debug_with_exact_instruction_breakpoints(platform):
     vm, _, _ = _vm(platform[0], OUT_F9, long_mode=True)
     try:
@@ -80,7 +94,7 @@ def test_single_steps_advance_one_instruction_per_step_exit(platform):
         vcpu.set_guest_debug(GuestDebug(single_step=True))
         rip = CODE
         for n, instruction in enumerate(program, 1):
-            exit_value = vcpu.run()
+            exit_value = _run(vcpu)
             assert isinstance(exit_value, Debug) and exit_value.kind == "step", exit_value
             regs = vcpu.get_regs()
             rip += len(instruction)
@@ -88,7 +102,7 @@ def test_single_steps_advance_one_instruction_per_step_exit(platform):
             assert not regs.rflags & TF, "the debugger's TF is hidden from register reads"
         assert (regs.rax, regs.rbx) == (3, 1)
         vcpu.set_guest_debug(GuestDebug())
-        exit_value = vcpu.run()
+        exit_value = _run(vcpu)
         assert isinstance(exit_value, IoOut) and exit_value.port == 0xF9
     finally:
         vm.close()
@@ -99,12 +113,12 @@ def test_a_step_over_an_instruction_the_vmm_completes_ends_there(platform):
     vm, _, vcpu = _vm(platform[0], INC_RAX + b"\xe6\xf8" + INC_RBX + OUT_F9, long_mode=True)
     try:
         vcpu.set_guest_debug(GuestDebug(single_step=True))
-        assert vcpu.run().kind == "step" and vcpu.get_regs().rip == CODE + 3
-        out = vcpu.run()
+        assert _run(vcpu).kind == "step" and vcpu.get_regs().rip == CODE + 3
+        out = _run(vcpu)
         assert isinstance(out, IoOut) and out.port == 0xF8
-        step = vcpu.run()
+        step = _run(vcpu)
         assert isinstance(step, Debug) and step.kind == "step" and vcpu.get_regs().rip == CODE + 5
-        step = vcpu.run()
+        step = _run(vcpu)
         assert isinstance(step, Debug) and step.kind == "step" and vcpu.get_regs().rip == CODE + 8
         assert vcpu.get_regs().rbx == 1
     finally:
@@ -116,7 +130,7 @@ def test_pushf_while_stepping_does_not_push_the_debuggers_tf(platform):
     vm, ram, vcpu = _vm(platform[0], b"\x9c" + NOP + OUT_F9, long_mode=True)  # pushfq
     try:
         vcpu.set_guest_debug(GuestDebug(single_step=True))
-        assert vcpu.run().kind == "step"
+        assert _run(vcpu).kind == "step"
         regs = vcpu.get_regs()
         assert regs.rsp == 0x8000 - 8
         pushed = struct.unpack_from("<Q", ram, regs.rsp)[0]
@@ -135,13 +149,13 @@ def test_a_software_breakpoint_stops_on_its_int3_and_the_guest_goes_on(platform)
         original = ram[at]
         ram[at] = 0xCC
         vcpu.set_guest_debug(GuestDebug(software_breakpoints=frozenset({at})))
-        exit_value = vcpu.run()
+        exit_value = _run(vcpu)
         assert exit_value == Debug("breakpoint", at), exit_value
         regs = vcpu.get_regs()
         assert regs.rip == at and regs.rax == 2 and regs.rbx == 0
         ram[at] = original
         vcpu.set_guest_debug(GuestDebug())
-        exit_value = vcpu.run()
+        exit_value = _run(vcpu)
         assert isinstance(exit_value, IoOut) and exit_value.port == 0xF9
         assert vcpu.get_regs().rbx == 1
     finally:
@@ -158,12 +172,12 @@ def test_a_dr0_execute_breakpoint_stops_before_its_instruction_and_is_stepped_ov
     try:
         vcpu.set_guest_debug(GuestDebug(addresses=(at, 0, 0, 0), dr7=0x401))
         for rbx in (0, 1):
-            exit_value = vcpu.run()
+            exit_value = _run(vcpu)
             assert isinstance(exit_value, Debug) and exit_value.kind == "debug-register", exit_value
             assert exit_value.pc == at and exit_value.dr6 & 1 and not exit_value.dr6 & 0xE
             regs = vcpu.get_regs()
             assert regs.rip == at and regs.rbx == rbx and regs.rax == 2 * (rbx + 1)
-        exit_value = vcpu.run()
+        exit_value = _run(vcpu)
         assert isinstance(exit_value, IoOut) and exit_value.port == 0xF9 and vcpu.get_regs().rbx == 2
     finally:
         vm.close()
@@ -178,10 +192,10 @@ def test_the_guests_own_int3_goes_to_its_idt(platform):
         ram[3 * 4 : 3 * 4 + 4] = struct.pack("<HH", handler, 0)  # IVT[3] = 0000:2000
         ram[handler : handler + 5] = b"\xb3\x42" + b"\xe6\xf8" + b"\xcf"  # mov bl, 0x42; out 0xf8, al; iret
         vcpu.set_guest_debug(GuestDebug(software_breakpoints=frozenset({CODE + 0x100})))
-        exit_value = vcpu.run()
+        exit_value = _run(vcpu)
         assert isinstance(exit_value, IoOut) and exit_value.port == 0xF8, exit_value
         assert vcpu.get_regs().rbx & 0xFF == 0x42
-        exit_value = vcpu.run()
+        exit_value = _run(vcpu)
         assert isinstance(exit_value, IoOut) and exit_value.port == 0xF9, exit_value
         assert vcpu.get_regs().rip == CODE + 3  # returned past the int3, once
     finally:
@@ -200,9 +214,9 @@ def test_the_guests_own_single_step_trap_goes_to_its_idt(platform):
         # the handler clears TF in the pushed FLAGS: mov bp, sp; and word [bp+4], ~0x100; out 0xf8; iret
         ram[handler : handler + 13] = b"\x89\xe5" + b"\x81\x66\x04\xff\xfe" + b"\xe6\xf8" + b"\xcf" + NOP * 3
         vcpu.set_guest_debug(GuestDebug(software_breakpoints=frozenset({CODE + 0x100})))
-        exit_value = vcpu.run()
+        exit_value = _run(vcpu)
         assert isinstance(exit_value, IoOut) and exit_value.port == 0xF8, exit_value
-        exit_value = vcpu.run()
+        exit_value = _run(vcpu)
         assert isinstance(exit_value, IoOut) and exit_value.port == 0xF9, exit_value
     finally:
         vm.close()
