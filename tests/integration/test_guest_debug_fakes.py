@@ -220,3 +220,31 @@ def test_the_guests_own_single_step_trap_goes_to_its_idt(platform):
         assert isinstance(exit_value, IoOut) and exit_value.port == 0xF9, exit_value
     finally:
         vm.close()
+
+
+def test_interrupts_are_held_off_while_stepping_and_delivered_after(platform):
+    """A pending PIC interrupt (IRQ0, vector 0x20, IF = 1) is not injected while the debugger steps
+    (as KVM's KVM_GUESTDBG_BLOCKIRQ and QEMU's gdbstub hold them off), so each step is the guest's
+    next instruction; once stepping ends it is delivered (its handler writes port 0xf8)."""
+    init_pic = (b"\xb0\x11\xe6\x20" b"\xb0\x20\xe6\x21" b"\xb0\x04\xe6\x21" b"\xb0\x01\xe6\x21"  # ICW1-ICW4
+                b"\xb0\xfe\xe6\x21")  # OCW1: only IRQ0 unmasked  # fmt: skip
+    spin = b"\x46\xeb\xfd"  # inc si; jmp back to it
+    vm, ram, vcpu = _vm(platform[0], init_pic + b"\xfb" + spin, long_mode=False)
+    handler, loop = 0x2000, CODE + len(init_pic) + 1
+    try:
+        ram[0x20 * 4 : 0x20 * 4 + 4] = struct.pack("<HH", handler, 0)  # IVT[0x20] = 0000:2000
+        ram[handler : handler + 3] = b"\xe6\xf8\xcf"  # out 0xf8, al; iret
+        vcpu.set_guest_debug(GuestDebug(single_step=True))
+        while vcpu.get_regs().rip != loop:  # the PIC's set-up and sti, a step each
+            assert _run(vcpu).kind == "step"
+        vm.set_irq_line(0, True)
+        for n in range(8):
+            exit_value = _run(vcpu)
+            assert isinstance(exit_value, Debug) and exit_value.kind == "step", (n, exit_value)
+            assert vcpu.get_regs().rip in (loop, loop + 1), hex(vcpu.get_regs().rip)
+        assert vcpu.get_regs().rsi & 0xFFFF == 4
+        vcpu.set_guest_debug(GuestDebug())
+        exit_value = _run(vcpu)
+        assert isinstance(exit_value, IoOut) and exit_value.port == 0xF8, exit_value
+    finally:
+        vm.close()
