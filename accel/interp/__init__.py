@@ -14,6 +14,7 @@ Modules:
              a page walker for the backend's own guest-virtual accesses
     cpuid    the CPUID table the engine really executes, TSC frequency
     vcpu     the engine thread, exit hand-off, injection, HLT sleep, kicker
+    redirect RDMSR/WRMSR/CR8: unicorn's helpers patched to call the vCPU
     vm       ``InterpVm`` and ``probe``
 
 Measured here (2 shared cores): a port-I/O or MMIO exit round trip through
@@ -24,9 +25,11 @@ Debian's 6.1 cloud kernel boots to its initramfs /init and reboots in ~3-5 s
 (64-bit entry or PVH, 1 or 2 vCPUs), also through ``pyvmm boot``.
 
 Limits (unicorn 2.1.4 has no hooks for them):
-    * RDMSR/WRMSR execute natively: unknown MSRs read 0, writes are dropped,
-      never #GP; IA32_APIC_BASE reads 0 in the guest (Linux 6.1 x86_64 only
-      tests its x2APIC bit, so it boots; the VMM's get/set_msrs use the chip).
+    * RDMSR/WRMSR and MOV CR8 reach the vCPU through unicorn's redirected helpers
+      (``redirect``): IA32_APIC_BASE is the irqchip's, IA32_TSC and IA32_TSC_ADJUST move
+      together, CR8 is the LAPIC's TPR; other MSRs stay unicorn's (unknown ones read 0, writes
+      are dropped, no #GP). Where the redirection cannot be installed (another unicorn build,
+      Windows), unicorn's behaviour is kept: APIC_BASE and CR8 read 0.
     * NMIs are delivered without NMI blocking until IRET (IRET is not hookable).
     * An interrupt pending while IF=0 is retried after 20 us .. 1 ms (there is
       no hook on STI/POPF/IRET).

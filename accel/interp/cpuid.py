@@ -2,7 +2,7 @@
 
 The base is the engine's own answer (its default Haswell model, already
 filtered by QEMU to what TCG implements), trimmed of what does not work here
-(AVX and everything VEX-vector, x2APIC and TSC-deadline: no MSR hooks,
+(AVX and everything VEX-vector, x2APIC and TSC-deadline: the irqchip does not model them,
 MONITOR/MWAIT, XSAVEC/XSAVES, PCID/INVPCID, performance counters) and extended
 with leaves 0x15/0x16 so that Linux takes the TSC frequency from CPUID instead
 of calibrating it against the PIT (which is unreliable under a software CPU).

@@ -872,6 +872,36 @@ class Engine:
                 self._holes.append((cursor, start - cursor))
             cursor = max(cursor, end)
 
+    # ------------------------------------------------------------------ RDMSR, WRMSR, CR8
+    def redirect_helpers(self, handler) -> bool:
+        """Route this engine's RDMSR/WRMSR and MOV CR8 to ``handler`` (accel/interp/redirect.py);
+        False, with unicorn's own behaviour kept, where the redirection is not available."""
+        from unicorn.unicorn_py3 import unicorn as binding
+
+        from pyvmm.accel.interp import redirect
+
+        if not redirect.install(binding.uclib):
+            return False
+        self._env = ctypes.c_uint64.from_address(_cpu_state(self.uc, self.layout) + self.layout.cpu_env_pointer).value
+        redirect.register(self._env, handler)
+        return True
+
+    def release_helpers(self) -> None:
+        from pyvmm.accel.interp import redirect
+
+        if getattr(self, "_env", None):
+            redirect.unregister(self._env)
+
+    @property
+    def live_tsc_offset(self) -> int:
+        """The TSC offset in the running engine's own state (for the engine thread, mid-instruction:
+        a context save and restore would be too heavy there)."""
+        return ctypes.c_uint64.from_address(self._env + TSC_OFFSET - GPRS).value
+
+    @live_tsc_offset.setter
+    def live_tsc_offset(self, value: int) -> None:
+        ctypes.c_uint64.from_address(self._env + TSC_OFFSET - GPRS).value = value & U64
+
     def keep_alive(self, export) -> None:
         """Hold a buffer export (ctypes view of guest RAM) for the engine's lifetime."""
         self._exports.append(export)

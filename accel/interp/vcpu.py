@@ -49,7 +49,7 @@ from pyvmm.accel.core import (
     StateError,
     VcpuState,
 )
-from pyvmm.accel.interp import engine, system
+from pyvmm.accel.interp import engine, redirect, system
 from pyvmm.accel.x86 import CpuidTable
 from pyvmm.accel.interp.engine import NEVER, Engine, host_tsc
 from pyvmm.accel.x86 import (
@@ -69,9 +69,11 @@ from pyvmm.accel.irqchip.delivery import STALE_DEADLINE_RETRY, Delivery, HaltWai
 from pyvmm.arch.x86.insn import ends_with_shadow_instruction
 from pyvmm.arch.x86.msrs import MSR_IA32_APIC_BASE as MSR_APIC_BASE
 from pyvmm.arch.x86.msrs import MSR_IA32_TSC as MSR_TSC
+from pyvmm.arch.x86.msrs import MSR_IA32_TSC_ADJUST as MSR_TSC_ADJUST
 from pyvmm.errors import AccelError
 
 STATE_VERSION = 1
+U64_MASK = (1 << 64) - 1
 # An interrupt pending while IF=0 (or in an interrupt shadow): unicorn has no hook on sti/popf/iret,
 # so the engine is stopped again after a delay that starts short (spin-lock sections are brief)
 # and doubles up to a cap (long cli sections then cost little).
@@ -151,7 +153,6 @@ class InterpVcpu(system.EngineHooks):
         self._ram = system.GuestRam()
         self._cpuid = CpuidTable(cpuid)
         self._msr_shadow: dict[int, int] = {}
-        self._cr8 = 0
         self._shutdown = False
         self._halted = False
         self._wait_for_sipi = index != 0  # APs wait for INIT/SIPI, as after power-on
@@ -196,6 +197,10 @@ class InterpVcpu(system.EngineHooks):
         self._halted_flag = self.engine.halted
         self._block_exit = self.engine.block_exit
         self.engine.install_hooks(self)
+        # IA32_APIC_BASE bits a write must leave clear: 0-7, 9, x2APIC (10: not offered), above MAXPHYADDR
+        physical_bits = (self._cpuid.plain.get(0x80000008) or (36,))[0] & 0xFF or 36
+        self._apic_base_reserved = (0xFF | 1 << 9 | 1 << 10 | ~((1 << physical_bits) - 1)) & U64_MASK
+        self.guest_msrs = self.engine.redirect_helpers(self)
         self._reset_state()
 
     # ------------------------------------------------------------------
@@ -665,11 +670,14 @@ class InterpVcpu(system.EngineHooks):
         self.engine.write_regs(regs)
 
     def get_sregs(self) -> SpecialRegs:
-        return self.engine.read_sregs(cr8=self._cr8, apic_base=self._chip.get_apic_base(self.index))
+        # CR8 is the local APIC's TPR[7:4], as KVM reports it with its in-kernel APIC
+        return self.engine.read_sregs(cr8=self._chip.get_tpr(self.index) >> 4,
+                                      apic_base=self._chip.get_apic_base(self.index))  # fmt: skip
 
     def set_sregs(self, sregs: SpecialRegs) -> None:
         self._state_written()
-        self._cr8 = sregs.cr8
+        if sregs.cr8 != self._chip.get_tpr(self.index) >> 4:  # unchanged: TPR[3:0] are kept
+            self._chip.set_tpr(self.index, (sregs.cr8 & 0xF) << 4)
         if sregs.apic_base != self._chip.get_apic_base(self.index):
             self._chip.set_apic_base(self.index, sregs.apic_base)
         self.engine.write_sregs(sregs)
@@ -714,6 +722,47 @@ class InterpVcpu(system.EngineHooks):
             else:
                 # not implemented by the engine: the guest's RDMSR reads 0; kept here so state moves intact
                 self._msr_shadow[msr] = value
+
+    # ------------------------------------------------------------------
+    # RDMSR, WRMSR and CR8 (accel/interp/redirect.py: on the engine thread, mid-instruction)
+
+    def guest_rdmsr(self, msr: int) -> tuple[int, int]:
+        """IA32_APIC_BASE from the irqchip, IA32_TSC and IA32_TSC_ADJUST as the SDM ties them; the
+        rest as unicorn has them."""
+        if msr == MSR_APIC_BASE:
+            return redirect.HANDLED, self._chip.get_apic_base(self.index)
+        if msr == MSR_TSC:
+            return redirect.HANDLED, (host_tsc() + self.engine.live_tsc_offset) & U64_MASK
+        if msr == MSR_TSC_ADJUST:
+            return redirect.HANDLED, self._msr_shadow.get(MSR_TSC_ADJUST, 0)
+        return redirect.NATIVE, 0
+
+    def guest_wrmsr(self, msr: int, value: int) -> int:
+        if msr == MSR_APIC_BASE:
+            if value & self._apic_base_reserved:  # reserved bits, x2APIC (not offered), beyond MAXPHYADDR
+                return redirect.GENERAL_PROTECTION
+            self._chip.set_apic_base(self.index, value)
+            return redirect.HANDLED
+        if msr == MSR_TSC:  # IA32_TSC_ADJUST moves by as much as the TSC (SDM 18.17.3)
+            now = (host_tsc() + self.engine.live_tsc_offset) & U64_MASK
+            self.engine.live_tsc_offset = (value - host_tsc()) & U64_MASK
+            self._msr_shadow[MSR_TSC_ADJUST] = (self._msr_shadow.get(MSR_TSC_ADJUST, 0) + value - now) & U64_MASK
+            return redirect.HANDLED
+        if msr == MSR_TSC_ADJUST:  # and the TSC by as much as IA32_TSC_ADJUST
+            adjust = self._msr_shadow.get(MSR_TSC_ADJUST, 0)
+            self.engine.live_tsc_offset = self.engine.live_tsc_offset + value - adjust
+            self._msr_shadow[MSR_TSC_ADJUST] = value
+            return redirect.HANDLED
+        return redirect.NATIVE
+
+    def guest_read_cr8(self) -> int:
+        return self._chip.get_tpr(self.index) >> 4
+
+    def guest_write_cr8(self, value: int) -> int:
+        if value & ~0xF:
+            return redirect.GENERAL_PROTECTION  # CR8[63:4] are reserved
+        self._chip.set_tpr(self.index, value << 4)
+        return redirect.HANDLED
 
     def get_events(self) -> PendingEvents:
         """Nothing is ever half-delivered here (delivery is done between engine runs); the shadow may be set."""
@@ -851,3 +900,4 @@ class InterpVcpu(system.EngineHooks):
                 self._block_exit.request()
                 self._engine_thread.join(0.01)
             self._kicker_thread.join(1)
+        self.engine.release_helpers()

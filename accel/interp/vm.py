@@ -25,8 +25,8 @@ def probe() -> tuple[bool, str, list[str]]:
     notes = [
         "software x86-64 CPU on unicorn 2.1.4 (QEMU 5.0 TCG); Intel CPUID without AVX/AVX2/FMA, x2APIC, "
         "TSC-deadline, MONITOR, XSAVEC/XSAVES, PCID/INVPCID, PMU; TSC = host TSC, frequency in CPUID 0x15",
-        "RDMSR/WRMSR run natively (no hooks): unimplemented MSRs read 0 and ignore writes; IA32_APIC_BASE "
-        "reads 0 to the guest (Linux 6.1 x86_64 boots regardless); get/set_msrs see the irqchip's value",
+        "RDMSR/WRMSR and CR8 through unicorn's redirected helpers: IA32_APIC_BASE, IA32_TSC, IA32_TSC_ADJUST "
+        "and CR8 (the TPR) are the VMM's; other unknown MSRs read 0 and ignore writes (no #GP)",
         "several vCPUs run one at a time (2 ms slices): LOCK-prefixed instructions are not atomic across engines",
         "MMIO accesses wider than 4 bytes reach the VMM as 4-byte pieces; writes to read-only slots are errors",
     ]

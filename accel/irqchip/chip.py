@@ -470,6 +470,20 @@ class Irqchip:
             events, self._init_sipi[vcpu_index] = self._init_sipi[vcpu_index], []
         return events
 
+    # --- CR8 (the task priority) ------------------------------------------------------
+    def get_tpr(self, vcpu_index: int) -> int:
+        """The local APIC's TPR, which MOV from CR8 reads as TPR[7:4]."""
+        return self._check_vcpu(vcpu_index).tpr
+
+    def set_tpr(self, vcpu_index: int, value: int) -> None:
+        """MOV to CR8 (TPR = CR8 << 4): a lower priority may let a waiting vector through."""
+        lapic = self._check_vcpu(vcpu_index)
+        with self._lock:
+            lapic.tpr = value & 0xFF
+            if lapic.hw_enabled and lapic.deliverable_vector() >= 0:
+                self._wakes.add(vcpu_index)
+        self._flush_wakes()
+
     # --- IA32_APIC_BASE ------------------------------------------------------------
     def get_apic_base(self, vcpu_index: int) -> int:
         return self._check_vcpu(vcpu_index).base

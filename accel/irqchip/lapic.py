@@ -6,9 +6,10 @@ so finding the highest pending vector is one ``bit_length()``.
 
 Not offered, and why:
 
-* x2APIC and the TSC-deadline timer mode: the interpreter cannot trap RDMSR/WRMSR,
-  so the APIC is reachable only as MMIO at its APIC base; the timer mode field takes
-  one-shot (00) and periodic (01) only (bit 18 is not writable).
+* x2APIC and the TSC-deadline timer mode: not modelled yet (the interpreter now reaches
+  RDMSR/WRMSR, accel/interp/redirect.py, but the x2APIC register MSRs and IA32_TSC_DEADLINE are
+  not served), so the APIC is reachable only as MMIO at its APIC base; the timer mode field
+  takes one-shot (00) and periodic (01) only (bit 18 is not writable).
 * EOI-broadcast suppression (the version register's bit 24 is clear), CMCI (max LVT 5).
 
 Timer: counts at ``LAPIC_TIMER_HZ`` (25 MHz) divided by the divide configuration,

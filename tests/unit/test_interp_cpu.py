@@ -60,6 +60,8 @@ class FakeChip:
         self.clock = time.monotonic
         self.deadline = None
         self.polls = 0
+        self.apic_bases: dict[int, int] = {}
+        self.tprs: dict[int, int] = {}
 
     def on_wake(self, wake) -> None:
         self.wake = wake
@@ -107,10 +109,16 @@ class FakeChip:
         return False
 
     def get_apic_base(self, index):
-        return 0xFEE00900 if index == 0 else 0xFEE00800
+        return self.apic_bases.setdefault(index, 0xFEE00900 if index == 0 else 0xFEE00800)
 
     def set_apic_base(self, index, value):
-        pass
+        self.apic_bases[index] = value
+
+    def get_tpr(self, index):
+        return self.tprs.get(index, 0)
+
+    def set_tpr(self, index, value):
+        self.tprs[index] = value
 
 
 # --------------------------------------------------------------------------
@@ -578,6 +586,77 @@ def test_exceptions_64bit(guest):
     # frames are 16-byte aligned below the current stack (no privilege change, no IST)
     rsps = [v for _, v in outs(exits, 0xEC)]
     assert rsps[0] == STACK_TOP - 40 and rsps[1] == STACK_TOP - 40
+
+
+def test_rdmsr_wrmsr_and_cr8_are_the_vcpus_not_unicorns(guest):
+    """unicorn alone reads IA32_APIC_BASE and CR8 as 0, drops IA32_TSC writes and has no
+    IA32_TSC_ADJUST; redirected (accel/interp/redirect.py), the guest sees the irqchip's APIC base,
+    a TSC it can set with TSC_ADJUST following it (SDM 18.17.3), CR8 as the TPR's top nibble, and
+    #GP for what the CPU refuses (x2APIC enable, CR8's reserved bits), at the faulting instruction."""
+    guest.setup_long_mode()
+    sym = guest.load(
+        HANDLERS64
+        + """
+        start:
+        mov $0x1b, %ecx
+        rdmsr
+        out %eax, $0xF4             # APIC base
+        mov $0x10, %ecx
+        rdmsr
+        out %eax, $0xF8             # TSC before (low, high)
+        mov %edx, %eax
+        out %eax, $0xF8
+        mov $0x10, %ecx
+        mov $0x100, %edx
+        xor %eax, %eax
+        wrmsr                       # TSC = 0x100_0000_0000
+        rdtsc
+        mov %edx, %eax
+        out %eax, $0xFC             # its high half
+        mov $0x3b, %ecx
+        rdmsr
+        out %eax, $0xF8             # TSC_ADJUST (low, high)
+        mov %edx, %eax
+        out %eax, $0xF8
+        xor %eax, %eax
+        xor %edx, %edx
+        wrmsr                       # TSC_ADJUST = 0: the TSC moves back as much
+        mov $0x10, %ecx
+        rdmsr
+        out %eax, $0xF8             # TSC after (low, high)
+        mov %edx, %eax
+        out %eax, $0xF8
+        mov $9, %eax
+        mov %rax, %cr8
+        mov %cr8, %rax
+        out %eax, $0xFC             # CR8
+        lea 1f(%rip), %r15
+        mov $0x1b, %ecx
+        rdmsr
+        or $0x400, %eax             # x2APIC enable: not offered
+        wrmsr
+        1: lea 1f(%rip), %r15
+        mov $0x10, %eax
+        mov %rax, %cr8              # CR8[63:4] are reserved
+        1: out %al, $0xf0
+        """
+    )
+    guest.gate64(13, sym["h13"])
+    regs = guest.vcpu.get_regs()
+    regs.rip = sym["start"]
+    guest.vcpu.set_regs(regs)
+    exits = guest.run_until_done()
+    assert [v for _, v in outs(exits, 0xF4)] == [0xFEE00900]
+    low0, high0, adjust_low, adjust_high, low1, high1 = [v for _, v in outs(exits, 0xF8)]
+    before, adjust, after = low0 | high0 << 32, adjust_low | adjust_high << 32, low1 | high1 << 32
+    tsc_high, cr8 = [v for _, v in outs(exits, 0xFC)]
+    assert tsc_high == 0x100
+    # TSC_ADJUST moved by the write's change: new - (the old TSC, a few cycles after ``before``)
+    assert (0x100_0000_0000 - before - adjust) & ((1 << 64) - 1) < 1 << 34
+    assert 0 <= after - before < 1 << 34  # moved back by TSC_ADJUST: the old TSC plus the time taken
+    assert cr8 == 9 and guest.chip.tprs[0] == 0x90
+    assert [v for _, v in outs(exits, 0xE0)] == [13, 13]
+    assert guest.chip.apic_bases[0] == 0xFEE00900  # the refused write changed nothing
 
 
 def test_exceptions_32bit():
