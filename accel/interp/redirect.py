@@ -39,7 +39,7 @@ from typing import Protocol
 HANDLED, NATIVE, GENERAL_PROTECTION = 0, 1, 2
 GP_VECTOR = 13
 ENTRY_JUMP_SIZE = 12  # movabs rax, imm64; jmp rax
-CR8 = 8
+CR4, CR8 = 4, 8
 
 log = logging.getLogger("pyvmm.interp")
 
@@ -54,6 +54,8 @@ class Handler(Protocol):
     def guest_read_cr8(self) -> int: ...
 
     def guest_write_cr8(self, value: int) -> int: ...  # outcome
+
+    def guest_write_cr4(self, value: int) -> int: ...  # outcome (NATIVE: unicorn writes it)
 
 
 # int dispatch(env, rsi, rdx, uint64_t *out)
@@ -117,15 +119,15 @@ def _read_cr(handler: Handler, env: int, reg: int, rdx: int, out) -> int:
 
 
 def _write_cr(handler: Handler, env: int, reg: int, value: int, out) -> int:
-    return handler.guest_write_cr8(value)
+    return handler.guest_write_cr8(value) if reg == CR8 else handler.guest_write_cr4(value)
 
 
-#: helper symbol -> (dispatcher, the register number in ESI it is limited to, or None)
+#: helper symbol -> (dispatcher, the register numbers in ESI it is limited to: others stay in machine code)
 _HELPERS = {
-    "helper_rdmsr_x86_64": (_guarded("RDMSR", _rdmsr), None),
-    "helper_wrmsr_x86_64": (_guarded("WRMSR", _wrmsr), None),
-    "helper_read_crN_x86_64": (_guarded("MOV from CR8", _read_cr), CR8),
-    "helper_write_crN_x86_64": (_guarded("MOV to CR8", _write_cr), CR8),
+    "helper_rdmsr_x86_64": (_guarded("RDMSR", _rdmsr), ()),
+    "helper_wrmsr_x86_64": (_guarded("WRMSR", _wrmsr), ()),
+    "helper_read_crN_x86_64": (_guarded("MOV from CR8", _read_cr), (CR8,)),
+    "helper_write_crN_x86_64": (_guarded("MOV to CR4/CR8", _write_cr), (CR4, CR8)),
 }
 
 
@@ -149,12 +151,12 @@ def _install(library: ctypes.CDLL) -> dict:
     page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
     page_address = ctypes.addressof(ctypes.c_char.from_buffer(page))
     callbacks, entries, offset = [], {}, 0
-    for symbol, (dispatch, only_reg) in _HELPERS.items():  # check and build all before patching any
+    for symbol, (dispatch, only_regs) in _HELPERS.items():  # check and build all before patching any
         helper = _address(library, symbol)
         callback = _DISPATCH(dispatch)
         callbacks.append(callback)
         prologue = _movable_prologue(helper, symbol)
-        code = _shim(ctypes.cast(callback, ctypes.c_void_p).value, only_reg, prologue, helper, raise_ra)
+        code = _shim(ctypes.cast(callback, ctypes.c_void_p).value, only_regs, prologue, helper, raise_ra)
         if offset + len(code) > len(page):
             raise ValueError("the helper shims do not fit in one page")
         page[offset : offset + len(code)] = code
@@ -189,10 +191,10 @@ def _movable_prologue(helper: int, symbol: str) -> bytes:
     raise ValueError(f"{symbol}: its first bytes do not disassemble")
 
 
-def _shim(callback: int, only_reg: int | None, prologue: bytes, helper: int, raise_ra: int) -> bytes:
+def _shim(callback: int, only_regs: tuple[int, ...], prologue: bytes, helper: int, raise_ra: int) -> bytes:
     """The shim's machine code:
 
-        [cmp esi, only_reg; jne native]
+        [cmp esi, reg1; je go; cmp esi, reg2; je go; ...; jmp native; go:]
         push rdi; push rsi; push rdx; sub rsp, 16      ; the arguments kept, an out slot, aligned
         mov rcx, rsp; movabs rax, callback; call rax   ; dispatch(env, rsi, rdx, &slot)
         mov r11, [rsp]; add rsp, 16; pop rdx; pop rsi; pop rdi
@@ -205,9 +207,14 @@ def _shim(callback: int, only_reg: int | None, prologue: bytes, helper: int, rai
     """
     code = bytearray()
     jumps_to_native = []
-    if only_reg is not None:
-        code += b"\x83\xfe" + bytes([only_reg]) + b"\x0f\x85" + bytes(4)  # cmp esi, imm8; jne rel32
+    if only_regs:
+        for reg in only_regs:  # cmp esi, reg; je go (rel8, patched below)
+            code += b"\x83\xfe" + bytes([reg]) + b"\x74\x00"
+        to_go = [len(code) - 5 * i - 1 for i in range(len(only_regs))]
+        code += b"\xe9" + bytes(4)  # jmp native (rel32)
         jumps_to_native.append(len(code))
+        for at in to_go:
+            code[at] = len(code) - (at + 1)
     code += b"\x57\x56\x52\x48\x83\xec\x10"  # push rdi; push rsi; push rdx; sub rsp, 16
     code += b"\x48\x89\xe1\x48\xb8" + struct.pack("<Q", callback) + b"\xff\xd0"  # mov rcx, rsp; movabs; call
     code += b"\x4c\x8b\x1c\x24\x48\x83\xc4\x10\x5a\x5e\x5f"  # mov r11, [rsp]; add rsp, 16; pop x3

@@ -95,6 +95,20 @@ NATIVE_MSRS = frozenset(
 )  # fmt: skip
 
 
+def cr4_allowed(cpuid: CpuidTable) -> int:
+    """The CR4 bits a CPU with this CPUID accepts (SDM vol. 3 2.5: the others are reserved, #GP)."""
+    _, _, ecx1, _ = cpuid.plain.get(1, (0, 0, 0, 0))
+    _, ebx7, ecx7, _ = cpuid.indexed.get((7, 0)) or cpuid.plain.get(7, (0, 0, 0, 0))
+    eax7_1 = (cpuid.indexed.get((7, 1)) or (0,))[0]
+    allowed = 0x7FF  # VME PVI TSD DE PSE PAE MCE PGE PCE OSFXSR OSXMMEXCPT
+    for bit, (word, feature) in {11: (ecx7, 2), 12: (ecx7, 16), 13: (ecx1, 5), 14: (ecx1, 6), 16: (ebx7, 0),
+                                 17: (ecx1, 17), 18: (ecx1, 26), 20: (ebx7, 7), 21: (ebx7, 20), 22: (ecx7, 3),
+                                 23: (ecx7, 7), 24: (ecx7, 31), 28: (eax7_1, 26)}.items():  # fmt: skip
+        if word >> feature & 1:
+            allowed |= 1 << bit
+    return allowed
+
+
 class EngineLock:
     """Lets one vCPU's engine run at a time, handing over in FIFO order.
 
@@ -200,6 +214,7 @@ class InterpVcpu(system.EngineHooks):
         # IA32_APIC_BASE bits a write must leave clear: 0-7, 9, x2APIC (10: not offered), above MAXPHYADDR
         physical_bits = (self._cpuid.plain.get(0x80000008) or (36,))[0] & 0xFF or 36
         self._apic_base_reserved = (0xFF | 1 << 9 | 1 << 10 | ~((1 << physical_bits) - 1)) & U64_MASK
+        self._cr4_allowed = cr4_allowed(self._cpuid)
         self.guest_msrs = self.engine.redirect_helpers(self)
         self._reset_state()
 
@@ -755,6 +770,12 @@ class InterpVcpu(system.EngineHooks):
             return redirect.HANDLED
         return redirect.NATIVE
 
+    def guest_write_cr4(self, value: int) -> int:
+        """#GP for a CR4 bit the CPUID does not offer (unicorn would drop it silently)."""
+        if value & ~self._cr4_allowed:
+            return redirect.GENERAL_PROTECTION
+        return redirect.NATIVE
+
     def guest_read_cr8(self) -> int:
         return self._chip.get_tpr(self.index) >> 4
 
@@ -885,6 +906,7 @@ class InterpVcpu(system.EngineHooks):
         if not entries:
             raise AccelError("interp", "set_cpuid: empty CPUID table")
         self._cpuid = CpuidTable(list(entries))
+        self._cr4_allowed = cr4_allowed(self._cpuid)
 
     def close(self) -> None:
         with self._cond:

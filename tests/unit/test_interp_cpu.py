@@ -659,6 +659,38 @@ def test_rdmsr_wrmsr_and_cr8_are_the_vcpus_not_unicorns(guest):
     assert guest.chip.apic_bases[0] == 0xFEE00900  # the refused write changed nothing
 
 
+def test_a_cr4_bit_the_cpuid_does_not_offer_is_gp_and_an_offered_one_is_set(guest):
+    """unicorn drops unsupported CR4 bits silently; the CPU raises #GP (SDM vol. 3 2.5), which is
+    how guests (kvm-unit-tests' lam, pcid) probe features."""
+    guest.setup_long_mode()
+    sym = guest.load(
+        HANDLERS64
+        + """
+        start:
+        lea 1f(%rip), %r15
+        mov %cr4, %rax
+        bts $28, %rax               # LAM_SUP: not in this CPUID
+        mov %rax, %cr4
+        1: mov %cr4, %rax
+        out %eax, $0xF4
+        lea 1f(%rip), %r15
+        bts $7, %rax                # PGE: always there
+        mov %rax, %cr4
+        1: mov %cr4, %rax
+        out %eax, $0xF4
+        out %al, $0xf0
+        """
+    )
+    guest.gate64(13, sym["h13"])
+    regs = guest.vcpu.get_regs()
+    regs.rip = sym["start"]
+    guest.vcpu.set_regs(regs)
+    exits = guest.run_until_done()
+    assert [v for _, v in outs(exits, 0xE0)] == [13]
+    first, second = [v for _, v in outs(exits, 0xF4)]
+    assert not first & (1 << 28) and second == first | 1 << 7
+
+
 def test_exceptions_32bit():
     g = Guest()
     try:
