@@ -344,7 +344,9 @@ def deliver(uc, vector: int, *, error_code: int | None = None, software: bool = 
 
     ``software`` is an ``int n``/``int3``/``into`` (gate DPL checked, RIP already
     past the instruction); ``external`` a hardware interrupt or NMI. Raises
-    ``TripleFault`` when even the double fault cannot be delivered.
+    ``TripleFault`` when even the double fault cannot be delivered. A fault while delivering a
+    software interrupt is the instruction's own: it is taken with RIP back on the instruction, so
+    that the handler's IRET runs it again (SDM vol. 3 6.5: faults report the faulting instruction).
     """
     first_vector = None
     while True:
@@ -355,6 +357,8 @@ def deliver(uc, vector: int, *, error_code: int | None = None, software: bool = 
         except Fault as fault:
             if vector == DF:
                 raise TripleFault(f"fault {fault.vector} while delivering a double fault") from None
+            if software:
+                uc.reg_write(x86.UC_X86_REG_RIP, state.rip - software_interrupt_length(state, vector))
             if first_vector is None:
                 first_vector = vector
             if (vector in CONTRIBUTORY and fault.vector in CONTRIBUTORY) or (
@@ -364,6 +368,17 @@ def deliver(uc, vector: int, *, error_code: int | None = None, software: bool = 
             else:
                 vector, error_code, cr2 = fault.vector, fault.error_code, fault.cr2
             software, external = False, False
+
+
+def software_interrupt_length(state: MachineState, vector: int) -> int:
+    """The length of the ``int n`` (CD ib), ``int3`` (CC, or CD 03) or ``into`` (CE) that ends
+    just before RIP."""
+    if vector == 4:
+        return 1
+    before = state.read_linear(state.segs[engine.CS][1] + state.rip - 2, 2)
+    if vector == BP and before >> 8 == 0xCC:
+        return 1
+    return 2
 
 
 def _deliver_once(state: MachineState, vector, error_code, software, external, cr2) -> None:

@@ -691,6 +691,40 @@ def test_a_cr4_bit_the_cpuid_does_not_offer_is_gp_and_an_offered_one_is_set(gues
     assert not first & (1 << 28) and second == first | 1 << 7
 
 
+def test_a_fault_while_delivering_int_n_is_taken_on_the_int_which_then_runs_again(guest):
+    """int $0x40 through a not-present gate: #NP(0x40 * 8 + 2) with RIP on the int itself (it was
+    past it), so once the handler makes the gate present, its IRET runs the int again."""
+    guest.setup_long_mode()
+    sym = guest.load(
+        """
+        start:
+        int $0x40
+        out %al, $0xf0
+        h11:
+        pop %rax
+        out %eax, $0xF4             # the error code
+        mov (%rsp), %rax
+        out %eax, $0xF8             # the RIP it returns to
+        btsq $47, 0x1400            # IDT + 0x40 * 16: the gate present now
+        iretq
+        h64:
+        mov $0x40, %al
+        out %al, $0xE0
+        iretq
+        """
+    )
+    guest.gate64(11, sym["h11"])
+    guest.gate64(0x40, sym["h64"])
+    guest.mem.write_int(IDT + 0x40 * 16, 8, guest.mem.read_int(IDT + 0x40 * 16, 8) & ~(1 << 47))
+    regs = guest.vcpu.get_regs()
+    regs.rip = sym["start"]
+    guest.vcpu.set_regs(regs)
+    exits = guest.run_until_done()
+    assert [v for _, v in outs(exits, 0xF4)] == [0x40 * 8 + 2]
+    assert [v for _, v in outs(exits, 0xF8)] == [sym["start"]]
+    assert [v for _, v in outs(exits, 0xE0)] == [0x40]
+
+
 def test_exceptions_32bit():
     g = Guest()
     try:
