@@ -203,19 +203,22 @@ def test_the_guests_own_int3_goes_to_its_idt(platform):
 
 
 def test_the_guests_own_single_step_trap_goes_to_its_idt(platform):
-    """The guest sets TF itself (pushf; or; popf): its #DB handler runs (IVT vector 1), with the
-    debugger attached but not stepping."""
+    """The guest sets TF itself (pushf; or; popf): its #DB handler runs (IVT vector 1) and reads
+    DR6.BS, with the debugger attached but not stepping (WHPX intercepts every #DB and gives it back)."""
     handler = 0x2000
     # pushf; pop ax; or ax, 0x100; push ax; popf; nop; out 0xf9
     code = b"\x9c\x58\x0d\x00\x01\x50\x9d" + NOP + OUT_F9
     vm, ram, vcpu = _vm(platform[0], code, long_mode=False)
     try:
         ram[1 * 4 : 1 * 4 + 4] = struct.pack("<HH", handler, 0)  # IVT[1] = 0000:2000
-        # the handler clears TF in the pushed FLAGS: mov bp, sp; and word [bp+4], ~0x100; out 0xf8; iret
-        ram[handler : handler + 13] = b"\x89\xe5" + b"\x81\x66\x04\xff\xfe" + b"\xe6\xf8" + b"\xcf" + NOP * 3
+        # the handler clears TF in the pushed FLAGS and reports DR6:
+        # mov bp, sp; and word [bp+4], ~0x100; mov eax, dr6; out 0xf8, eax; iret
+        ram[handler : handler + 16] = (b"\x89\xe5" + b"\x81\x66\x04\xff\xfe" + b"\x0f\x21\xf0" + b"\x66\xe7\xf8"
+                                       + b"\xcf" + NOP * 2)  # fmt: skip
         vcpu.set_guest_debug(GuestDebug(software_breakpoints=frozenset({CODE + 0x100})))
         exit_value = _run(vcpu)
         assert isinstance(exit_value, IoOut) and exit_value.port == 0xF8, exit_value
+        assert int.from_bytes(exit_value.data, "little") & 1 << 14, "DR6.BS for the guest's handler"
         exit_value = _run(vcpu)
         assert isinstance(exit_value, IoOut) and exit_value.port == 0xF9, exit_value
     finally:
