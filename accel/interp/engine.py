@@ -886,6 +886,12 @@ class Engine:
         redirect.register(self._env, handler)
         return True
 
+    def watch_window(self, on: bool) -> None:
+        """While on, POPF/IRET call the handler's ``guest_if_set``/``guest_iret``."""
+        from pyvmm.accel.interp import redirect
+
+        redirect.watch(self._env, on)
+
     def release_helpers(self) -> None:
         from pyvmm.accel.interp import redirect
 

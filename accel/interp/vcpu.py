@@ -215,6 +215,8 @@ class InterpVcpu(system.EngineHooks):
         physical_bits = (self._cpuid.plain.get(0x80000008) or (36,))[0] & 0xFF or 36
         self._apic_base_reserved = (0xFF | 1 << 9 | 1 << 10 | ~((1 << physical_bits) - 1)) & U64_MASK
         self._cr4_allowed = cr4_allowed(self._cpuid)
+        self._nmi_blocked = False  # an NMI was delivered and its IRET has not run yet
+        self._watching = False
         self.guest_msrs = self.engine.redirect_helpers(self)
         self._reset_state()
 
@@ -482,26 +484,54 @@ class InterpVcpu(system.EngineHooks):
         """Deliver an NMI or a deliverable interrupt at this instruction boundary."""
         try:
             outcome = deliver_pending(self._chip, self.index, self._window_open, self._deliver_interrupt,
-                                      self._deliver_nmi)  # fmt: skip
+                                      self._deliver_nmi, self._nmi_is_blocked)  # fmt: skip
         except system.TripleFault:
             return self._triple_fault()
         except system.Unsupported as err:
             return self._internal_error(str(err))
         if outcome is Delivery.WINDOW:
-            # unicorn has no hook on sti/popf/iret: look again after a delay that starts short
+            # POPF/IRET stop the engine when they may open the window (redirect.watch); a timed
+            # look again stays for STI (its window opens one instruction later) and the rest
             self._irq_window_due = self._chip.clock() + self._irq_window_delay
             self._irq_window_delay = min(self._irq_window_delay * 2, IRQ_WINDOW_MAX)
         else:
             self._irq_window_due = None
             if outcome is Delivery.INJECTED:
                 self._irq_window_delay = IRQ_WINDOW_FIRST
+        self._update_watch()
         return None
+
+    def _nmi_is_blocked(self) -> bool:
+        return self._nmi_blocked
+
+    def _update_watch(self) -> None:
+        if self.guest_msrs:
+            watching = self._nmi_blocked or self._irq_window_due is not None
+            if watching != self._watching:
+                self._watching = watching
+                self.engine.watch_window(watching)
+
+    def guest_if_set(self) -> None:
+        """POPF setting IF is about to run (engine thread): an interrupt waiting for the window is
+        taken at the block boundary that follows (right after it: POPF ends its block)."""
+        if self._irq_window_due is not None:
+            self._block_exit.request()
+
+    def guest_iret(self) -> None:
+        """IRET is about to run (engine thread): it ends NMI blocking (SDM vol. 3 6.7.1) and may set IF."""
+        if self._nmi_blocked:
+            self._nmi_blocked = False
+            if self._chip.has_nmi(self.index):
+                self._block_exit.request()
+        if self._irq_window_due is not None:
+            self._block_exit.request()
 
     def _deliver_interrupt(self, vector: int) -> None:
         system.deliver(self.uc, vector, external=True, ram=self._ram)
 
     def _deliver_nmi(self) -> None:
         system.deliver(self.uc, system.NMI, external=True, ram=self._ram)
+        self._nmi_blocked = self.guest_msrs  # blocked until IRET, where IRET is seen (redirect)
 
     def _window_open(self) -> bool:
         """IF = 1 and no interrupt shadow (a stale shadow is dropped first, see ``_shadow_is_stale``)."""

@@ -24,9 +24,10 @@ class Delivery(enum.Enum):
 
 
 def deliver_pending(chip, index: int, window_open: Callable[[], bool], inject: Callable[[int], None],
-                    inject_nmi: Callable[[], None]) -> Delivery:  # fmt: skip
-    """Move at most one event from ``chip`` (an ``Irqchip``) into vCPU ``index``."""
-    if chip.has_nmi(index) and chip.ack_nmi(index):
+                    inject_nmi: Callable[[], None], nmi_blocked: Callable[[], bool] | None = None) -> Delivery:  # fmt: skip
+    """Move at most one event from ``chip`` (an ``Irqchip``) into vCPU ``index``. ``nmi_blocked``:
+    the backend tracks NMI blocking (from an NMI's delivery to the next IRET): a pending NMI waits."""
+    if chip.has_nmi(index) and not (nmi_blocked and nmi_blocked()) and chip.ack_nmi(index):
         inject_nmi()
         return Delivery.INJECTED
     if not chip.has_interrupt(index):

@@ -102,7 +102,7 @@ def test_each_error_names_file_key_and_problem(tmp_path, kernel_file, text, key,
 
 def test_kernel_of_unknown_format(tmp_path):
     (tmp_path / "junk").write_bytes(b"MZ" + bytes(1000))
-    with pytest.raises(ConfigError, match="neither an ELF vmlinux nor a bzImage") as info:
+    with pytest.raises(ConfigError, match="neither an ELF vmlinux, a bzImage nor a multiboot image") as info:
         load_config(write(tmp_path, '[boot]\nkernel = "junk"\n'))
     assert info.value.key == "boot.kernel"
 

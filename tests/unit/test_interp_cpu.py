@@ -1012,6 +1012,64 @@ def test_a_64bit_interrupt_gate_clears_if_and_a_trap_gate_keeps_it(guest, trap):
     assert port == 0xE3 and bool(rflags & 0x200) is trap
 
 
+def test_an_nmi_waits_for_the_iret_of_the_one_being_handled_and_popf_opens_the_window_at_once(guest):
+    """NMI blocking (SDM vol. 3 6.7.1): a second NMI raised while the first one's handler runs is
+    delivered after that handler's IRET, not nested into it. Then an interrupt raised under IF=0 is
+    taken right after the POPF that sets IF, not at a timed retry much later (the guest counts the
+    instructions it ran meanwhile: none). unicorn has no hook on IRET or POPF: accel/interp/redirect.py."""
+    guest.setup_long_mode()
+    sym = guest.load(
+        """
+        .code64
+        h2:
+        out %al, $0xE0              # NMI handler begins (the test raises the next NMI here)
+        mov $200000, %ecx
+        1: dec %ecx
+        jnz 1b
+        out %al, $0xE4              # and ends
+        iretq
+        h30:
+        mov %r8, %rax
+        out %eax, $0xE8             # instructions counted after the POPF before the interrupt
+        out %al, $0xf0
+        start:
+        cli
+        out %al, $0xE1              # the NMIs are raised here
+        mov $400000, %ecx
+        1: dec %ecx
+        jnz 1b
+        out %al, $0xE2              # the interrupt is raised here, under IF=0
+        pushfq
+        orq $0x200, (%rsp)
+        xor %r8, %r8
+        popfq
+        2: inc %r8
+        jmp 2b
+        """
+    )
+    guest.gate64(2, sym["h2"])
+    guest.gate64(0x30, sym["h30"])
+    regs = guest.vcpu.get_regs()
+    regs.rip = sym["start"]
+    guest.vcpu.set_regs(regs)
+    seen = []
+    for _ in range(20):
+        exit_value = guest.vcpu.run()
+        port = exit_value.port if isinstance(exit_value, IoOut) else None
+        seen.append(port)
+        if port in (0xE1, 0xE0) and seen.count(0xE0) < 2:
+            guest.chip.nmi = True
+            guest.vcpu.wake()
+        elif port == 0xE2:
+            guest.chip.raise_vector(0x30)
+        elif port == 0xE8:
+            assert int.from_bytes(exit_value.data, "little") == 0
+        elif port == PORT_DONE:
+            break
+    assert [p for p in seen if p in (0xE0, 0xE4)] == [0xE0, 0xE4, 0xE0, 0xE4]
+    assert seen[-2:] == [0xE8, PORT_DONE]
+
+
 def test_interrupt_waits_for_if(guest):
     guest.setup_long_mode()
     sym = guest.load(

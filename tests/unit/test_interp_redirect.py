@@ -33,4 +33,13 @@ def test_whole_instructions_covering_the_entry_jump_are_copied():
     code = b"\x53\x48\x8b\x4c\x24\x08\x48\x89\xfb\x31\xd2\xbe\x7c\x00\x00\x00"
     buffer, address = _at(code)
     # 1 + 5 + 3 + 2 = 11 bytes fall short of the 12-byte jump: the fifth instruction comes too
-    assert redirect._movable_prologue(address, "helper_x") == code
+    assert redirect._movable_prologue(address, "helper_x") == (code, False)
+
+
+def test_a_whole_helper_ending_in_ret_is_copied_and_a_shorter_one_refused():
+    sti = b"\x48\x81\x8f\x88\x00\x00\x00\x00\x02\x00\x00\xc3"  # orq $0x200, 0x88(%rdi); ret
+    buffer, address = _at(sti + b"\x0f\x1f\x40\x00")
+    assert redirect._movable_prologue(address, "helper_x") == (sti, True)
+    buffer, address = _at(b"\x31\xc0\xc3" + b"\x90" * 16)  # xor eax, eax; ret
+    with pytest.raises(ValueError, match="helper_x is 3 bytes long, too short"):
+        redirect._movable_prologue(address, "helper_x")
