@@ -16,7 +16,10 @@ not depend on the hypervisor:
 * stopping: ``request_stop``/``wake`` kick a running vCPU out of the
   hypervisor, repeating the kick until the run call has returned, because a
   kick that lands just before the run call starts may be lost; a kicker thread
-  does the same when the irqchip's next timer deadline passes.
+  does the same when the irqchip's next timer deadline passes;
+* guest debugging (``set_guest_debug``, the "guest debugging" part of ``HypervisorVcpu``): what a
+  #DB or #BP the hypervisor intercepted means, single steps with interrupts held off, the
+  debugger's TF hidden from the guest's registers and from a stepped PUSHF's image.
 """
 
 from __future__ import annotations
@@ -24,14 +27,30 @@ from __future__ import annotations
 import threading
 from types import SimpleNamespace
 
-from pyvmm.accel.core import EmulationFailure, Interrupted, IoIn, IoOut, MmioRead, MmioWrite, StateError, VcpuState
+from pyvmm.accel.core import (
+    Debug,
+    EmulationFailure,
+    GuestDebug,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    StateError,
+    VcpuState,
+)
 from pyvmm.accel.irqchip.delivery import STALE_DEADLINE_RETRY, Delivery, HaltWait, deliver_pending
 from pyvmm.accel.x86 import ARCH, SAVED_MSRS, CpuidTable, PendingEvents, Regs, Segment, SpecialRegs, X86CpuState, restorable
 from pyvmm.arch.x86.pc import PAGE_SIZE
-from pyvmm.arch.x86.registers import RFLAGS_IF
+from pyvmm.arch.x86 import paging
+from pyvmm.arch.x86.registers import RFLAGS_IF, RFLAGS_RF, RFLAGS_TF
 from pyvmm.errors import AccelError, PyvmmError
 
 KICK_REPEAT = 0.0005  # a kick is repeated this often until the run call returns (s)
+DB, BP = 1, 3  # the debug exception and the breakpoint exception (INT3)
+DR6_B_BITS, DR6_BS = 0xF, 1 << 14  # SDM vol. 3B 17.2.3: which DR0-DR3 hit; a single step
+DR7_ENABLE = 0xFF  # L0-L3, G0-G3
+_PREFIXES = frozenset((0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65))
 
 
 def init_state(cs_selector: int = 0xF000, cs_base: int = 0xFFFF0000, rip: int = 0xFFF0) -> tuple[Regs, SpecialRegs]:
@@ -152,6 +171,14 @@ class HypervisorVcpu:
         self._kicker: threading.Thread | None = None
         self._halt_wait = HaltWait(self._chip, index)
         self._msr_shadow: dict[int, int] = {}  # MSRs the hypervisor leaves to the VMM (RDMSR/WRMSR exits)
+        # guest debugging (see "guest debugging" below)
+        self._debug = GuestDebug()
+        self._guest_tf = False  # TF was the guest's own when the debugger began to step
+        self._guest_drs: tuple | None = None  # the guest's DR0-DR3, DR7 while the debugger owns them
+        self._completed = False  # the last exit's instruction was completed by the VMM (RIP moved on)
+        self._step_after_exit = False  # a step ends once the VMM has handled the exit returned last
+        self._resume_rf: int | None = None  # RIP of an instruction breakpoint to step over (RFLAGS.RF)
+        self._step_from: bytes | None = None  # the code at the start of the step under way
 
     # ------------------------------------------------------------------ I/O
     def serve_io_directly(self, handler) -> None:
@@ -302,6 +329,11 @@ class HypervisorVcpu:
             return Interrupted()
         self._start_kicker()
         self._complete_pending()
+        if self._step_after_exit:
+            self._step_after_exit = False
+            if self._debug.single_step:  # the VMM finished the exit's instruction: that was the step
+                return Debug("step", self._linear_rip())
+        self._before_resume()
         chip, index = self._chip, self.index
         while True:
             if self._take_stop():
@@ -316,9 +348,21 @@ class HypervisorVcpu:
                     self._sleep()
                     continue
                 self._halted = False
-            outcome = deliver_pending(chip, index, self._window_open, self._inject, self._inject_nmi)
-            self._request_window(outcome is Delivery.WINDOW)
+            stepping = self._debug.single_step
+            if stepping:  # a single step holds interrupts off (KVM's BLOCKIRQ): nothing is injected
+                self._request_window(False)
+                self._step_from = self._read_linear(self._linear_rip(), 16)
+            else:
+                outcome = deliver_pending(chip, index, self._window_open, self._inject, self._inject_nmi)
+                self._request_window(outcome is Delivery.WINDOW)
+            self._completed = False
             exit_value = self._run_once()
+            if stepping and self._completed:
+                # VMX and WHPX exits come instead of the instruction; the VMM completed it, so no TF
+                # trap follows it (KVM ends the step itself too: kvm_skip_emulated_instruction)
+                if exit_value is None:
+                    return Debug("step", self._linear_rip())
+                self._step_after_exit = True
             if exit_value is not None:
                 return exit_value
 
@@ -340,6 +384,121 @@ class HypervisorVcpu:
         sregs.apic_base = self._chip.get_apic_base(self.index)
         self.set_sregs(sregs)
         self.set_regs(regs)
+
+    # ------------------------------------------------------------------ guest debugging
+    # A backend provides ``_apply_guest_debug(debug)`` (what makes its hypervisor intercept #DB/#BP),
+    # ``_read_rflags()``/``_write_rflags(value)`` (raw, unlike get_regs), ``_read_drs()``/
+    # ``_write_drs(addresses, dr7)``, ``_cs_base()`` and ``_reinject(vector, length, dr6)`` (give the
+    # guest its own #DB or #BP), and calls ``_debug_exception`` for an intercepted #DB/#BP.
+    def set_guest_debug(self, debug: GuestDebug) -> None:
+        """Single steps through RFLAGS.TF with #DB intercepted; the debugger's int3s through #BP
+        intercepted; hardware breakpoints in DR0-DR3/DR7 (the guest's own values are kept meanwhile
+        and given back once the debugger's are off). How each hypervisor intercepts: the backend's
+        ``_apply_guest_debug``."""
+        old = self._debug
+        if debug.dr7 & DR7_ENABLE:
+            if self._guest_drs is None:
+                self._guest_drs = self._read_drs()
+            self._write_drs(debug.addresses, debug.dr7)
+        elif self._guest_drs is not None:
+            self._write_drs(*self._guest_drs)
+            self._guest_drs = None
+        if debug.single_step != old.single_step:
+            rflags = self._read_rflags()
+            if debug.single_step:
+                self._guest_tf = bool(rflags & RFLAGS_TF)
+                self._write_rflags(rflags | RFLAGS_TF)
+            elif not self._guest_tf:
+                self._write_rflags(rflags & ~RFLAGS_TF)
+        self._debug = debug
+        self._apply_guest_debug(debug)
+
+    def _apply_guest_debug(self, debug: GuestDebug) -> None:
+        """The hypervisor's side (the exception bitmap on HVF; WHPX intercepts #DB/#BP from set-up)."""
+
+    def _debugger_tf(self) -> bool:
+        """TF in RFLAGS is the debugger's, not the guest's (hidden from reads, kept across writes, as KVM's
+        kvm_get_rflags/kvm_set_rflags do)."""
+        return self._debug.single_step and not self._guest_tf
+
+    def _guest_rflags(self, rflags: int) -> int:
+        return rflags & ~RFLAGS_TF if self._debugger_tf() else rflags
+
+    def _hardware_rflags(self, rflags: int) -> int:
+        return rflags | RFLAGS_TF if self._debugger_tf() else rflags
+
+    def _linear_rip(self) -> int:
+        return (self._cs_base() + self._read_rip()) & 0xFFFFFFFFFFFFFFFF
+
+    def _before_resume(self) -> None:
+        """Resuming at an instruction breakpoint's instruction: RF makes it run once without hitting
+        again (SDM vol. 3B 17.3.1.1: the CPU sets RF in the RFLAGS image of the fault's delivery; an
+        intercepted fault leaves that to the VMM)."""
+        at, self._resume_rf = self._resume_rf, None
+        if at is not None and self._linear_rip() == at:
+            self._write_rflags(self._read_rflags() | RFLAGS_RF)
+
+    def _debug_exception(self, vector: int, rip: int, *, length: int = 0, dr6: int = 0):
+        """An intercepted #DB or #BP (``rip`` as the exit reports it: on the INT3, past a trap): the
+        debugger's Debug exit, or None once the guest's own exception has been handed back to it."""
+        debug = self._debug
+        at = (self._cs_base() + rip) & 0xFFFFFFFFFFFFFFFF
+        if vector == BP:
+            if at in debug.software_breakpoints:
+                return Debug("breakpoint", at)  # RIP stays on the int3 the debugger will take out
+            self._reinject(BP, length, 0)  # the guest's own int3 (Linux uses them: jump labels, kprobes)
+            return None
+        mine = dr6 & DR6_B_BITS & _enabled_slots(debug.dr7)
+        if mine:
+            if any(mine >> slot & 1 and not debug.dr7 >> (16 + 4 * slot) & 3 for slot in range(4)):
+                self._resume_rf = at  # an instruction breakpoint is a fault: RIP is on the instruction
+            if dr6 & DR6_BS and debug.single_step:
+                self._fix_pushed_flags()
+            return Debug("debug-register", at, dr6)
+        if dr6 & DR6_BS and debug.single_step:  # while the debugger steps, every TF trap is its step (as KVM)
+            self._fix_pushed_flags()
+            return Debug("step", at, dr6)
+        self._reinject(DB, 0, dr6)  # the guest's own single step or debug registers
+        return None
+
+    def _fix_pushed_flags(self) -> None:
+        """A PUSHF stepped with the debugger's TF pushed TF: clear it in the pushed image, so the
+        guest never sees it there (POPF/IRET would otherwise set TF for good)."""
+        code, self._step_from = self._step_from, None
+        if not code or not self._debugger_tf():
+            return
+        n = 0
+        while n < len(code) - 1 and (code[n] in _PREFIXES or 0x40 <= code[n] <= 0x4F):
+            n += 1
+        if code[n] != 0x9C:  # PUSHF/PUSHFD/PUSHFQ
+            return
+        sregs = self.get_sregs()
+        top = (sregs.ss.base + self.get_regs().rsp) & 0xFFFFFFFFFFFFFFFF
+        byte = self._read_linear(top + 1, 1)  # RFLAGS bits 8-15
+        if byte is not None:
+            self._write_linear(top + 1, bytes([byte[0] & ~(RFLAGS_TF >> 8) & 0xFF]))
+
+    def _physical(self, linear: int) -> int | None:
+        sregs = self.get_sregs()
+
+        def read_phys(address: int, size: int) -> int | None:
+            ram = self._vm.ram_at(address, size)
+            return None if ram is None else int.from_bytes(ram[0][ram[1] : ram[1] + size], "little")
+
+        return paging.translate(read_phys, linear, cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer)
+
+    def _read_linear(self, linear: int, size: int) -> bytes | None:
+        """Guest memory at a linear address through the vCPU's page tables (RAM only; one page)."""
+        size = min(size, PAGE_SIZE - linear % PAGE_SIZE)
+        physical = self._physical(linear)
+        ram = None if physical is None else self._vm.ram_at(physical, size)
+        return None if ram is None else bytes(ram[0][ram[1] : ram[1] + size])
+
+    def _write_linear(self, linear: int, data: bytes) -> None:
+        physical = self._physical(linear)
+        ram = None if physical is None else self._vm.ram_at(physical, len(data))
+        if ram is not None:
+            ram[0][ram[1] : ram[1] + len(data)] = data
 
     # ------------------------------------------------------------------ saved state
     STATE_VERSION = 1
@@ -385,6 +544,11 @@ class HypervisorVcpu:
         if self._emulator is not None:
             self._emulator.close()
             self._emulator = None
+
+
+def _enabled_slots(dr7: int) -> int:
+    """DR6's B-bit mask of the slots DR7 enables (L or G)."""
+    return sum(1 << slot for slot in range(4) if dr7 >> (2 * slot) & 3)
 
 
 def page_aligned(guest_addr: int, size: int) -> bool:

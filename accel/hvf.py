@@ -8,6 +8,16 @@ stepper), CPUID from the vCPU's table, HLT, MSRs, XSETBV, CR0/CR4 writes to
 the bits VMX itself needs (NE, PG, VMXE: their guest view lives in the read
 shadows), interrupt windows, triple faults.
 
+Guest debugging (``set_guest_debug``, hvcore.py): the VMCS exception bitmap
+(VMCS_CTRL_EXC_BITMAP, bit 1 #DB, bit 3 #BP; Intel SDM vol. 3C 24.6.3) makes the
+debugger's exceptions exit as "exception or NMI" (reason 0) with the VM-exit
+interruption information (VMCS_RO_VMEXIT_IRQ_INFO) and, for #DB, DR6's bits in the
+exit qualification (SDM 27.2.1, Table 27-1; DR6 itself is not written, SDM 27.1);
+single steps set RFLAGS.TF; DR0-DR3 are hv_vcpu_write_register(HV_X86_DR0..3) and
+DR7 the guest-state field VMCS_GUEST_DR7 (hv_arch_x86.h, hv_arch_vmx.h). The guest's
+own #BP goes back in as a software exception with the exit's instruction length
+(SDM 26.6.1.3), its own #DB as a hardware exception with DR6 written.
+
 Hypervisor.framework binds a vCPU to the thread that created it: every call on
 a vCPU except ``hv_vcpu_interrupt`` must come from that thread. Each vCPU here
 therefore has its own owner thread, which runs the whole run loop; calls from
@@ -24,8 +34,8 @@ import queue
 import threading
 
 from pyvmm.accel import vmx
-from pyvmm.accel.core import Capability, InternalError, Shutdown
-from pyvmm.accel.hvcore import HypervisorVcpu, HypervisorVm, page_aligned
+from pyvmm.accel.core import Capability, GuestDebug, InternalError, Shutdown
+from pyvmm.accel.hvcore import BP, DB, DR7_ENABLE, HypervisorVcpu, HypervisorVm, page_aligned
 from pyvmm.accel.x86 import (
     ARCH,
     SHADOW_MOV_SS,
@@ -57,6 +67,8 @@ CR4_HOST_OWNED = CR4_VMXE  # VMX requires it set; the guest must not see it
 _GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13",
               "r14", "r15")  # the GPR numbering of MOV-CR and instruction-information fields  # fmt: skip
 _REG_FIELDS = tuple(Regs.__dataclass_fields__)
+_COMPLETED_BY_VMM = frozenset({h.VMX_REASON_IO, h.VMX_REASON_EPT_VIOLATION, h.VMX_REASON_HLT, h.VMX_REASON_CPUID,
+                               h.VMX_REASON_RDMSR, h.VMX_REASON_WRMSR, h.VMX_REASON_XSETBV, h.VMX_REASON_MOV_CR})  # fmt: skip
 
 _library = None
 
@@ -111,7 +123,8 @@ class HvfVm(HypervisorVm):
     name = "hvf"
     title = TITLE
     arch = ARCH
-    capabilities = frozenset({Capability.USERSPACE_IRQCHIP, Capability.SERVE_IO_DIRECTLY, Capability.READONLY_MEMORY})
+    capabilities = frozenset({Capability.USERSPACE_IRQCHIP, Capability.SERVE_IO_DIRECTLY, Capability.READONLY_MEMORY,
+                              Capability.GUEST_DEBUG, Capability.INSTRUCTION_BREAKPOINTS})  # fmt: skip
 
     def __init__(self, vcpu_count: int = 1, *, irqchip=None):
         self.lib = _load()
@@ -281,11 +294,14 @@ class HvfVcpu(HypervisorVcpu):
                f"hv_vcpu_write_register({name})")  # fmt: skip
 
     def _get_regs(self) -> Regs:
-        return Regs(*(self._rreg(name.upper()) for name in _REG_FIELDS))
+        regs = Regs(*(self._rreg(name.upper()) for name in _REG_FIELDS))
+        regs.rflags = self._guest_rflags(regs.rflags)
+        return regs
 
     def _set_regs(self, regs: Regs) -> None:
         for name in _REG_FIELDS:
-            self._wreg(name.upper(), getattr(regs, name))
+            value = getattr(regs, name)
+            self._wreg(name.upper(), self._hardware_rflags(value) if name == "rflags" else value)
 
     def _guest_cr(self, field: int, mask_field: int, shadow_field: int) -> int:
         mask = self._rvmcs(mask_field)
@@ -443,6 +459,43 @@ class HvfVcpu(HypervisorVcpu):
                                          else vmx.INFO_TYPE_EXTERNAL)  # fmt: skip
         self._wvmcs(h.VMCS_CTRL_VMENTRY_IRQ_INFO, info)
 
+    # ------------------------------------------------------------------ guest debugging (hvcore's hooks)
+    _set_guest_debug = HypervisorVcpu.set_guest_debug
+
+    def _apply_guest_debug(self, debug: GuestDebug) -> None:
+        """Intercept #DB while stepping or with the debugger's debug registers, #BP with its int3s."""
+        bitmap = (1 << DB if debug.single_step or debug.dr7 & DR7_ENABLE else 0)
+        bitmap |= 1 << BP if debug.software_breakpoints else 0
+        self._wvmcs(h.VMCS_CTRL_EXC_BITMAP, bitmap)
+
+    def _read_rflags(self) -> int:
+        return self._rreg("RFLAGS")
+
+    def _write_rflags(self, value: int) -> None:
+        self._wreg("RFLAGS", value)
+
+    def _read_rip(self) -> int:
+        return self._rreg("RIP")
+
+    def _cs_base(self) -> int:
+        return self._rvmcs(h.VMCS_GUEST_SEGMENTS["cs"][3])
+
+    def _read_drs(self) -> tuple[tuple[int, int, int, int], int]:
+        return tuple(self._rreg(f"DR{i}") for i in range(4)), self._rvmcs(h.VMCS_GUEST_DR7)
+
+    def _write_drs(self, addresses, dr7: int) -> None:
+        for i, address in enumerate(addresses):
+            self._wreg(f"DR{i}", address)
+        self._wvmcs(h.VMCS_GUEST_DR7, dr7)
+
+    def _reinject(self, vector: int, length: int, dr6: int) -> None:
+        if vector == BP:  # as INT3 raised it: a software exception, the return RIP past the instruction
+            self._wvmcs(h.VMCS_CTRL_VMENTRY_IRQ_INFO, vmx.interruption_info(BP, vmx.INFO_TYPE_SOFTWARE_EXCEPTION))
+            self._wvmcs(h.VMCS_CTRL_VMENTRY_INSTR_LEN, length)
+        else:  # the exit left DR6 alone (SDM 27.1): the guest's handler reads the bits there
+            self._wreg("DR6", 0xFFFF0FF0 | dr6)
+            self._wvmcs(h.VMCS_CTRL_VMENTRY_IRQ_INFO, vmx.interruption_info(DB, vmx.INFO_TYPE_HARDWARE_EXCEPTION))
+
     # ------------------------------------------------------------------ interrupts (hvcore's hooks)
     def _interrupts_enabled(self) -> bool:
         return bool(self._rreg("RFLAGS") & RFLAGS_IF)
@@ -508,7 +561,10 @@ class HvfVcpu(HypervisorVcpu):
             return InternalError("VM entry failed", f"exit reason {reason & 0xFFFF} with the entry-failure bit: "
                                  "Hypervisor.framework refused the guest state", self._safe_rip())  # fmt: skip
         self._reinject_vectoring()
-        return self._dispatch(reason & 0xFFFF)
+        reason &= 0xFFFF
+        # these exits come instead of their instruction, which the VMM completes (a step ends there)
+        self._completed = reason in _COMPLETED_BY_VMM
+        return self._dispatch(reason)
 
     def _reinject_vectoring(self) -> None:
         """An event whose delivery the exit interrupted is injected again at the next entry (SDM 27.2.4)."""
@@ -573,6 +629,11 @@ class HvfVcpu(HypervisorVcpu):
             info = vmx.decode_interruption(self._rvmcs(h.VMCS_RO_VMEXIT_IRQ_INFO))
             if info is not None and info.type == vmx.INFO_TYPE_NMI:
                 return None  # a host NMI
+            if info is not None and info.vector in (DB, BP):  # the exception bitmap's (set_guest_debug)
+                # a #DB's qualification has DR6's B0-B3 and BS bits (SDM Table 27-1)
+                dr6 = self._rvmcs(h.VMCS_RO_EXIT_QUALIFIC) & 0x400F if info.vector == DB else 0
+                length = self._rvmcs(h.VMCS_RO_VMEXIT_INSTR_LEN)
+                return self._debug_exception(info.vector, self._rreg("RIP"), length=length, dr6=dr6)
             return InternalError("unexpected exception exit", f"interruption info {info}", self._safe_rip())
         return InternalError("unhandled VMX exit", f"exit reason {reason}", self._safe_rip())
 
@@ -628,7 +689,7 @@ class HvfVcpu(HypervisorVcpu):
 
 
 for _name in ("run", "get_regs", "set_regs", "get_sregs", "set_sregs", "get_fpu", "set_fpu", "get_xcr0", "set_xcr0",
-              "get_msrs", "set_msrs", "get_events", "set_events", "save_state", "restore_state"):
+              "get_msrs", "set_msrs", "get_events", "set_events", "save_state", "restore_state", "set_guest_debug"):
     setattr(HvfVcpu, _name, _owned(_name))
 del _name
 

@@ -15,6 +15,18 @@ CPUID, MSR, HLT (the hypervisor has completed it), interrupt window, cancellatio
 (``WHvCancelRunVirtualProcessor`` from any thread) and unrecoverable exceptions
 (a triple fault).
 
+Guest debugging (``set_guest_debug``, hvcore.py): the partition is set up with
+ExtendedVmExits.ExceptionExit and an ExceptionExitBitmap of #DB (DebugTrapOrFault,
+1) and #BP (BreakpointTrap, 3), as Hyperlight's and VirtualBox's WHPX backends do,
+so both always exit as WHvRunVpExitReasonException (WHV_VP_EXCEPTION_CONTEXT:
+ExceptionType, the VpContext's InstructionLength); after a #DB the hit bits are read
+from WHvX64RegisterDr6 (as Hyperlight's debugger reads them). Single steps set
+RFLAGS.TF; DR0-DR3/DR7 are WHvX64RegisterDr0-Dr3/Dr7. An exception that is the
+guest's own goes back in through WHvRegisterPendingInterruption as an exception
+(an INT3's return RIP moved past it first: QEMU notes that WHPX's software-exception
+injection was unreliable, so a hardware exception at the next instruction stands in
+for it; it skips the IDT gate's DPL check that INT3 from user mode would make).
+
 Never run on Windows here: contract-tested against tests/fakes/whpx.py, which
 follows Microsoft's headers and documentation (README, "Where it ran").
 """
@@ -26,7 +38,7 @@ import struct
 from pyvmm.accel import whv
 from pyvmm.accel.core import Capability, InternalError, Shutdown, VcpuState
 from pyvmm.accel.core import IoIn, IoOut, MmioRead, MmioWrite
-from pyvmm.accel.hvcore import HypervisorVcpu, HypervisorVm, page_aligned
+from pyvmm.accel.hvcore import BP, DB, HypervisorVcpu, HypervisorVm, page_aligned
 from pyvmm.accel.x86 import (
     ARCH,
     SHADOW_STI,
@@ -64,6 +76,10 @@ _FPU_NAMES = ((w.WHvX64RegisterFpControlStatus, w.WHvX64RegisterXmmControlStatus
               + tuple(w.WHvX64RegisterFpMmx0 + i for i in range(8)) + tuple(w.WHvX64RegisterXmm0 + i for i in range(16)))  # fmt: skip
 _EVENT_NAMES = (w.WHvRegisterPendingInterruption, w.WHvRegisterInterruptState)
 _WINDOW_NAMES = (w.WHvX64RegisterRflags, w.WHvRegisterInterruptState, w.WHvRegisterPendingInterruption)
+_DR_NAMES = (w.WHvX64RegisterDr0, w.WHvX64RegisterDr0 + 1, w.WHvX64RegisterDr0 + 2, w.WHvX64RegisterDr0 + 3)
+_COMPLETED_BY_VMM = frozenset({w.WHvRunVpExitReasonX64IoPortAccess, w.WHvRunVpExitReasonMemoryAccess,
+                               w.WHvRunVpExitReasonX64Halt, w.WHvRunVpExitReasonX64Cpuid,
+                               w.WHvRunVpExitReasonX64MsrAccess})  # fmt: skip
 
 #: MSRs the hypervisor keeps as named registers; the others exit and are answered from a shadow
 MSR_REGISTERS = {
@@ -143,7 +159,8 @@ class WhpxVm(HypervisorVm):
     name = "whpx"
     title = TITLE
     arch = ARCH
-    capabilities = frozenset({Capability.USERSPACE_IRQCHIP, Capability.SERVE_IO_DIRECTLY, Capability.READONLY_MEMORY})
+    capabilities = frozenset({Capability.USERSPACE_IRQCHIP, Capability.SERVE_IO_DIRECTLY, Capability.READONLY_MEMORY,
+                              Capability.GUEST_DEBUG, Capability.INSTRUCTION_BREAKPOINTS})  # fmt: skip
     max_vcpus = 254
 
     def __init__(self, vcpu_count: int = 1, *, irqchip=None):
@@ -177,8 +194,11 @@ class WhpxVm(HypervisorVm):
     def _setup(self) -> None:
         """Partition properties, then WHvSetupPartition (properties must come first)."""
         self._set_property(w.WHvPartitionPropertyCodeProcessorCount, self._scalar("<I", self.vcpu_count), "ProcessorCount")
-        exits = w.WHV_EXTENDED_VM_EXIT_X64_CPUID | w.WHV_EXTENDED_VM_EXIT_X64_MSR
+        exits = w.WHV_EXTENDED_VM_EXIT_X64_CPUID | w.WHV_EXTENDED_VM_EXIT_X64_MSR | w.WHV_EXTENDED_VM_EXIT_EXCEPTION
         self._set_property(w.WHvPartitionPropertyCodeExtendedVmExits, self._scalar("<Q", exits), "ExtendedVmExits")
+        # #DB and #BP exit (the debugger's steps and breakpoints; the guest's own are handed back)
+        self._set_property(w.WHvPartitionPropertyCodeExceptionExitBitmap, self._scalar("<Q", 1 << DB | 1 << BP),
+                           "ExceptionExitBitmap")  # fmt: skip
         # every leaf of the VM's table exits, so the guest sees the same CPUID as on KVM
         leaves = sorted({entry.function for entry in self.supported_cpuid()})
         self._set_property(w.WHvPartitionPropertyCodeCpuidExitList, struct.pack(f"<{len(leaves)}I", *leaves), "CpuidExitList")
@@ -360,10 +380,41 @@ class WhpxVcpu(HypervisorVcpu):
         self._set(names, fill)
 
     def get_regs(self) -> Regs:
-        return Regs(**dict(zip(_REGS_FIELDS, self._get64(*_REGS_NAMES))))
+        regs = Regs(**dict(zip(_REGS_FIELDS, self._get64(*_REGS_NAMES))))
+        regs.rflags = self._guest_rflags(regs.rflags)
+        return regs
 
     def set_regs(self, regs: Regs) -> None:
-        self._set64({name: getattr(regs, field) for name, field in zip(_REGS_NAMES, _REGS_FIELDS)})
+        values = {name: getattr(regs, field) for name, field in zip(_REGS_NAMES, _REGS_FIELDS)}
+        values[w.WHvX64RegisterRflags] = self._hardware_rflags(regs.rflags)
+        self._set64(values)
+
+    # ------------------------------------------------------------------ guest debugging (hvcore's hooks)
+    def _read_rflags(self) -> int:
+        return self._get64(w.WHvX64RegisterRflags)[0]
+
+    def _write_rflags(self, value: int) -> None:
+        self._set64({w.WHvX64RegisterRflags: value})
+
+    def _read_rip(self) -> int:
+        return self._get64(w.WHvX64RegisterRip)[0]
+
+    def _cs_base(self) -> int:
+        values, _ = self._get((w.WHvX64RegisterCs,))
+        return int(values[0].Segment.Base)
+
+    def _read_drs(self) -> tuple[tuple[int, int, int, int], int]:
+        *addresses, dr7 = self._get64(*_DR_NAMES, w.WHvX64RegisterDr7)
+        return tuple(addresses), dr7
+
+    def _write_drs(self, addresses, dr7: int) -> None:
+        self._set64({**dict(zip(_DR_NAMES, addresses)), w.WHvX64RegisterDr7: dr7})
+
+    def _reinject(self, vector: int, length: int, dr6: int) -> None:
+        """The guest's own #BP/#DB through WHvRegisterPendingInterruption (DR6 already holds #DB's bits)."""
+        if vector == BP:  # the exit is at the INT3; its handler returns past it
+            self._set64({w.WHvX64RegisterRip: self._read_rip() + length})
+        self._set64({w.WHvRegisterPendingInterruption: whv.pending_interruption(vector, w.WHvX64PendingException)})
 
     def get_sregs(self) -> SpecialRegs:
         values, _ = self._get(_SREGS_NAMES)
@@ -530,6 +581,9 @@ class WhpxVcpu(HypervisorVcpu):
         context = self._exit
         if w.failed(hr):
             return InternalError("WHvRunVirtualProcessor failed", w.hresult_text(hr), self._safe_rip())
+        # these exits come before their instruction completes, and the VMM (or WinHvEmulation) completes
+        # it (HLT: the hypervisor did): a single step ends there
+        self._completed = context.ExitReason in _COMPLETED_BY_VMM
         return self._dispatch(context.ExitReason, context)
 
     def _dispatch(self, reason: int, context):
@@ -572,6 +626,13 @@ class WhpxVcpu(HypervisorVcpu):
                 self._set64({w.WHvX64RegisterRax: value & 0xFFFFFFFF, w.WHvX64RegisterRdx: value >> 32,
                              w.WHvX64RegisterRip: next_rip})  # fmt: skip
             return None
+        if reason == w.WHvRunVpExitReasonException:
+            exception = context.VpException
+            if exception.ExceptionType in (DB, BP):
+                dr6 = self._get64(w.WHvX64RegisterDr6)[0] & 0x400F if exception.ExceptionType == DB else 0
+                length = whv.instruction_length(context)
+                return self._debug_exception(exception.ExceptionType, vp.Rip, length=length, dr6=dr6)
+            return InternalError("unexpected exception exit", f"exception {exception.ExceptionType}", vp.Rip)
         if reason == w.WHvRunVpExitReasonUnrecoverableException:
             return Shutdown("triple fault")
         if reason == w.WHvRunVpExitReasonInvalidVpRegisterValue:

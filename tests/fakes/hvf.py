@@ -45,6 +45,20 @@ SDM vol. 3C):
   bit takes effect and, at the next exit, the guest CR0/CR4 field and read shadow
   both show it, and "IA-32e mode guest" follows EFER.LMA (as KVM's nested VMX
   prepare_vmcs12 does for an L1). Those exits are produced by ``script_exit``.
+* Debug exceptions (fakes/cpu.py raises them as the CPU does: TF, INT3, DR0-DR3/DR7). An
+  exception whose bit is set in VMCS_CTRL_EXC_BITMAP exits instead of being delivered (SDM
+  25.2), with exit reason 0 "exception or NMI" and the VM-exit interruption information
+  (vector; type 3 hardware exception for #DB, 6 software exception for INT3, SDM 24.9.2); for
+  INT3 RIP stays on the instruction and VMCS_RO_VMEXIT_INSTR_LEN is 1 (SDM 27.1, 27.2.5); for
+  #DB the exit qualification holds B0-B3 (bits 0-3) and BS (bit 14), and DR6 is not changed
+  (SDM 27.1, Table 27-1). DR7 is the VMCS guest-state field VMCS_GUEST_DR7 (SDM 24.4.1; "load
+  debug controls" is a required-1 entry control here), which hv_vcpu_read/write_register(HV_X86_DR7)
+  also reach; DR0-DR3 and DR6 are hv_x86_reg_t registers (hv_arch_x86.h). An injected software
+  exception (type 6) pushes RIP + VMCS_CTRL_VMENTRY_INSTR_LEN (SDM 26.6.1.3).
+  Guest code the VMM rewrites meanwhile (a debugger's int3s) is what the next entry executes on
+  hardware; this fake's CPU drops its translated code for that at the entry after an exception
+  exit or a write of the exception bitmap or a debug register, and otherwise only at the events
+  fakes/cpu.py names (a code write after a plain kick may go unseen here).
 """
 
 from __future__ import annotations
@@ -57,6 +71,7 @@ import threading
 from unicorn import x86_const as x86
 
 from fakes.cpu import Trap, TrappingCpu, new_cpus
+from pyvmm.accel.interp import system
 from pyvmm.accel.x86 import PendingEvents, Regs, Segment, fpu_from_fxsave, fpu_into_xsave
 from pyvmm.ffi.hvf import intel as ffi
 
@@ -77,8 +92,8 @@ SEGMENT_FIELDS = {"es": (0x800, 0x4800, 0x4814, 0x6806), "cs": (0x802, 0x4802, 0
                   "ldt": (0x80C, 0x480C, 0x4820, 0x6812), "tr": (0x80E, 0x480E, 0x4822, 0x6814)}  # fmt: skip
 GDTR_LIMIT, GDTR_BASE, IDTR_LIMIT, IDTR_BASE = 0x4810, 0x6816, 0x4812, 0x6818
 GUEST_CR0, GUEST_CR3, GUEST_CR4, GUEST_RSP, GUEST_RIP, GUEST_RFLAGS = 0x6800, 0x6802, 0x6804, 0x681C, 0x681E, 0x6820
-GUEST_EFER, GUEST_PAT, GUEST_INTERRUPTIBILITY = 0x2806, 0x2804, 0x4824
-PIN, CPU, CPU2, EXIT_CTLS, ENTRY_CTLS = 0x4000, 0x4002, 0x401E, 0x400C, 0x4012
+GUEST_EFER, GUEST_PAT, GUEST_INTERRUPTIBILITY, GUEST_DR7 = 0x2806, 0x2804, 0x4824, 0x681A
+PIN, CPU, CPU2, EXIT_CTLS, ENTRY_CTLS, EXC_BITMAP = 0x4000, 0x4002, 0x401E, 0x400C, 0x4012, 0x4004
 ENTRY_IRQ_INFO, ENTRY_ERROR, ENTRY_INSTR_LEN = 0x4016, 0x4018, 0x401A
 CR0_MASK, CR4_MASK, CR0_SHADOW, CR4_SHADOW = 0x6000, 0x6002, 0x6004, 0x6006
 EXIT_REASON, EXIT_IRQ_INFO, IDT_VECTOR_INFO, EXIT_INSTR_LEN = 0x4402, 0x4404, 0x4408, 0x440C
@@ -93,7 +108,7 @@ CAPABILITIES = {
     3: (0x11FF, 0x0000D3FF),  # VM-entry: IA-32e mode guest, load PAT/EFER
     4: (0x36DFF, 0x003FFFFF),  # VM-exit
 }
-EXIT_EXTERNAL_INTERRUPT, EXIT_TRIPLE_FAULT, EXIT_IRQ_WINDOW, EXIT_CPUID = 1, 2, 7, 10
+EXIT_EXCEPTION_OR_NMI, EXIT_EXTERNAL_INTERRUPT, EXIT_TRIPLE_FAULT, EXIT_IRQ_WINDOW, EXIT_CPUID = 0, 1, 2, 7, 10
 EXIT_HLT, EXIT_IO, EXIT_ENTRY_FAILURE, EXIT_EPT_VIOLATION = 12, 30, 33, 48
 CR0_PG, CR0_NE, CR4_PAE, CR4_VMXE, EFER_LME, EFER_LMA, RFLAGS_IF = 1 << 31, 1 << 5, 1 << 5, 1 << 13, 1 << 8, 1 << 10, 1 << 9
 NATIVE_MSR_ALLOWED = frozenset({0x10, 0x174, 0x175, 0x176, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,
@@ -124,7 +139,11 @@ class _FakeVcpu:
         self.vmcs: dict[int, int] = {PIN: CAPABILITIES[0][0], CPU: CAPABILITIES[1][0], CPU2: 0,
                                      ENTRY_CTLS: CAPABILITIES[3][0], EXIT_CTLS: CAPABILITIES[4][0]}  # fmt: skip
         self.gprs: dict[str, int] = {}
-        self.other: dict[str, int] = {"cr2": 0, "tpr": 0, "xcr0": 1, **{f"dr{i}": 0 for i in range(8)}}
+        self.other: dict[str, int] = {"cr2": 0, "tpr": 0, "xcr0": 1, **{f"dr{i}": 0 for i in range(7)}}
+        self.other["dr6"] = 0xFFFF0FF0
+        self.vmcs[GUEST_DR7] = 0x400
+        self._debug_loaded = None
+        self.code_may_change = False  # the VMM may have rewritten guest code (see the module text)
         self.scripted: list[dict] = []
         self._save()
 
@@ -210,6 +229,21 @@ class _FakeVcpu:
         if force or self.gprs != saved_gprs:
             cpu.set_regs(Regs(**self.gprs))
 
+    def _load_debug(self) -> None:
+        """Entry: the debug registers and the exception bitmap into the CPU (it raises and stops on them)."""
+        cpu, other = self.cpu, self.other
+        debug = (tuple(other[f"dr{i}"] for i in range(4)), self.vmcs.get(GUEST_DR7, 0), other["dr6"])
+        if debug != self._debug_loaded:
+            cpu.set_debug_registers(*debug[:2])
+            cpu.set_dr6(debug[2])
+            self._debug_loaded = debug
+        bitmap = self.vmcs.get(EXC_BITMAP, 0)
+        cpu.intercepted = frozenset(v for v in range(32) if bitmap >> v & 1)
+        if self.code_may_change:
+            self.code_may_change = False
+            cpu.flush_code()
+        cpu.begin_run()
+
     def _inject(self, info: int) -> None:
         """Deliver the event of an interruption-information word through the guest IDT (SDM 26.6)."""
         cpu = self.cpu
@@ -222,6 +256,14 @@ class _FakeVcpu:
                 events.nmi_injected = True
             elif kind in (0, 4):
                 events.interrupt, events.interrupt_soft = vector, kind == 4
+            elif kind in (5, 6):  # a software exception (INT3, INTO, INT1): the return RIP is past it
+                regs = cpu.get_regs()
+                cpu.set_regs(dataclasses.replace(regs, rip=regs.rip + self.vmcs.get(ENTRY_INSTR_LEN, 0)))
+                cpu.set_events(PendingEvents(shadow=0))
+                if cpu._memory_changed:
+                    cpu._sync_memory()
+                system.deliver(cpu.uc, vector, software=kind == 6, ram=cpu._ram)
+                return
             else:
                 events.exception = vector
                 if info & 1 << 11:
@@ -277,6 +319,7 @@ class _FakeVcpu:
         deferred = None
         resuming = cpu.parked is not None
         if resuming:
+            cpu.completed_by_vmm = True
             problem = self._resume_parked()
             if problem is not None:
                 self.fake.violations.append(problem)
@@ -291,6 +334,7 @@ class _FakeVcpu:
                 self._exit(self.scripted.pop(0))
                 return HV_SUCCESS
             self._inject(info)
+        self._load_debug()
         self.kicked = False
         self.running = True
         if info >> 31:
@@ -348,6 +392,11 @@ class _FakeVcpu:
             self._exit({EXIT_REASON: EXIT_HLT, EXIT_INSTR_LEN: 1}, vectoring=vectoring)
         elif trap.kind == "shutdown":
             self._exit({EXIT_REASON: EXIT_TRIPLE_FAULT})
+        elif trap.kind == "exception":
+            self.code_may_change = True
+            kind = 6 if trap.vector == 3 else 3  # INT3: software exception; #DB: hardware exception
+            self._exit({EXIT_REASON: EXIT_EXCEPTION_OR_NMI, EXIT_IRQ_INFO: 1 << 31 | kind << 8 | trap.vector,
+                        EXIT_INSTR_LEN: trap.length, EXIT_QUALIFICATION: trap.dr6 & 0x400F}, vectoring=vectoring)  # fmt: skip
         else:
             self.fake.entry_failures.append(f"the software CPU failed: {trap.detail}")
             return HV_ERROR
@@ -474,7 +523,9 @@ class FakeHypervisorFramework:
         if vcpu is None or not 0 <= reg < len(REGISTERS):
             return HV_BAD_ARGUMENT
         name = REGISTERS[reg]
-        if name in vcpu.gprs:
+        if name == "dr7":
+            value[0] = vcpu.vmcs.get(GUEST_DR7, 0)
+        elif name in vcpu.gprs:
             value[0] = vcpu.gprs[name]
         elif name in vcpu.other:
             value[0] = vcpu.other[name]
@@ -487,7 +538,11 @@ class FakeHypervisorFramework:
         if vcpu is None or not 0 <= reg < len(REGISTERS):
             return HV_BAD_ARGUMENT
         name = REGISTERS[reg]
-        if name in vcpu.gprs:
+        if name.startswith("dr"):
+            vcpu.code_may_change = True
+        if name == "dr7":
+            vcpu.vmcs[GUEST_DR7] = int(value)
+        elif name in vcpu.gprs:
             vcpu.gprs[name] = int(value)
         elif name in vcpu.other:
             vcpu.other[name] = int(value)
@@ -557,6 +612,8 @@ class FakeHypervisorFramework:
         elif field >> 10 & 3 == 1:  # read-only data fields (SDM B: bits 11:10 = 1)
             return HV_BAD_ARGUMENT
         else:
+            if field in (EXC_BITMAP, GUEST_DR7):
+                vcpu.code_may_change = True
             vcpu.vmcs[int(field)] = int(value)
         return HV_SUCCESS
 

@@ -52,6 +52,23 @@ wrote for the API):
   This fake's emulator is pyvmm's interpreter stepper, and it reads and writes
   guest RAM directly rather than through the memory callback.
 
+* Exceptions: with ExtendedVmExits.ExceptionExit (bit 2) set, each vector set in the
+  ExceptionExitBitmap property (bit n = WHV_EXCEPTION_TYPE n: DebugTrapOrFault 1,
+  BreakpointTrap 3) becomes an Exception exit instead of being delivered (MS "Virtual Processor
+  Exception": "Exits for exceptions are only generated if they are enabled by setting the
+  WHV_EXTENDED_VM_EXITS.ExceptionExit property"), with WHV_VP_EXCEPTION_CONTEXT: the instruction
+  bytes, ExceptionInfo (SoftwareException bit 1 for INT3), ExceptionType, and the VpContext's
+  InstructionLength; RIP is at the INT3 (QEMU's whpx reads the breakpoint instruction from the
+  context's InstructionBytes[0]) and past a trap. The bitmap may also be set after WHvSetupPartition
+  (QEMU's whpx_set_exception_exit_bitmap does, while its VM runs). After a #DB exit
+  WHvX64RegisterDr6 holds the B0-B3/BS bits (Hyperlight's WHP debugger reads them there). DR0-DR3
+  and DR7 (WHvX64RegisterDr0-Dr3, Dr7) are the CPU's debug registers (fakes/cpu.py raises their
+  breakpoints); a pending exception in WHvRegisterPendingInterruption is delivered as a hardware
+  exception at the current RIP. Guest code the VMM rewrites meanwhile (a debugger's int3s) is what
+  the next run executes; this fake's CPU drops its translated code for that at the run after an
+  exception exit or a write of a debug register or the bitmap, and otherwise only at the events
+  fakes/cpu.py names (a code write after a plain cancel may go unseen here).
+
 The software CPU (fakes/cpu.py) executes RDMSR/WRMSR itself and never makes MSR
 exits; ``script_exit`` makes one with the exit context's fields.
 """
@@ -79,10 +96,11 @@ WHV_E_INVALID_VP_STATE, WHV_E_INVALID_VP_REGISTER_NAME = 0x80370308, 0x80370309
 WHV_E_UNSUPPORTED_HYPERVISOR_CONFIG = 0x80370303
 CAP_HYPERVISOR_PRESENT, CAP_FEATURES, CAP_EXTENDED_VM_EXITS = 0, 1, 2
 PROP_EXTENDED_VM_EXITS, PROP_CPUID_EXIT_LIST, PROP_LAPIC_MODE, PROP_PROCESSOR_COUNT = 0x1, 0x1003, 0x1005, 0x1FFF
+PROP_EXCEPTION_EXIT_BITMAP = 0x2
 SETUP_ONLY_PROPERTIES = (PROP_EXTENDED_VM_EXITS, PROP_LAPIC_MODE, PROP_PROCESSOR_COUNT)
-X64_CPUID_EXIT, X64_MSR_EXIT = 1 << 0, 1 << 1
+X64_CPUID_EXIT, X64_MSR_EXIT, EXCEPTION_EXIT = 1 << 0, 1 << 1, 1 << 2
 EXIT_MEMORY, EXIT_IO, EXIT_UNRECOVERABLE, EXIT_WINDOW, EXIT_HALT = 0x1, 0x2, 0x4, 0x7, 0x8
-EXIT_MSR, EXIT_CPUID, EXIT_CANCELED = 0x1000, 0x1001, 0x2001
+EXIT_MSR, EXIT_CPUID, EXIT_EXCEPTION, EXIT_CANCELED = 0x1000, 0x1001, 0x1002, 0x2001
 PENDING, PENDING_TYPE_SHIFT, PENDING_ERROR_CODE, PENDING_VECTOR_SHIFT = 1, 1, 1 << 4, 16
 TYPE_INTERRUPT, TYPE_NMI, TYPE_EXCEPTION = 0, 2, 3
 NOTIFY_INTERRUPT = 1 << 1
@@ -105,7 +123,9 @@ MSR_NAMES = {0x2000: 0x10, 0x2002: 0xC0000102, 0x2004: 0x277, 0x2005: 0x174, 0x2
              0x2008: 0xC0000081, 0x2009: 0xC0000082, 0x200A: 0xC0000083, 0x200B: 0xC0000084, 0x200E: 0x2FF,
              0x207B: 0xC0000103}  # fmt: skip
 PENDING_INTERRUPTION, INTERRUPT_STATE, DELIVERABILITY = 0x80000000, 0x80000001, 0x80000004
-KEPT_NAMES = {0x21, 0x22, 0x23, 0x24, 0x25, 0x26, 0x2003, PENDING_INTERRUPTION, 0x80000002, DELIVERABILITY, 0x80000005}
+DR_NAMES = (0x21, 0x22, 0x23, 0x24, 0x25, 0x26)  # DR0-DR3, DR6, DR7
+DR6_NAME, DR6_FIXED = 0x25, 0xFFFF0FF0
+KEPT_NAMES = {0x2003, PENDING_INTERRUPTION, 0x80000002, DELIVERABILITY, 0x80000005}
 EXIT_CONTEXT_SIZE = ffi.sizeof("WHV_RUN_VP_EXIT_CONTEXT")
 
 
@@ -122,6 +142,8 @@ def _group(name: int) -> str | None:
         return "xcr0"
     if name == INTERRUPT_STATE:
         return "state"
+    if name in DR_NAMES:
+        return "dr"
     if name in KEPT_NAMES:
         return "kept"
     return None
@@ -179,6 +201,10 @@ class _FakeVp:
         self.kept[0x2003] = 0xFEE00900 if index == 0 else 0xFEE00800
         self.scripted: list[dict] = []
         self.before: Regs | None = None
+        self.drs: dict[int, int] = {name: 0 for name in DR_NAMES}
+        self.drs[DR6_NAME], self.drs[0x26] = DR6_FIXED, 0x400
+        self._debug_loaded = None
+        self.code_may_change = False  # the VMM may have rewritten guest code (see the module text)
 
     # --- the register file ------------------------------------------------------------
     def _load_group(self, group: str) -> None:
@@ -215,6 +241,8 @@ class _FakeVp:
         group = _group(name)
         if group == "kept":
             return group, self.kept[name]
+        if group == "dr":
+            return group, self.drs[name]
         if group not in self.loaded:
             self._load_group(group)
         return group, self.file[name]
@@ -222,6 +250,10 @@ class _FakeVp:
     def put(self, name: int, group: str, value) -> None:
         if group == "kept":
             self.kept[name] = value
+            return
+        if group == "dr":
+            self.drs[name] = value
+            self.code_may_change = True
             return
         if group not in self.loaded:
             self._load_group(group)
@@ -254,6 +286,21 @@ class _FakeVp:
             events.shadow = 2 if file[INTERRUPT_STATE] & STATE_SHADOW else 0
             events.nmi_masked = bool(file[INTERRUPT_STATE] & STATE_NMI_MASKED)
             cpu.set_events(PendingEvents(**{f: getattr(events, f) for f in events.__dataclass_fields__ if f != "private"}))
+
+    def _load_debug(self) -> None:
+        """Entry: the debug registers and the exception exits into the CPU."""
+        cpu, drs, partition = self.cpu, self.drs, self.partition
+        debug = (tuple(drs[name] for name in DR_NAMES[:4]), drs[0x26], drs[DR6_NAME])
+        if debug != self._debug_loaded:
+            cpu.set_debug_registers(*debug[:2])
+            cpu.set_dr6(debug[2])
+            self._debug_loaded = debug
+        bitmap = partition.exception_bitmap if partition.extended_exits & EXCEPTION_EXIT else 0
+        cpu.intercepted = frozenset(v for v in range(32) if bitmap >> v & 1)
+        if self.code_may_change or partition.code_may_change:
+            self.code_may_change = partition.code_may_change = False
+            cpu.flush_code()
+        cpu.begin_run()
 
     def _entered(self) -> None:
         self.file, self.loaded, self.dirty = {}, set(), set()
@@ -324,6 +371,7 @@ class _FakeVp:
             cpu._stop_requested = False  # a cancel before the run does not carry over
         resuming = cpu.parked is not None
         if resuming:
+            cpu.completed_by_vmm = True
             problem = self._resume_parked()
             if problem is not None:
                 self.partition.fake.violations.append(problem)
@@ -338,6 +386,7 @@ class _FakeVp:
                 self._fill(context, self.scripted.pop(0))
                 return S_OK
             self._try_inject()
+        self._load_debug()
         self._entered()
         self.kicked = False
         self.running = True
@@ -396,6 +445,13 @@ class _FakeVp:
             self._fill(context, {"ExitReason": EXIT_HALT, "length": 1})
         elif trap.kind == "shutdown":
             self._fill(context, {"ExitReason": EXIT_UNRECOVERABLE})
+        elif trap.kind == "exception":
+            self.code_may_change = True
+            if trap.vector == 1:
+                self.drs[DR6_NAME] = DR6_FIXED | trap.dr6
+            self._fill(context, {"ExitReason": EXIT_EXCEPTION, "length": trap.length, "VpException": {
+                "bytes": self._code_bytes(trap.rip), "ExceptionInfo": 2 if trap.vector == 3 else 0,
+                "ExceptionType": trap.vector, "ErrorCode": 0, "ExceptionParameter": 0}})  # fmt: skip
         else:
             self.partition.fake.failures.append(f"the software CPU failed: {trap.detail}")
             return E_FAIL
@@ -421,7 +477,7 @@ class _FakeVp:
         vp.Cs.Base, vp.Cs.Limit, vp.Cs.Selector, vp.Cs.Attributes = (sregs.cs.base, sregs.cs.limit, sregs.cs.selector,
                                                                      _attributes(sregs.cs))  # fmt: skip
         vp.Rip, vp.Rflags = regs.rip, regs.rflags
-        for member in ("IoPortAccess", "MemoryAccess", "CpuidAccess", "MsrAccess"):
+        for member in ("IoPortAccess", "MemoryAccess", "CpuidAccess", "MsrAccess", "VpException"):
             values = fields.get(member)
             if values is None:
                 continue
@@ -442,6 +498,8 @@ class _Partition:
         self.fake, self.ident = fake, ident
         self.processor_count = 0
         self.extended_exits = 0
+        self.exception_bitmap = 0
+        self.code_may_change = False
         self.cpuid_exit_list: set[int] = set()
         self.lapic_mode = 0
         self.set_up = False
@@ -717,9 +775,13 @@ class FakeWinHv:
             partition.extended_exits = struct.unpack_from("<Q", data)[0]
         elif code == PROP_LAPIC_MODE and size >= 4:
             partition.lapic_mode = struct.unpack_from("<I", data)[0]
+        elif code == PROP_EXCEPTION_EXIT_BITMAP and size >= 8:
+            partition.exception_bitmap = struct.unpack_from("<Q", data)[0]
+            partition.code_may_change = True
         elif code == PROP_CPUID_EXIT_LIST and size % 4 == 0:
             partition.cpuid_exit_list = set(struct.unpack(f"<{size // 4}I", data))
-        elif code in (PROP_PROCESSOR_COUNT, PROP_EXTENDED_VM_EXITS, PROP_LAPIC_MODE, PROP_CPUID_EXIT_LIST):
+        elif code in (PROP_PROCESSOR_COUNT, PROP_EXTENDED_VM_EXITS, PROP_LAPIC_MODE, PROP_CPUID_EXIT_LIST,
+                      PROP_EXCEPTION_EXIT_BITMAP):
             return WHV_E_INSUFFICIENT_BUFFER
         else:
             return WHV_E_UNKNOWN_PROPERTY

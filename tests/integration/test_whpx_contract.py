@@ -31,15 +31,17 @@ def fake():
 
 
 def test_the_partition_is_set_up_as_the_documentation_orders(fake):
-    """ProcessorCount, ExtendedVmExits (CPUID and MSR exits), CpuidExitList with every leaf of the
-    VM's table, no hypervisor APIC, then WHvSetupPartition (the fake refuses those properties after it)."""
+    """ProcessorCount, ExtendedVmExits (CPUID, MSR and exception exits), ExceptionExitBitmap with #DB
+    and #BP (guest debugging), CpuidExitList with every leaf of the VM's table, no hypervisor APIC,
+    then WHvSetupPartition (the fake refuses those properties after it)."""
     from pyvmm.accel.whpx import WhpxVm
 
     vm = WhpxVm(2)
     try:
         (partition,) = fake.partitions.values()
         assert partition.set_up and partition.processor_count == 2
-        assert partition.extended_exits == fake_whpx.X64_CPUID_EXIT | fake_whpx.X64_MSR_EXIT
+        assert partition.extended_exits == fake_whpx.X64_CPUID_EXIT | fake_whpx.X64_MSR_EXIT | fake_whpx.EXCEPTION_EXIT
+        assert partition.exception_bitmap == 1 << 1 | 1 << 3
         assert partition.cpuid_exit_list == {entry.function for entry in vm.supported_cpuid()}
         assert partition.lapic_mode == 0
     finally:
