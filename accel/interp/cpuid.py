@@ -1,6 +1,6 @@
 """The CPUID table of the interpreter: what unicorn 2.1.4 really executes, and the TSC frequency.
 
-The base is the engine's own answer (its default Haswell model, already
+The base is the engine's own answer (its Broadwell model, engine.CPU_MODEL, already
 filtered by QEMU to what TCG implements), trimmed of what does not work here
 (AVX and everything VEX-vector, x2APIC and TSC-deadline: the irqchip does not model them,
 MONITOR/MWAIT, XSAVEC/XSAVES, PCID/INVPCID, performance counters) and extended

@@ -55,6 +55,9 @@ from pyvmm.errors import AccelError
 
 SUPPORTED_UNICORN = (2, 1, 4)
 PHYS_ADDR_LIMIT = 1 << 40  # CPUID 0x80000008: 40 physical address bits
+#: QEMU's Broadwell model: Haswell's (the engine's default) plus what TCG executes of Broadwell's
+#: additions (SMAP with STAC/CLAC, ADX, RDSEED, PREFETCHW), filtered by QEMU to what TCG implements
+CPU_MODEL = x86.UC_CPU_X86_BROADWELL
 NEVER = 1 << 63  # a non-canonical "until": emulation never stops there
 U64 = (1 << 64) - 1
 
@@ -833,6 +836,7 @@ class Engine:
     def __init__(self, *, async_stops: bool = False):
         self.layout = layout()
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.ctl_set_cpu_model(CPU_MODEL)
         # With "exits" enabled (and none set) emu_start ignores ``until``. Without it, unicorn
         # translates until-1 on every start, and in 32-bit paged mode that failed walk overwrites CR2.
         uc.ctl_exits_enabled(True)
@@ -1115,6 +1119,7 @@ class _Scratch:
     def __init__(self):
         self._lock = threading.Lock()
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self.uc.ctl_set_cpu_model(CPU_MODEL)
         self.page = ctypes.create_string_buffer(0x1000)
         self.uc.mem_map_ptr(0, 0x1000, UC_PROT_ALL, ctypes.addressof(self.page))
         self.page[0:3] = b"\x0f\xa2\xf4"  # cpuid; hlt

@@ -659,6 +659,43 @@ def test_rdmsr_wrmsr_and_cr8_are_the_vcpus_not_unicorns(guest):
     assert guest.chip.apic_bases[0] == 0xFEE00900  # the refused write changed nothing
 
 
+def test_smap_is_offered_and_enforced_with_stac_and_clac(guest):
+    """CPUID.7.0:EBX.SMAP (bit 20, from the engine's Broadwell model): with CR4.SMAP a supervisor
+    read of a user page is #PF (error code: present, not user, read), allowed between STAC and CLAC."""
+    cpuid = {e.function: e for e in guest.vm.supported_cpuid() if e.index == 0}
+    assert cpuid[7].ebx >> 20 & 1
+    guest.setup_long_mode()
+    mem = guest.mem
+    mem.write_int(PML4, 8, PDPT | 7)
+    mem.write_int(PDPT, 8, PD | 7)
+    mem.write_int(PD + 8, 8, 0x200000 | 0x87)  # 2-4 MiB: one user page; 0-2 MiB stays supervisor
+    mem.write_int(0x300000, 4, 0x5A5A)
+    sym = guest.load(
+        HANDLERS64
+        + """
+        start:
+        mov %cr4, %rax
+        bts $21, %rax
+        mov %rax, %cr4              # SMAP on
+        lea 1f(%rip), %r15
+        mov 0x300000, %eax          # #PF
+        1: stac
+        mov 0x300000, %eax
+        clac
+        out %eax, $0xF4
+        out %al, $0xf0
+        """
+    )
+    guest.gate64(14, sym["h14"])
+    regs = guest.vcpu.get_regs()
+    regs.rip = sym["start"]
+    guest.vcpu.set_regs(regs)
+    exits = guest.run_until_done()
+    assert [v for _, v in outs(exits, 0xE0)] == [14]
+    assert [v for _, v in outs(exits, 0xE4)] == [0x1]  # present, read, supervisor
+    assert [v for _, v in outs(exits, 0xF4)] == [0x5A5A]
+
+
 def test_a_cr4_bit_the_cpuid_does_not_offer_is_gp_and_an_offered_one_is_set(guest):
     """unicorn drops unsupported CR4 bits silently; the CPU raises #GP (SDM vol. 3 2.5), which is
     how guests (kvm-unit-tests' lam, pcid) probe features."""
