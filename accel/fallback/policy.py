@@ -22,14 +22,14 @@ LEAF1_ECX_FROM_HYPERVISOR = (1 << 21) | (1 << 24) | (1 << 27) | (1 << 31)  # x2A
 LEAF1_ECX_CX16 = 1 << 13
 
 #: The feature leaves of the interpreter's CPUID (``accel.interp.cpuid.supported_cpuid`` on
-#: unicorn 2.1.4: its Haswell model as TCG runs it, trimmed), as a table so that the fallback
+#: unicorn 2.1.4: its Broadwell model as TCG runs it, trimmed, plus TSC-deadline), as a table so that the fallback
 #: policy needs no engine; tests/unit/test_fallback_policy.py checks it against the engine.
 INTERP_FEATURES = (
-    CpuidEntry(0x1, 0, 0x000306C4, 0x00000800, 0xC6D82203, 0x078BFBFD),
-    CpuidEntry(0x7, 0, 0x0, 0x0000038B, 0x0, 0x0, indexed=True),
+    CpuidEntry(0x1, 0, 0x000306D2, 0x00000800, 0xC7D82203, 0x078BFBFD),
+    CpuidEntry(0x7, 0, 0x0, 0x0018038B, 0x0, 0x0, indexed=True),
     CpuidEntry(0xD, 0, 0x3, 0x240, 0x240, 0x0, indexed=True),
     CpuidEntry(0xD, 1, 0x1, 0x0, 0x0, 0x0, indexed=True),
-    CpuidEntry(0x80000001, 0, 0x000306C4, 0x0, 0x21, 0x28100800),
+    CpuidEntry(0x80000001, 0, 0x000306D2, 0x0, 0x21, 0x28100800),
 )
 FEATURE_LEAVES = frozenset((e.function, e.index) for e in INTERP_FEATURES)
 

@@ -2,7 +2,7 @@
 
 The base is the engine's own answer (its Broadwell model, engine.CPU_MODEL, already
 filtered by QEMU to what TCG implements), trimmed of what does not work here
-(AVX and everything VEX-vector, x2APIC and TSC-deadline: the irqchip does not model them,
+(AVX and everything VEX-vector, x2APIC: the irqchip does not model it,
 MONITOR/MWAIT, XSAVEC/XSAVES, PCID/INVPCID, performance counters) and extended
 with leaves 0x15/0x16 so that Linux takes the TSC frequency from CPUID instead
 of calibrating it against the PIT (which is unreliable under a software CPU).
@@ -27,9 +27,11 @@ def _bit(*bits: int) -> int:
     return mask
 
 
-# leaf 1 ECX: DTES64, MONITOR, DS-CPL, VMX, SMX, EST, TM2, FMA, xTPR, PDCM, PCID, x2APIC, TSC-deadline, OSXSAVE
-# (dynamic, from CR4), AVX, F16C
-LEAF1_ECX_REMOVE = _bit(2, 3, 4, 5, 6, 7, 8, 12, 14, 15, 17, 21, 24, 27, 28, 29)
+# leaf 1 ECX: DTES64, MONITOR, DS-CPL, VMX, SMX, EST, TM2, FMA, xTPR, PDCM, PCID, x2APIC, OSXSAVE (dynamic,
+# from CR4), AVX, F16C
+LEAF1_ECX_REMOVE = _bit(2, 3, 4, 5, 6, 7, 8, 12, 14, 15, 17, 21, 27, 28, 29)
+# leaf 1 ECX: TSC-deadline, served by the vCPU (IA32_TSC_DEADLINE) and the userspace LAPIC
+LEAF1_ECX_ADD = _bit(24)
 # leaf 7 EBX: AVX2, INVPCID, RTM, MPX, AVX-512 (16, 17, 21, 26-28, 30, 31), HLE, PT
 LEAF7_EBX_REMOVE = _bit(4, 5, 10, 11, 14, 16, 17, 21, 25, 26, 27, 28, 30, 31)
 OSXSAVE = 1 << 27
@@ -118,7 +120,7 @@ def _trim(leaf: int, index: int, regs: tuple[int, int, int, int]) -> tuple[int, 
     if leaf == 0:
         eax = _MAX_BASIC
     elif leaf == 1:
-        ecx &= ~LEAF1_ECX_REMOVE
+        ecx = (ecx & ~LEAF1_ECX_REMOVE) | LEAF1_ECX_ADD
         ecx |= 1 << 31  # hypervisor
         edx |= 1 << 9  # APIC (xAPIC, memory-mapped)
         ebx &= 0x00FFFFFF  # initial APIC ID: set per vCPU

@@ -51,6 +51,7 @@ from pyvmm.accel.core import (
 )
 from pyvmm.accel.interp import engine, redirect, system
 from pyvmm.accel.x86 import CpuidTable
+from pyvmm.accel.interp.cpuid import tsc_hz
 from pyvmm.accel.interp.engine import NEVER, Engine, host_tsc
 from pyvmm.accel.x86 import (
     ARCH,
@@ -70,6 +71,7 @@ from pyvmm.arch.x86.insn import ends_with_shadow_instruction
 from pyvmm.arch.x86.msrs import MSR_IA32_APIC_BASE as MSR_APIC_BASE
 from pyvmm.arch.x86.msrs import MSR_IA32_TSC as MSR_TSC
 from pyvmm.arch.x86.msrs import MSR_IA32_TSC_ADJUST as MSR_TSC_ADJUST
+from pyvmm.arch.x86.msrs import MSR_IA32_TSC_DEADLINE as MSR_TSC_DEADLINE
 from pyvmm.errors import AccelError
 
 STATE_VERSION = 1
@@ -780,6 +782,8 @@ class InterpVcpu(system.EngineHooks):
             return redirect.HANDLED, (host_tsc() + self.engine.live_tsc_offset) & U64_MASK
         if msr == MSR_TSC_ADJUST:
             return redirect.HANDLED, self._msr_shadow.get(MSR_TSC_ADJUST, 0)
+        if msr == MSR_TSC_DEADLINE:
+            return redirect.HANDLED, self._chip.get_tsc_deadline(self.index)
         return redirect.NATIVE, 0
 
     def guest_wrmsr(self, msr: int, value: int) -> int:
@@ -792,6 +796,11 @@ class InterpVcpu(system.EngineHooks):
             now = (host_tsc() + self.engine.live_tsc_offset) & U64_MASK
             self.engine.live_tsc_offset = (value - host_tsc()) & U64_MASK
             self._msr_shadow[MSR_TSC_ADJUST] = (self._msr_shadow.get(MSR_TSC_ADJUST, 0) + value - now) & U64_MASK
+            return redirect.HANDLED
+        if msr == MSR_TSC_DEADLINE:  # the clock time this vCPU's TSC reaches the value
+            now = self._chip.clock()
+            ahead = value - ((host_tsc() + self.engine.live_tsc_offset) & U64_MASK)
+            self._chip.set_tsc_deadline(self.index, value, now + max(ahead, 0) / tsc_hz() if value else None)
             return redirect.HANDLED
         if msr == MSR_TSC_ADJUST:  # and the TSC by as much as IA32_TSC_ADJUST
             adjust = self._msr_shadow.get(MSR_TSC_ADJUST, 0)

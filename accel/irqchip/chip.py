@@ -470,6 +470,19 @@ class Irqchip:
             events, self._init_sipi[vcpu_index] = self._init_sipi[vcpu_index], []
         return events
 
+    # --- IA32_TSC_DEADLINE -----------------------------------------------------------
+    def get_tsc_deadline(self, vcpu_index: int) -> int:
+        lapic = self._check_vcpu(vcpu_index)
+        return lapic.tsc_deadline if lapic.tsc_deadline_mode else 0
+
+    def set_tsc_deadline(self, vcpu_index: int, value: int, due: float | None) -> None:
+        """WRMSR IA32_TSC_DEADLINE: ``due`` is the clock time the backend's TSC reaches ``value``."""
+        lapic = self._check_vcpu(vcpu_index)
+        with self._lock:
+            lapic.set_tsc_deadline(value, due)
+            self._recheck_deadlines()
+        self._flush_wakes()
+
     # --- CR8 (the task priority) ------------------------------------------------------
     def get_tpr(self, vcpu_index: int) -> int:
         """The local APIC's TPR, which MOV from CR8 reads as TPR[7:4]."""

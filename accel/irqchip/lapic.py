@@ -6,10 +6,12 @@ so finding the highest pending vector is one ``bit_length()``.
 
 Not offered, and why:
 
-* x2APIC and the TSC-deadline timer mode: not modelled yet (the interpreter now reaches
-  RDMSR/WRMSR, accel/interp/redirect.py, but the x2APIC register MSRs and IA32_TSC_DEADLINE are
-  not served), so the APIC is reachable only as MMIO at its APIC base; the timer mode field
-  takes one-shot (00) and periodic (01) only (bit 18 is not writable).
+* x2APIC: not modelled yet (the x2APIC register MSRs are not served), so the APIC is reachable
+  only as MMIO at its APIC base.
+
+TSC-deadline mode (LVT timer mode 10b): the deadline is armed through ``set_tsc_deadline`` by a
+backend that serves IA32_TSC_DEADLINE (the interpreter, which then offers CPUID.1:ECX[24]); the
+backend converts the TSC value into a clock time, as only it knows its TSC.
 * EOI-broadcast suppression (the version register's bit 24 is clear), CMCI (max LVT 5).
 
 Timer: counts at ``LAPIC_TIMER_HZ`` (25 MHz) divided by the divide configuration,
@@ -50,8 +52,10 @@ LVT_TIMER, LVT_THERMAL, LVT_PERF, LVT_LINT0, LVT_LINT1, LVT_ERROR = range(6)
 LVT_OFFSETS = (REG_LVT_TIMER, REG_LVT_THERMAL, REG_LVT_PERF, REG_LVT_LINT0, REG_LVT_LINT1, REG_LVT_ERROR)
 LVT_MASKED = 1 << 16
 LVT_TIMER_PERIODIC = 1 << 17
+LVT_TIMER_MODE = 3 << 17
+LVT_TIMER_TSC_DEADLINE = 2 << 17
 # writable bits per LVT entry: vector, delivery mode, polarity, trigger, mask (+ timer mode)
-LVT_WRITABLE = (0x300FF, 0x107FF, 0x107FF, 0x1A7FF, 0x1A7FF, 0x100FF)
+LVT_WRITABLE = (0x700FF, 0x107FF, 0x107FF, 0x1A7FF, 0x1A7FF, 0x100FF)
 
 SVR_ENABLE = 1 << 8
 ESR_SEND_ILLEGAL_VECTOR = 1 << 5
@@ -100,6 +104,7 @@ class LocalApic:
         self.timer_base_ticks = 0  # ticks already counted at timer_start (a divide change rebases)
         self.timer_due: float | None = None
         self.timer_backlog = 0  # periodic expiries owed to the guest (see timer_expire)
+        self.tsc_deadline = 0  # IA32_TSC_DEADLINE as the guest wrote it (0: disarmed)
         self.nmi_pending = False
         self.extint_pending = False
 
@@ -212,8 +217,21 @@ class LocalApic:
         """Timer ticks counted since the initial count was written (started timers only)."""
         return self.timer_base_ticks + int((now - self.timer_start) * LAPIC_TIMER_HZ / self.timer_divisor())
 
+    @property
+    def tsc_deadline_mode(self) -> bool:
+        return self.lvt[LVT_TIMER] & LVT_TIMER_MODE == LVT_TIMER_TSC_DEADLINE
+
+    def set_tsc_deadline(self, value: int, due: float | None) -> None:
+        """IA32_TSC_DEADLINE = ``value`` (0 disarms), expiring at clock time ``due``; ignored
+        outside TSC-deadline mode (SDM vol. 3 11.5.4.1)."""
+        if not self.tsc_deadline_mode:
+            return
+        self.tsc_deadline = value
+        self.timer_due = due if value else None
+        self.bus.timer_changed()
+
     def timer_current(self, now: float) -> int:
-        if self.timer_start is None:
+        if self.timer_start is None or self.tsc_deadline_mode:
             return 0
         elapsed = self.timer_elapsed(now)
         if self.lvt[LVT_TIMER] & LVT_TIMER_PERIODIC:
@@ -226,6 +244,8 @@ class LocalApic:
 
     def _timer_rearm(self, now: float) -> None:
         """Set ``timer_due`` to the next expiry after ``now``."""
+        if self.tsc_deadline_mode:
+            return  # armed by set_tsc_deadline only
         if self.timer_start is None:
             self.timer_due = None
             return
@@ -261,7 +281,10 @@ class LocalApic:
             return False
         lvt = self.lvt[LVT_TIMER]
         missed = 0
-        if lvt & LVT_TIMER_PERIODIC:
+        if self.tsc_deadline_mode:
+            self.timer_due = None
+            self.tsc_deadline = 0  # the MSR reads 0 once the deadline has passed
+        elif lvt & LVT_TIMER_PERIODIC:
             period = self.timer_initial * self.timer_divisor() / LAPIC_TIMER_HZ
             missed = int((now - self.timer_due) / period)
             self._timer_rearm(now)
@@ -340,14 +363,21 @@ class LocalApic:
         elif REG_LVT_TIMER <= offset <= REG_LVT_ERROR:
             index = (offset - REG_LVT_TIMER) >> 4
             entry = value & LVT_WRITABLE[index]
+            if index == LVT_TIMER and entry & LVT_TIMER_MODE == LVT_TIMER_MODE:
+                entry &= ~LVT_TIMER_MODE  # the reserved mode 11b: taken as one-shot
             if not self.sw_enabled:
                 entry |= LVT_MASKED
+            if index == LVT_TIMER and (entry ^ self.lvt[index]) & LVT_TIMER_MODE:
+                # a mode change disarms the timer (SDM vol. 3 11.5.4.1)
+                self.timer_start, self.timer_due, self.tsc_deadline = None, None, 0
             self.lvt[index] = entry
             if index == LVT_TIMER:
                 self.timer_backlog = 0
                 self._timer_rearm(now)
                 self.bus.timer_changed()
         elif offset == REG_TIMER_INITIAL:
+            if self.tsc_deadline_mode:
+                return  # ignored in TSC-deadline mode
             self.timer_initial = value & 0xFFFF_FFFF
             self.timer_start = now if self.timer_initial else None
             self.timer_base_ticks = 0

@@ -696,6 +696,74 @@ def test_smap_is_offered_and_enforced_with_stac_and_clac(guest):
     assert [v for _, v in outs(exits, 0xF4)] == [0x5A5A]
 
 
+def test_tsc_deadline_is_offered_and_the_msr_reaches_the_lapic():
+    """CPUID.1:ECX[24] (TSC-deadline) is offered because IA32_TSC_DEADLINE reaches the vCPU
+    (accel/interp/redirect.py): the guest's WRMSR arms the LAPIC at the clock time its TSC gets
+    there, and its RDMSR reads the deadline back."""
+    from pyvmm.accel.irqchip.chip import Irqchip
+
+    chip = Irqchip(1)
+    guest = Guest(chip=chip)
+    try:
+        cpuid = {e.function: e for e in guest.vm.supported_cpuid() if e.index == 0}
+        assert cpuid[1].ecx >> 24 & 1
+        guest.setup_long_mode()
+        chip.mmio_write(0, 0xFEE00000 + 0x320, 4, 0x40 | 2 << 17)  # LVT timer: TSC-deadline, vector 0x40
+        sym = guest.load(
+            """
+            start:
+            rdtsc
+            shl $32, %rdx
+            or %rdx, %rax
+            add $0x40000000, %rax       # about a second ahead
+            mov %rax, %rdx
+            shr $32, %rdx
+            mov $0x6e0, %ecx
+            wrmsr
+            rdmsr
+            out %eax, $0xF4
+            out %al, $0xF8              # the test looks at the LAPIC here
+            rdtsc
+            shl $32, %rdx
+            or %rdx, %rax
+            add $0x100000, %rax         # about a millisecond ahead
+            mov %rax, %rdx
+            shr $32, %rdx
+            mov $0x6e0, %ecx
+            wrmsr
+            1: sti
+            hlt
+            jmp 1b
+            h40:
+            mov $0xFEE000B0, %eax
+            movl $0, (%rax)             # EOI
+            mov $0x6e0, %ecx
+            rdmsr
+            out %eax, $0xFC             # the deadline reads 0 once it has passed
+            out %al, $0xf0
+            """
+        )
+        guest.gate64(0x40, sym["h40"])
+        regs = guest.vcpu.get_regs()
+        regs.rip = sym["start"]
+        guest.vcpu.set_regs(regs)
+        seen = []
+        for _ in range(20):
+            exit_value = guest.vcpu.run()
+            seen.append(exit_value)
+            if isinstance(exit_value, IoOut) and exit_value.port == 0xF8:
+                written = chip.get_tsc_deadline(0)
+                assert written and [v for _, v in outs(seen, 0xF4)] == [written & 0xFFFFFFFF]
+                ahead = chip.next_deadline(0) - chip.clock()
+                assert 0 < ahead < 5  # ~2^30 cycles at the TSC's rate
+            if isinstance(exit_value, IoOut) and exit_value.port == PORT_DONE:
+                break
+        assert [v for _, v in outs(seen, 0xFC)] == [0]
+        assert outs(seen)[-1][0] == PORT_DONE
+    finally:
+        guest.close()
+
+
 def test_a_cr4_bit_the_cpuid_does_not_offer_is_gp_and_an_offered_one_is_set(guest):
     """unicorn drops unsupported CR4 bits silently; the CPU raises #GP (SDM vol. 3 2.5), which is
     how guests (kvm-unit-tests' lam, pcid) probe features."""
@@ -1285,7 +1353,7 @@ def test_cpuid_from_table(guest):
     leaf1 = leaves[(1, 0)]
     assert not leaf1.ecx & (1 << 28)  # AVX
     assert not leaf1.ecx & (1 << 21)  # x2APIC
-    assert not leaf1.ecx & (1 << 24)  # TSC deadline
+    assert leaf1.ecx & (1 << 24)  # TSC deadline: IA32_TSC_DEADLINE reaches the vCPU and its LAPIC
     assert leaf1.edx & (1 << 9)  # APIC
     assert not leaves[(7, 0)].ebx & (1 << 5)  # AVX2
     assert leaves[(0xD, 0)].eax == 3

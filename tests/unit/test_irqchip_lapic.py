@@ -112,6 +112,36 @@ def test_oneshot_timer(chip, clock, woken):
     assert not chip.has_interrupt(0)
 
 
+def test_tsc_deadline_mode_fires_once_at_the_deadline_and_reads_back_zero(chip, clock, woken):
+    """LVT timer mode 10b (SDM vol. 3 11.5.4.1): the backend arms IA32_TSC_DEADLINE with the clock
+    time its TSC gets there; the initial count is ignored and the current count reads 0; the
+    expiry interrupts once and clears the deadline; writing 0 disarms; a mode change disarms."""
+    w(chip, 0, LVT_TIMER, 0xEC | 2 << 17)
+    assert r(chip, 0, LVT_TIMER) == 0xEC | 2 << 17
+    w(chip, 0, TIMER_INITIAL, 1000)
+    assert r(chip, 0, TIMER_INITIAL) == 0 and r(chip, 0, TIMER_CURRENT) == 0 and chip.next_deadline(0) is None
+    chip.set_tsc_deadline(0, 123_456, clock.now + 0.5)
+    assert chip.get_tsc_deadline(0) == 123_456 and chip.next_deadline(0) == clock.now + 0.5
+    clock.now += 0.25
+    chip.poll()
+    assert not chip.has_interrupt(0)
+    clock.now += 0.5
+    woken.clear()
+    chip.poll()
+    assert woken == [0] and chip.ack_interrupt(0) == 0xEC
+    assert chip.get_tsc_deadline(0) == 0 and chip.next_deadline(0) is None
+    chip.set_tsc_deadline(0, 5, clock.now + 1)
+    chip.set_tsc_deadline(0, 0, None)  # disarmed
+    clock.now += 2
+    chip.poll()
+    assert not chip.has_interrupt(0)
+    chip.set_tsc_deadline(0, 7, clock.now + 1)
+    w(chip, 0, LVT_TIMER, 0xEC)  # back to one-shot: disarmed, and the MSR reads 0 outside the mode
+    assert chip.get_tsc_deadline(0) == 0 and chip.next_deadline(0) is None
+    chip.set_tsc_deadline(0, 9, clock.now + 1)  # ignored outside TSC-deadline mode
+    assert chip.next_deadline(0) is None
+
+
 def test_periodic_timer_and_late_poll(chip, clock):
     w(chip, 1, TIMER_DIVIDE, 0xB)  # divide by 1
     w(chip, 1, LVT_TIMER, PERIODIC | 0xEC)
