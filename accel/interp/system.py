@@ -305,6 +305,9 @@ class EngineHooks:
     _pending: tuple | None
     _cpuid = None
 
+    def _apic_enabled(self) -> bool:
+        return True
+
     def _on_syscall(self, uc, _):
         self._pending = ("syscall",)
         uc.emu_stop()
@@ -318,6 +321,8 @@ class EngineHooks:
             return 0  # the engine's own answer
         leaf, index, cr4 = uc.reg_read(x86.UC_X86_REG_EAX), uc.reg_read(x86.UC_X86_REG_ECX), uc.reg_read(x86.UC_X86_REG_CR4)
         eax, ebx, ecx, edx = self._cpuid.lookup(leaf, index, cr4)
+        if leaf == 1 and not self._apic_enabled():
+            edx &= ~(1 << 9)  # CPUID.1:EDX.APIC follows IA32_APIC_BASE's global enable (SDM vol. 3 11.4.3)
         uc.reg_write_batch(
             ((x86.UC_X86_REG_RAX, eax), (x86.UC_X86_REG_RBX, ebx), (x86.UC_X86_REG_RCX, ecx), (x86.UC_X86_REG_RDX, edx))
         )

@@ -76,6 +76,7 @@ from pyvmm.errors import AccelError
 
 STATE_VERSION = 1
 U64_MASK = (1 << 64) - 1
+APIC_BASE_ENABLE = 1 << 11
 # An interrupt pending while IF=0 (or in an interrupt shadow): unicorn has no hook on sti/popf/iret,
 # so the engine is stopped again after a delay that starts short (spin-lock sections are brief)
 # and doubles up to a cap (long cli sections then cost little).
@@ -808,6 +809,9 @@ class InterpVcpu(system.EngineHooks):
             self._msr_shadow[MSR_TSC_ADJUST] = value
             return redirect.HANDLED
         return redirect.NATIVE
+
+    def _apic_enabled(self) -> bool:
+        return bool(self._chip.get_apic_base(self.index) & APIC_BASE_ENABLE)
 
     def guest_write_cr4(self, value: int) -> int:
         """#GP for a CR4 bit the CPUID does not offer (unicorn would drop it silently)."""

@@ -764,6 +764,37 @@ def test_tsc_deadline_is_offered_and_the_msr_reaches_the_lapic():
         guest.close()
 
 
+def test_cpuid_apic_bit_follows_the_apic_global_enable(guest):
+    """CPUID.1:EDX.APIC (bit 9) reads clear while IA32_APIC_BASE's enable bit is clear (SDM vol. 3
+    11.4.3): kvm-unit-tests' apic test checks it after disabling the APIC."""
+    guest.setup_long_mode()
+    sym = guest.load(
+        """
+        start:
+        mov $1, %eax
+        cpuid
+        mov %edx, %eax
+        out %eax, $0xF4
+        mov $0x1b, %ecx
+        rdmsr
+        btr $11, %eax               # global disable
+        wrmsr
+        mov $1, %eax
+        cpuid
+        mov %edx, %eax
+        out %eax, $0xF4
+        out %al, $0xf0
+        """
+    )
+    regs = guest.vcpu.get_regs()
+    regs.rip = sym["start"]
+    guest.vcpu.set_regs(regs)
+    exits = guest.run_until_done()
+    enabled, disabled = [v for _, v in outs(exits, 0xF4)]
+    assert enabled & (1 << 9) and not disabled & (1 << 9)
+    assert guest.chip.apic_bases[0] == 0xFEE00100
+
+
 def test_a_cr4_bit_the_cpuid_does_not_offer_is_gp_and_an_offered_one_is_set(guest):
     """unicorn drops unsupported CR4 bits silently; the CPU raises #GP (SDM vol. 3 2.5), which is
     how guests (kvm-unit-tests' lam, pcid) probe features."""
