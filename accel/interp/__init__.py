@@ -27,9 +27,11 @@ Debian's 6.1 cloud kernel boots to its initramfs /init and reboots in ~3-5 s
 Limits (unicorn 2.1.4 has no hooks for them):
     * RDMSR/WRMSR and MOV CR8 reach the vCPU through unicorn's redirected helpers
       (``redirect``): IA32_APIC_BASE is the irqchip's, IA32_TSC and IA32_TSC_ADJUST move
-      together, CR8 is the LAPIC's TPR; other MSRs stay unicorn's (unknown ones read 0, writes
-      are dropped, no #GP). Where the redirection cannot be installed (another unicorn build,
-      Windows), unicorn's behaviour is kept: APIC_BASE and CR8 read 0.
+      together, IA32_TSC_DEADLINE arms the LAPIC, CR8 is the LAPIC's TPR; the MSRs unicorn
+      implements stay its own; any other is #GP as on a CPU without it (unless another backend's
+      state brought it along), as is a non-canonical base address. Where the redirection cannot
+      be installed (another unicorn build, Windows), unicorn's behaviour is kept: APIC_BASE and
+      CR8 read 0, unknown MSRs read 0 and drop writes.
     * NMIs are delivered without NMI blocking until IRET (IRET is not hookable).
     * An interrupt pending while IF=0 is retried after 20 us .. 1 ms (there is
       no hook on STI/POPF/IRET).

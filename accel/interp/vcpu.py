@@ -77,6 +77,15 @@ from pyvmm.errors import AccelError
 STATE_VERSION = 1
 U64_MASK = (1 << 64) - 1
 APIC_BASE_ENABLE = 1 << 11
+#: MSRs holding linear addresses: a non-canonical WRMSR is #GP (FS/GS/KERNEL_GS_BASE, LSTAR, CSTAR,
+#: SYSENTER_ESP/EIP)
+CANONICAL_ADDRESS_MSRS = frozenset({0xC0000100, 0xC0000101, 0xC0000102, 0xC0000082, 0xC0000083, 0x175, 0x176})
+
+
+def _canonical(address: int) -> bool:
+    """48-bit linear addresses: bits 63:47 all equal (the interpreter offers no LA57)."""
+    top = address >> 47
+    return top == 0 or top == (1 << 17) - 1
 # An interrupt pending while IF=0 (or in an interrupt shadow): unicorn has no hook on sti/popf/iret,
 # so the engine is stopped again after a delay that starts short (spin-lock sections are brief)
 # and doubles up to a cap (long cli sections then cost little).
@@ -84,7 +93,8 @@ IRQ_WINDOW_FIRST = 0.00002
 IRQ_WINDOW_MAX = 0.001
 KICK_REPEAT = 0.0002  # a stop request is repeated this often until the loop acknowledges (s)
 
-#: MSRs unicorn implements natively (reg_read/reg_write of UC_X86_REG_MSR)
+#: MSRs unicorn implements natively (its helper_rdmsr's cases, QEMU 5.0 target/i386/misc_helper.c;
+#: reg_read/reg_write of UC_X86_REG_MSR)
 NATIVE_MSRS = frozenset(
     {
         0x174, 0x175, 0x176,  # SYSENTER_CS/ESP/EIP
@@ -94,6 +104,8 @@ NATIVE_MSRS = frozenset(
         0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,  # EFER STAR LSTAR CSTAR FMASK
         0xC0000100, 0xC0000101, 0xC0000102, 0xC0000103,  # FS/GS/KERNEL_GS_BASE, TSC_AUX
         0xFE, 0x2FF, *range(0x200, 0x210), 0x250, 0x258, 0x259, *range(0x268, 0x270),  # MTRRs
+        0x179, 0x17A, 0x17B, *range(0x400, 0x400 + 4 * 10),  # MCG_CAP/STATUS/CTL, 10 banks of MCi_*
+        0x34, 0x198, 0xD90, 0xC0010117,  # SMI_COUNT, PERF_STATUS, BNDCFGS, VM_HSAVE_PA
     }
 )  # fmt: skip
 
@@ -785,9 +797,11 @@ class InterpVcpu(system.EngineHooks):
             return redirect.HANDLED, self._msr_shadow.get(MSR_TSC_ADJUST, 0)
         if msr == MSR_TSC_DEADLINE:
             return redirect.HANDLED, self._chip.get_tsc_deadline(self.index)
-        return redirect.NATIVE, 0
+        return self._other_msr(msr, None)
 
     def guest_wrmsr(self, msr: int, value: int) -> int:
+        if msr in CANONICAL_ADDRESS_MSRS and not _canonical(value):
+            return redirect.GENERAL_PROTECTION  # unicorn stored any value; the CPU raises #GP (SDM WRMSR)
         if msr == MSR_APIC_BASE:
             if value & self._apic_base_reserved:  # reserved bits, x2APIC (not offered), beyond MAXPHYADDR
                 return redirect.GENERAL_PROTECTION
@@ -808,7 +822,19 @@ class InterpVcpu(system.EngineHooks):
             self.engine.live_tsc_offset = self.engine.live_tsc_offset + value - adjust
             self._msr_shadow[MSR_TSC_ADJUST] = value
             return redirect.HANDLED
-        return redirect.NATIVE
+        return self._other_msr(msr, value)[0]
+
+    def _other_msr(self, msr: int, value: int | None) -> tuple[int, int]:
+        """An MSR pyvmm does not model: unicorn's own where it implements it; one another backend's
+        state brought along (``set_msrs``) keeps working from the shadow; any other is #GP, as the
+        CPU raises for an MSR it does not have (unicorn read 0 and dropped writes)."""
+        if msr in NATIVE_MSRS:
+            return redirect.NATIVE, 0
+        if msr in self._msr_shadow:
+            if value is not None:
+                self._msr_shadow[msr] = value
+            return redirect.HANDLED, self._msr_shadow[msr]
+        return redirect.GENERAL_PROTECTION, 0
 
     def _apic_enabled(self) -> bool:
         return bool(self._chip.get_apic_base(self.index) & APIC_BASE_ENABLE)

@@ -25,8 +25,8 @@ def probe() -> tuple[bool, str, list[str]]:
     notes = [
         "software x86-64 CPU on unicorn 2.1.4 (QEMU 5.0 TCG); Intel CPUID without AVX/AVX2/FMA, x2APIC, "
         "TSC-deadline, MONITOR, XSAVEC/XSAVES, PCID/INVPCID, PMU; TSC = host TSC, frequency in CPUID 0x15",
-        "RDMSR/WRMSR and CR8 through unicorn's redirected helpers: IA32_APIC_BASE, IA32_TSC, IA32_TSC_ADJUST "
-        "and CR8 (the TPR) are the VMM's; other unknown MSRs read 0 and ignore writes (no #GP)",
+        "RDMSR/WRMSR and CR8 through unicorn's redirected helpers: IA32_APIC_BASE, IA32_TSC, IA32_TSC_ADJUST, "
+        "IA32_TSC_DEADLINE and CR8 (the TPR) are the VMM's; an MSR neither unicorn nor pyvmm has is #GP",
         "several vCPUs run one at a time (2 ms slices): LOCK-prefixed instructions are not atomic across engines",
         "MMIO accesses wider than 4 bytes reach the VMM as 4-byte pieces; writes to read-only slots are errors",
     ]

@@ -764,6 +764,53 @@ def test_tsc_deadline_is_offered_and_the_msr_reaches_the_lapic():
         guest.close()
 
 
+def test_an_msr_the_cpu_lacks_or_a_non_canonical_base_is_gp_and_one_brought_along_is_kept(guest):
+    """unicorn read unknown MSRs as 0 and stored any FS_BASE: the CPU raises #GP for both (kvm-unit-
+    tests' msr test: from 975 unexpected failures to 20). An MSR another backend's state brought
+    along (set_msrs, e.g. KVM's kvmclock) still reads and writes, so a migrated guest goes on."""
+    guest.vcpu.set_msrs({0x4B564D01: 0x1234})  # MSR_KVM_SYSTEM_TIME_NEW, as a KVM snapshot has it
+    guest.setup_long_mode()
+    sym = guest.load(
+        HANDLERS64
+        + """
+        start:
+        lea 1f(%rip), %r15
+        mov $0x48, %ecx             # IA32_SPEC_CTRL: not in this CPUID
+        rdmsr
+        1: lea 1f(%rip), %r15
+        mov $0xc0000100, %ecx       # FS_BASE = a non-canonical address
+        mov $0xaaaaaaaa, %eax
+        mov %eax, %edx
+        wrmsr
+        1: mov $0xc0000100, %ecx
+        rdmsr
+        out %eax, $0xF4             # unchanged
+        mov $0x4b564d01, %ecx
+        rdmsr
+        out %eax, $0xF8
+        mov $0x5678, %eax
+        xor %edx, %edx
+        wrmsr
+        rdmsr
+        out %eax, $0xF8
+        mov $0x179, %ecx            # MCG_CAP: unicorn's own
+        rdmsr
+        out %eax, $0xFC
+        out %al, $0xf0
+        """
+    )
+    guest.gate64(13, sym["h13"])
+    regs = guest.vcpu.get_regs()
+    regs.rip = sym["start"]
+    guest.vcpu.set_regs(regs)
+    exits = guest.run_until_done()
+    assert [v for _, v in outs(exits, 0xE0)] == [13, 13]
+    assert [v for _, v in outs(exits, 0xF4)] == [0]
+    assert [v for _, v in outs(exits, 0xF8)] == [0x1234, 0x5678]
+    assert [v for _, v in outs(exits, 0xFC)] != [0]  # banks and flags, as unicorn has them
+    assert guest.vcpu.get_msrs([0x4B564D01])[0x4B564D01] == 0x5678
+
+
 def test_cpuid_apic_bit_follows_the_apic_global_enable(guest):
     """CPUID.1:EDX.APIC (bit 9) reads clear while IA32_APIC_BASE's enable bit is clear (SDM vol. 3
     11.4.3): kvm-unit-tests' apic test checks it after disabling the APIC."""
