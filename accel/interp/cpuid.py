@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from fractions import Fraction
 
-from pyvmm.accel.interp.engine import host_tsc, scratch
+from pyvmm.accel.interp.engine import helpers_redirected, host_tsc, scratch
 from pyvmm.accel.x86 import CpuidEntry
 
 _MAX_BASIC = 0x16
@@ -30,7 +30,8 @@ def _bit(*bits: int) -> int:
 # leaf 1 ECX: DTES64, MONITOR, DS-CPL, VMX, SMX, EST, TM2, FMA, xTPR, PDCM, PCID, x2APIC, OSXSAVE (dynamic,
 # from CR4), AVX, F16C
 LEAF1_ECX_REMOVE = _bit(2, 3, 4, 5, 6, 7, 8, 12, 14, 15, 17, 21, 27, 28, 29)
-# leaf 1 ECX: TSC-deadline, served by the vCPU (IA32_TSC_DEADLINE) and the userspace LAPIC
+# leaf 1 ECX: TSC-deadline, served by the vCPU (IA32_TSC_DEADLINE) and the userspace LAPIC, where the
+# helpers are redirected (without them a guest's deadline writes would be lost and its timer never fire)
 LEAF1_ECX_ADD = _bit(24)
 # leaf 7 EBX: AVX2, INVPCID, RTM, MPX, AVX-512 (16, 17, 21, 26-28, 30, 31), HLE, PT
 LEAF7_EBX_REMOVE = _bit(4, 5, 10, 11, 14, 16, 17, 21, 25, 26, 27, 28, 30, 31)
@@ -120,7 +121,9 @@ def _trim(leaf: int, index: int, regs: tuple[int, int, int, int]) -> tuple[int, 
     if leaf == 0:
         eax = _MAX_BASIC
     elif leaf == 1:
-        ecx = (ecx & ~LEAF1_ECX_REMOVE) | LEAF1_ECX_ADD
+        ecx &= ~LEAF1_ECX_REMOVE
+        if helpers_redirected():  # IA32_TSC_DEADLINE reaches the vCPU only through the redirected helpers
+            ecx |= LEAF1_ECX_ADD
         ecx |= 1 << 31  # hypervisor
         edx |= 1 << 9  # APIC (xAPIC, memory-mapped)
         ebx &= 0x00FFFFFF  # initial APIC ID: set per vCPU

@@ -880,11 +880,9 @@ class Engine:
     def redirect_helpers(self, handler) -> bool:
         """Route this engine's RDMSR/WRMSR and MOV CR8 to ``handler`` (accel/interp/redirect.py);
         False, with unicorn's own behaviour kept, where the redirection is not available."""
-        from unicorn.unicorn_py3 import unicorn as binding
-
         from pyvmm.accel.interp import redirect
 
-        if not redirect.install(binding.uclib):
+        if not helpers_redirected():
             return False
         self._env = ctypes.c_uint64.from_address(_cpu_state(self.uc, self.layout) + self.layout.cpu_env_pointer).value
         redirect.register(self._env, handler)
@@ -1151,6 +1149,16 @@ def scratch() -> _Scratch:
         if _scratch is None:
             _scratch = _Scratch()
         return _scratch
+
+
+def helpers_redirected() -> bool:
+    """Whether this process's unicorn has its MSR/CR helpers redirected (installed on first call):
+    what the vCPUs serve through them (TSC-deadline, ...) is offered only then."""
+    from unicorn.unicorn_py3 import unicorn as binding
+
+    from pyvmm.accel.interp import redirect
+
+    return redirect.install(binding.uclib)
 
 
 def host_tsc() -> int:

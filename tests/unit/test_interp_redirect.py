@@ -43,3 +43,18 @@ def test_a_whole_helper_ending_in_ret_is_copied_and_a_shorter_one_refused():
     buffer, address = _at(b"\x31\xc0\xc3" + b"\x90" * 16)  # xor eax, eax; ret
     with pytest.raises(ValueError, match="helper_x is 3 bytes long, too short"):
         redirect._movable_prologue(address, "helper_x")
+
+
+def test_tsc_deadline_is_offered_only_where_the_helpers_are_redirected(monkeypatch):
+    """Without the redirection (another unicorn build, Windows) IA32_TSC_DEADLINE writes would be
+    lost and a guest using the deadline timer would wait for ever (seen: Linux in the macOS
+    simulation, test_non_linux_simulation.py): CPUID.1:ECX[24] is offered only with it."""
+    pytest.importorskip("unicorn")
+    from pyvmm.accel.interp import cpuid
+
+    def leaf1_ecx():
+        return next(e.ecx for e in cpuid.supported_cpuid(25_000_000) if e.function == 1)
+
+    assert leaf1_ecx() >> 24 & 1
+    monkeypatch.setattr(cpuid, "helpers_redirected", lambda: False)
+    assert not leaf1_ecx() >> 24 & 1
