@@ -245,6 +245,13 @@ class Guest:
         self.mem.write_int(IDT + vector * 8, 8, entry)
 
     # ---- running ------------------------------------------------------------
+    def run_from(self, rip: int, answer=None) -> list:
+        """Set RIP, then ``run_until_done``."""
+        regs = self.vcpu.get_regs()
+        regs.rip = rip
+        self.vcpu.set_regs(regs)
+        return self.run_until_done(answer)
+
     def run_until_done(self, answer=None, limit: int = 200) -> list:
         """Run, completing reads with ``answer(exit)``, until an OUT to PORT_DONE; return the exits seen."""
         seen = []
@@ -575,10 +582,7 @@ def test_exceptions_64bit(guest):
     )
     for vector in (3, 6, 13, 14, 0x80):
         guest.gate64(vector, sym[f"h{vector}"], dpl=3 if vector in (3, 0x80) else 0)
-    regs = guest.vcpu.get_regs()
-    regs.rip = sym["start"]
-    guest.vcpu.set_regs(regs)
-    exits = guest.run_until_done()
+    exits = guest.run_from(sym["start"])
     assert [v for _, v in outs(exits, 0xE0)] == [6, 13, 14, 3, 0x80]
     assert [v for _, v in outs(exits, 0xE4)] == [0x1230, 0x2]
     cr2_after = [v for _, v in outs(exits, 0xE8)]
@@ -642,10 +646,7 @@ def test_rdmsr_wrmsr_and_cr8_are_the_vcpus_not_unicorns(guest):
         """
     )
     guest.gate64(13, sym["h13"])
-    regs = guest.vcpu.get_regs()
-    regs.rip = sym["start"]
-    guest.vcpu.set_regs(regs)
-    exits = guest.run_until_done()
+    exits = guest.run_from(sym["start"])
     assert [v for _, v in outs(exits, 0xF4)] == [0xFEE00900]
     low0, high0, adjust_low, adjust_high, low1, high1 = [v for _, v in outs(exits, 0xF8)]
     before, adjust, after = low0 | high0 << 32, adjust_low | adjust_high << 32, low1 | high1 << 32
@@ -687,10 +688,7 @@ def test_smap_is_offered_and_enforced_with_stac_and_clac(guest):
         """
     )
     guest.gate64(14, sym["h14"])
-    regs = guest.vcpu.get_regs()
-    regs.rip = sym["start"]
-    guest.vcpu.set_regs(regs)
-    exits = guest.run_until_done()
+    exits = guest.run_from(sym["start"])
     assert [v for _, v in outs(exits, 0xE0)] == [14]
     assert [v for _, v in outs(exits, 0xE4)] == [0x1]  # present, read, supervisor
     assert [v for _, v in outs(exits, 0xF4)] == [0x5A5A]
@@ -800,10 +798,7 @@ def test_an_msr_the_cpu_lacks_or_a_non_canonical_base_is_gp_and_one_brought_alon
         """
     )
     guest.gate64(13, sym["h13"])
-    regs = guest.vcpu.get_regs()
-    regs.rip = sym["start"]
-    guest.vcpu.set_regs(regs)
-    exits = guest.run_until_done()
+    exits = guest.run_from(sym["start"])
     assert [v for _, v in outs(exits, 0xE0)] == [13, 13]
     assert [v for _, v in outs(exits, 0xF4)] == [0]
     assert [v for _, v in outs(exits, 0xF8)] == [0x1234, 0x5678]
@@ -833,10 +828,7 @@ def test_cpuid_apic_bit_follows_the_apic_global_enable(guest):
         out %al, $0xf0
         """
     )
-    regs = guest.vcpu.get_regs()
-    regs.rip = sym["start"]
-    guest.vcpu.set_regs(regs)
-    exits = guest.run_until_done()
+    exits = guest.run_from(sym["start"])
     enabled, disabled = [v for _, v in outs(exits, 0xF4)]
     assert enabled & (1 << 9) and not disabled & (1 << 9)
     assert guest.chip.apic_bases[0] == 0xFEE00100
@@ -865,10 +857,7 @@ def test_a_cr4_bit_the_cpuid_does_not_offer_is_gp_and_an_offered_one_is_set(gues
         """
     )
     guest.gate64(13, sym["h13"])
-    regs = guest.vcpu.get_regs()
-    regs.rip = sym["start"]
-    guest.vcpu.set_regs(regs)
-    exits = guest.run_until_done()
+    exits = guest.run_from(sym["start"])
     assert [v for _, v in outs(exits, 0xE0)] == [13]
     first, second = [v for _, v in outs(exits, 0xF4)]
     assert not first & (1 << 28) and second == first | 1 << 7
@@ -899,10 +888,7 @@ def test_a_fault_while_delivering_int_n_is_taken_on_the_int_which_then_runs_agai
     guest.gate64(11, sym["h11"])
     guest.gate64(0x40, sym["h64"])
     guest.mem.write_int(IDT + 0x40 * 16, 8, guest.mem.read_int(IDT + 0x40 * 16, 8) & ~(1 << 47))
-    regs = guest.vcpu.get_regs()
-    regs.rip = sym["start"]
-    guest.vcpu.set_regs(regs)
-    exits = guest.run_until_done()
+    exits = guest.run_from(sym["start"])
     assert [v for _, v in outs(exits, 0xF4)] == [0x40 * 8 + 2]
     assert [v for _, v in outs(exits, 0xF8)] == [sym["start"]]
     assert [v for _, v in outs(exits, 0xE0)] == [0x40]
