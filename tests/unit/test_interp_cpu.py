@@ -245,11 +245,14 @@ class Guest:
         self.mem.write_int(IDT + vector * 8, 8, entry)
 
     # ---- running ------------------------------------------------------------
-    def run_from(self, rip: int, answer=None) -> list:
-        """Set RIP, then ``run_until_done``."""
+    def set_rip(self, rip: int) -> None:
         regs = self.vcpu.get_regs()
         regs.rip = rip
         self.vcpu.set_regs(regs)
+
+    def run_from(self, rip: int, answer=None) -> list:
+        """Set RIP, then ``run_until_done``."""
+        self.set_rip(rip)
         return self.run_until_done(answer)
 
     def run_until_done(self, answer=None, limit: int = 200) -> list:
@@ -742,9 +745,7 @@ def test_tsc_deadline_is_offered_and_the_msr_reaches_the_lapic():
             """
         )
         guest.gate64(0x40, sym["h40"])
-        regs = guest.vcpu.get_regs()
-        regs.rip = sym["start"]
-        guest.vcpu.set_regs(regs)
+        guest.set_rip(sym["start"])
         seen = []
         for _ in range(20):
             exit_value = guest.vcpu.run()
@@ -1137,9 +1138,7 @@ def test_chip_interrupt_interrupts_a_spin_loop(guest):
     guest.setup_long_mode()
     sym = guest.load(INTERRUPT_GUEST)
     guest.gate64(0x30, sym["h30"])
-    regs = guest.vcpu.get_regs()
-    regs.rip = sym["start"]
-    guest.vcpu.set_regs(regs)
+    guest.set_rip(sym["start"])
     thread, result = run_async(guest.vcpu)
     time.sleep(0.05)
     assert thread.is_alive()  # spinning, no exit
@@ -1170,9 +1169,7 @@ def test_a_64bit_interrupt_gate_clears_if_and_a_trap_gate_keeps_it(guest, trap):
         """
     )
     guest.gate64(0x30, sym["h30"], trap=trap)
-    regs = guest.vcpu.get_regs()
-    regs.rip = sym["start"]
-    guest.vcpu.set_regs(regs)
+    guest.set_rip(sym["start"])
     thread, result = run_async(guest.vcpu)
     time.sleep(0.02)
     guest.chip.raise_vector(0x30)
@@ -1218,9 +1215,7 @@ def test_an_nmi_waits_for_the_iret_of_the_one_being_handled_and_popf_opens_the_w
     )
     guest.gate64(2, sym["h2"])
     guest.gate64(0x30, sym["h30"])
-    regs = guest.vcpu.get_regs()
-    regs.rip = sym["start"]
-    guest.vcpu.set_regs(regs)
+    guest.set_rip(sym["start"])
     seen = []
     for _ in range(20):
         exit_value = guest.vcpu.run()
@@ -1260,9 +1255,7 @@ def test_interrupt_waits_for_if(guest):
         """
     )
     guest.gate64(0x30, sym["h30"])
-    regs = guest.vcpu.get_regs()
-    regs.rip = sym["start"]
-    guest.vcpu.set_regs(regs)
+    guest.set_rip(sym["start"])
     guest.chip.raise_vector(0x30)
     assert outs([guest.vcpu.run()]) == [(0xE1, 0)]
     thread, result = run_async(guest.vcpu)
@@ -1291,9 +1284,7 @@ def test_interrupt_reaches_an_sti_pause_idle_loop(guest):
         """
     )
     guest.gate64(0x30, sym["h30"])
-    regs = guest.vcpu.get_regs()
-    regs.rip = sym["start"]
-    guest.vcpu.set_regs(regs)
+    guest.set_rip(sym["start"])
     thread, result = run_async(guest.vcpu)
     time.sleep(0.05)
     guest.chip.raise_vector(0x30)
@@ -1335,9 +1326,7 @@ def test_hlt_sleeps_until_interrupt(guest):
         """
     )
     guest.gate64(0x30, sym["h30"])
-    regs = guest.vcpu.get_regs()
-    regs.rip = sym["start"]
-    guest.vcpu.set_regs(regs)
+    guest.set_rip(sym["start"])
     thread, result = run_async(guest.vcpu)
     cpu_before = time.process_time()
     time.sleep(0.3)
@@ -1353,9 +1342,7 @@ def test_hlt_wakes_at_timer_deadline(guest):
     guest.setup_long_mode()
     sym = guest.load(INTERRUPT_GUEST.replace("spin:\n        jmp spin", "hlt\n        out %al, $0xE1"))
     guest.gate64(0x30, sym["h30"])
-    regs = guest.vcpu.get_regs()
-    regs.rip = sym["start"]
-    guest.vcpu.set_regs(regs)
+    guest.set_rip(sym["start"])
     chip = guest.chip
     polls_at = []
 
@@ -1377,9 +1364,7 @@ def test_hlt_wakes_at_timer_deadline(guest):
 def test_request_stop_interrupts_running_and_pending(guest):
     guest.setup_long_mode()
     sym = guest.load(INTERRUPT_GUEST)
-    regs = guest.vcpu.get_regs()
-    regs.rip = sym["start"]
-    guest.vcpu.set_regs(regs)
+    guest.set_rip(sym["start"])
     guest.vcpu.request_stop()
     assert isinstance(guest.vcpu.run(), Interrupted)  # a stop before run() is not lost
     thread, result = run_async(guest.vcpu)
@@ -1451,9 +1436,7 @@ def test_cpuid_from_table(guest):
     from pyvmm.accel.x86 import CpuidEntry
 
     guest.vcpu.set_cpuid([CpuidEntry(0, 0, 1, 0x11111111, 0x22222222, 0x33333333)])
-    regs = guest.vcpu.get_regs()
-    regs.rip = CODE
-    guest.vcpu.set_regs(regs)
+    guest.set_rip(CODE)
     exits = guest.run_until_done()
     assert dict(outs(exits))[0xE0] == 0x11111111
 
