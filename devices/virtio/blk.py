@@ -20,7 +20,7 @@ import struct
 
 from pyvmm.devices.ratelimit import RateLimiterConfig
 from pyvmm.devices.virtio.device import DEVICE_ID_BLOCK, DeviceContext, VirtioDevice
-from pyvmm.devices.virtio.throttle import Throttle, drain_throttled
+from pyvmm.devices.virtio.throttle import Throttle
 from pyvmm.errors import DeviceError
 from pyvmm.host.fileio import ImageFile, LockConflict, skip
 
@@ -197,12 +197,8 @@ class VirtioBlock(VirtioDevice):
         self._write_through = not context.has(VIRTIO_BLK_F_FLUSH)
 
     def process_queue(self, index: int) -> None:
-        throttle = self.throttle
-        if throttle.limiter.limits or throttle.blocked:
-            drain_throttled(self, index, throttle, self._data_bytes, self.handle_request)
-            self.metrics.extra["throttled"] = throttle.throttled
-        else:
-            self.drain(index, self.handle_request)
+        if self.throttle.drain(index, self._data_bytes, self.handle_request):
+            self.metrics.extra["throttled"] = self.throttle.throttled
 
     def set_rate_limiter(self, config: RateLimiterConfig) -> None:
         """A new limit from now on (Firecracker's PATCH /drives rate_limiter); call under the transport's lock."""

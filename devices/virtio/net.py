@@ -31,7 +31,7 @@ import struct
 
 from pyvmm.devices.ratelimit import RateLimiterConfig
 from pyvmm.devices.virtio.device import DEVICE_ID_NET, VirtioDevice
-from pyvmm.devices.virtio.throttle import Throttle, drain_throttled
+from pyvmm.devices.virtio.throttle import Throttle
 from pyvmm.errors import DeviceError
 from pyvmm.host.poll import EDGE, READABLE
 
@@ -126,12 +126,8 @@ class VirtioNet(VirtioDevice):
 
     def process_queue(self, index: int) -> None:
         if index == TX_QUEUE:
-            throttle = self.tx_throttle
-            if throttle.limiter.limits or throttle.blocked:
-                drain_throttled(self, TX_QUEUE, throttle, lambda chain: chain.readable_len, self._transmit)
-                self.metrics.extra["tx_throttled"] = throttle.throttled
-            else:
-                self.drain(TX_QUEUE, self._transmit)
+            if self.tx_throttle.drain(TX_QUEUE, lambda chain: chain.readable_len, self._transmit):
+                self.metrics.extra["tx_throttled"] = self.tx_throttle.throttled
         elif index == RX_QUEUE:
             self.receive()
 

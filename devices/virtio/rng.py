@@ -10,7 +10,7 @@ import os
 
 from pyvmm.devices.ratelimit import RateLimiterConfig
 from pyvmm.devices.virtio.device import DEVICE_ID_RNG, VirtioDevice
-from pyvmm.devices.virtio.throttle import Throttle, drain_throttled
+from pyvmm.devices.virtio.throttle import Throttle
 
 #: entropy handed out per request at most, so one greedy request cannot stall the loop
 MAX_REQUEST_BYTES = 1 << 16
@@ -27,13 +27,8 @@ class VirtioRng(VirtioDevice):
         self.metrics.extra["throttled"] = 0
 
     def process_queue(self, index: int) -> None:
-        throttle = self.throttle
-        if throttle.limiter.limits or throttle.blocked:
-            drain_throttled(self, index, throttle, lambda chain: min(chain.writable_len, MAX_REQUEST_BYTES),
-                            self.handle_request)  # fmt: skip
-            self.metrics.extra["throttled"] = throttle.throttled
-        else:
-            self.drain(index, self.handle_request)
+        if self.throttle.drain(index, lambda chain: min(chain.writable_len, MAX_REQUEST_BYTES), self.handle_request):
+            self.metrics.extra["throttled"] = self.throttle.throttled
 
     def set_rate_limiter(self, config: RateLimiterConfig) -> None:
         """A new limit from now on; call under the transport's lock."""

@@ -64,6 +64,15 @@ class Throttle:
         self.limiter.clock = clock
         self.limiter.configure(self.limiter.config)
 
+    def drain(self, index: int, cost: Callable, handle: Callable) -> bool:
+        """Serve the device's queue ``index``: through ``drain_throttled`` while the limiter limits or a
+        wait is armed (True), else with the device's plain ``drain`` (no cost computed per request)."""
+        if self.limiter.limits or self.blocked:
+            drain_throttled(self.device, index, self, cost, handle)
+            return True
+        self.device.drain(index, handle)
+        return False
+
     def cancel(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
