@@ -1,7 +1,7 @@
 # lib.S: entry point and small routines shared by pyvmm's PVH test guests.
 #
 # pvh_start is the PVH entry (32-bit protected mode, paging off, EBX = start_info).
-# It saves EBX in start_info_ptr, loads the guest's own flat GDT and stack, sets the
+# It saves EBX in start_info_ptr and goes on in flat_start, which loads the guest's own flat GDT and stack, sets the
 # UART to 8N1 like Linux's early_serial_init, calls the guest's `main`, and exits
 # through the debug-exit port with main's return value (AL).
 #
@@ -24,6 +24,10 @@ pvh_start:
     cli
     cld
     movl %ebx, start_info_ptr
+# flat_start: the rest of any 32-bit entry (multiboot.S jumps here too): the flat GDT, segments and
+# stack, the UART, main, and the debug-exit with main's status.
+    .globl flat_start
+flat_start:
     lgdt gdt_desc
     ljmp $CODE_SEL, $1f
 1:  movl $DATA_SEL, %eax

@@ -57,28 +57,17 @@ mb_start:
     cld
     movl %eax, boot_magic
     movl %ebx, mbi_ptr
-    lgdt gdt_desc
-    ljmp $CODE_SEL, $1f
-1:  movl $DATA_SEL, %eax
-    movl %eax, %ds
-    movl %eax, %es
-    movl %eax, %ss
-    movl %eax, %fs
-    movl %eax, %gs
-    movl $mb_stack_top, %esp
-    call serial_init
-    movl boot_magic, %eax
-    cmpl $MB_BOOT_MAGIC, %eax
-    je 2f
-    movb $EXIT_BAD_MAGIC, %dl
-    jmp fail
-2:  call main
-    jmp exit
+    jmp flat_start              # lib.S: GDT, segments, stack, UART, main, debug-exit
 
     .text
     .globl main                 # lib.S's (unused) PVH entry calls it too
 main:
-    movl mbi_ptr, %ebx
+    movl boot_magic, %eax
+    cmpl $MB_BOOT_MAGIC, %eax
+    je 1f
+    movb $EXIT_BAD_MAGIC, %dl
+    jmp fail
+1:  movl mbi_ptr, %ebx
     movl $flags_msg, %esi
     call puts
     movl MBI_FLAGS(%ebx), %eax
@@ -186,8 +175,3 @@ ok_msg:      .asciz "multiboot ok\n"
     .balign 4
 boot_magic: .long 0
 mbi_ptr:    .long 0
-
-    .bss
-    .balign 16
-mb_stack:     .skip 4096
-mb_stack_top:
