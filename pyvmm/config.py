@@ -521,15 +521,13 @@ def _check_kernel_format(path: Path, source: str) -> None:
     """A cheap sniff so a wrong file is named at config time; the loader checks the rest."""
     try:
         with open(path, "rb") as f:
-            head = f.read(0x210)
+            head = f.read(multiboot.SEARCH_LIMIT)  # covers the bzImage header (0x1FE-0x206) too
     except OSError as err:
         raise ConfigError(f"cannot read {_shown(path)}: {err.strerror}", file=source, key="boot.kernel") from err
     if head[:4] == b"\x7fELF":
         return
     if len(head) >= 0x206 and head[0x1FE:0x200] == b"\x55\xaa" and head[0x202:0x206] == b"HdrS":
         return
-    with open(path, "rb") as f:
-        head = f.read(multiboot.SEARCH_LIMIT)
     try:
         if multiboot.find_header(head, str(path)) is not None:
             return

@@ -142,8 +142,11 @@ def _load_elf(mem: GuestMemory, path: str, image: bytes) -> LoadedKernel:
     if not loads:
         raise BootError(f"{path}: ELF has no PT_LOAD segment")
 
-    multiboot_header = multiboot.find_header(image, path)
-    low_ok = layout.MULTIBOOT_LOW_ZONES if multiboot_header is not None and _pvh_entry(path, notes) is None else ()
+    pvh_entry = _pvh_entry(path, notes)
+    # A PVH note wins (a Linux vmlinux may carry both); else a multiboot header says how to enter, and
+    # lets the image use the low memory pyvmm leaves free.
+    is_multiboot = pvh_entry is None and multiboot.find_header(image, path) is not None
+    low_ok = layout.MULTIBOOT_LOW_ZONES if is_multiboot else ()
     # Check everything before writing anything, so a bad file leaves memory untouched.
     for seg in loads:
         paddr, offset, filesz, memsz = seg["p_paddr"], seg["p_offset"], seg["p_filesz"], seg["p_memsz"]
@@ -162,10 +165,8 @@ def _load_elf(mem: GuestMemory, path: str, image: bytes) -> LoadedKernel:
         if memsz > filesz:
             mem.fill(paddr + filesz, memsz - filesz)  # .bss
 
-    pvh_entry = _pvh_entry(path, notes)
-    # A PVH note wins (a Linux vmlinux may carry both); else a multiboot header says how to enter.
     multiboot_entry = None
-    if pvh_entry is None and multiboot_header is not None:
+    if is_multiboot:
         multiboot_entry = _physical_entry(path, entry, loads)
         if multiboot_entry >> 32:
             raise BootError(f"{path}: multiboot entry point {multiboot_entry:#x} is above 4 GiB")
@@ -173,13 +174,13 @@ def _load_elf(mem: GuestMemory, path: str, image: bytes) -> LoadedKernel:
     if pvh_entry is None and linux64_entry is None and multiboot_entry is None:
         raise BootError(f"{path}: i386 ELF without a PVH entry note or a multiboot header: no way to enter it")
     return LoadedKernel(
-        multiboot_entry=multiboot_entry,
         kind="elf",
         pvh_entry=pvh_entry,
         linux64_entry=linux64_entry,
         kernel_end=page_align_up(max(s["p_paddr"] + s["p_memsz"] for s in loads)),
         kernel_start=min(s["p_paddr"] for s in loads),
         path=path,
+        multiboot_entry=multiboot_entry,
     )
 
 
