@@ -232,7 +232,8 @@ class InterpVcpu(system.EngineHooks):
         self._cr4_allowed = cr4_allowed(self._cpuid)
         self._nmi_blocked = False  # an NMI was delivered and its IRET has not run yet
         self._watching = False
-        self.guest_msrs = self.engine.redirect_helpers(self)
+        # RDMSR/WRMSR, CR4/CR8, POPF and IRET reach this vCPU (accel/interp/redirect.py) where possible
+        self._helpers_redirected = self.engine.redirect_helpers(self)
         self._reset_state()
 
     # ------------------------------------------------------------------
@@ -520,7 +521,7 @@ class InterpVcpu(system.EngineHooks):
         return self._nmi_blocked
 
     def _update_watch(self) -> None:
-        if self.guest_msrs:
+        if self._helpers_redirected:
             watching = self._nmi_blocked or self._irq_window_due is not None
             if watching != self._watching:
                 self._watching = watching
@@ -546,7 +547,7 @@ class InterpVcpu(system.EngineHooks):
 
     def _deliver_nmi(self) -> None:
         system.deliver(self.uc, system.NMI, external=True, ram=self._ram)
-        self._nmi_blocked = self.guest_msrs  # blocked until IRET, where IRET is seen (redirect)
+        self._nmi_blocked = self._helpers_redirected  # blocked until IRET, where IRET is seen (redirect)
 
     def _window_open(self) -> bool:
         """IF = 1 and no interrupt shadow (a stale shadow is dropped first, see ``_shadow_is_stale``)."""
